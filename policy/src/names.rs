@@ -1,0 +1,282 @@
+//! The NameTable: which host names DNS gave for each IP, and until when.
+//!
+//! Written by the DNS proxy (before the answer reaches the app), read by
+//! every forwarder core on every connection. Reads are lock-free (papaya);
+//! each IP's names are an immutable list replaced on write, with one atomic
+//! "used until" that connections renew.
+//!
+//! Lifetimes: a name lives until `learned + max(ttl, minTtl) + grace`; every
+//! use pushes the IP's names to at least `now + grace`, so established
+//! traffic patterns never lose their names to a short TTL.
+//!
+//! Memory is bounded: at most `capacity` IPs and [`MAX_NAMES_PER_IP`] names
+//! each. Past the cap, expired IPs go first, then the least recently used.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::host::Hostname;
+use crate::time::Timestamp;
+
+/// A CDN IP can carry many names; past this the soonest-expiring is replaced.
+pub const MAX_NAMES_PER_IP: usize = 32;
+/// Renewals closer than this to the stored value are skipped, so hot IPs do
+/// not bounce a cache line between cores on every connection.
+const TOUCH_SLACK_MS: u64 = 1_000;
+
+type Map = papaya::HashMap<IpAddr, IpNames, foldhash::fast::RandomState>;
+
+/// IP → names with expiry. Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct NameTable {
+    map: Map,
+    capacity: usize,
+    evicting: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct IpNames {
+    leases: Box<[Lease]>,
+    /// Last use + grace (ms); names stay alive at least until then.
+    used_until: AtomicU64,
+    /// Last record or use (ms), for least-recently-used eviction.
+    last_touch: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    name: Hostname,
+    expires: u64,
+}
+
+impl IpNames {
+    fn alive_until(&self, lease: &Lease) -> u64 {
+        lease.expires.max(self.used_until.load(Ordering::Relaxed))
+    }
+
+    fn alive(&self, now: Timestamp) -> AliveNames<'_> {
+        AliveNames { leases: self.leases.iter(), used_until: self.used_until.load(Ordering::Relaxed), now: now.unix_millis() }
+    }
+
+    fn any_alive(&self, now: Timestamp) -> bool {
+        self.alive(now).next().is_some()
+    }
+}
+
+/// The names of one IP that are alive at a given instant.
+#[derive(Debug, Clone)]
+pub struct AliveNames<'a> {
+    leases: std::slice::Iter<'a, Lease>,
+    used_until: u64,
+    now: u64,
+}
+
+impl<'a> Iterator for AliveNames<'a> {
+    type Item = &'a Hostname;
+
+    fn next(&mut self) -> Option<&'a Hostname> {
+        let (used_until, now) = (self.used_until, self.now);
+        self.leases.find(|l| l.expires.max(used_until) > now).map(|l| &l.name)
+    }
+}
+
+impl AliveNames<'_> {
+    fn empty() -> Self {
+        AliveNames { leases: [].iter(), used_until: 0, now: u64::MAX }
+    }
+}
+
+/// How long a name learned from DNS is kept: the answer's TTL raised to
+/// `min_ttl`, plus `grace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub min_ttl: Duration,
+    pub grace: Duration,
+}
+
+impl From<&crate::model::DnsSettings> for Retention {
+    fn from(d: &crate::model::DnsSettings) -> Self {
+        Retention { min_ttl: d.min_ttl, grace: d.grace }
+    }
+}
+
+/// What a save or restore did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PersistStats {
+    pub entries: usize,
+    /// Restore only: records skipped because they had expired or were malformed.
+    pub skipped: usize,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record {
+    ip: IpAddr,
+    name: String,
+    expires: u64,
+    used_until: u64,
+}
+
+impl NameTable {
+    pub fn new(capacity: usize) -> Self {
+        NameTable { map: Map::with_capacity_and_hasher(capacity.min(1 << 16), foldhash::fast::RandomState::default()), capacity: capacity.max(1), evicting: Mutex::new(()) }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of IPs tracked (alive or not yet purged).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Records that DNS answered `name` with `ip` and this TTL.
+    pub fn record(&self, ip: IpAddr, name: &Hostname, ttl: Duration, now: Timestamp, keep: Retention) {
+        let expires = now.plus(ttl.max(keep.min_ttl)).plus(keep.grace).unix_millis();
+        self.record_until(ip, name, expires, 0, now.unix_millis());
+    }
+
+    fn record_until(&self, ip: IpAddr, name: &Hostname, expires: u64, used_until: u64, now_ms: u64) {
+        let map = self.map.pin();
+        let is_new = !map.contains_key(&ip);
+        map.update_or_insert_with(
+            ip,
+            |old| {
+                let mut leases = old.leases.to_vec();
+                if let Some(l) = leases.iter_mut().find(|l| &l.name == name) {
+                    l.expires = l.expires.max(expires);
+                } else if leases.len() < MAX_NAMES_PER_IP {
+                    leases.push(Lease { name: name.clone(), expires });
+                } else if let Some(soonest) = leases.iter_mut().min_by_key(|l| l.expires) {
+                    *soonest = Lease { name: name.clone(), expires };
+                }
+                IpNames {
+                    leases: leases.into_boxed_slice(),
+                    used_until: AtomicU64::new(old.used_until.load(Ordering::Relaxed).max(used_until)),
+                    last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))),
+                }
+            },
+            || IpNames {
+                leases: Box::new([Lease { name: name.clone(), expires }]),
+                used_until: AtomicU64::new(used_until),
+                last_touch: AtomicU64::new(now_ms),
+            },
+        );
+        drop(map);
+        if is_new && self.map.len() > self.capacity {
+            self.evict(Timestamp::from_unix_millis(now_ms));
+        }
+    }
+
+    /// Calls `f` with the names of `ip` that are alive at `now` (none if unknown).
+    pub fn with_names<R>(&self, ip: IpAddr, now: Timestamp, f: impl FnOnce(AliveNames<'_>) -> R) -> R {
+        let map = self.map.pin();
+        match map.get(&ip) {
+            Some(entry) => f(entry.alive(now)),
+            None => f(AliveNames::empty()),
+        }
+    }
+
+    /// The alive names of `ip`, as a list (for explanations and debugging).
+    pub fn names(&self, ip: IpAddr, now: Timestamp) -> Vec<Hostname> {
+        self.with_names(ip, now, |names| names.cloned().collect())
+    }
+
+    /// A connection used `ip`: keep its names alive for at least `grace`.
+    pub fn touch(&self, ip: IpAddr, now: Timestamp, grace: Duration) {
+        let map = self.map.pin();
+        if let Some(entry) = map.get(&ip) {
+            let until = now.plus(grace).unix_millis();
+            if entry.used_until.load(Ordering::Relaxed) + TOUCH_SLACK_MS < until {
+                entry.used_until.fetch_max(until, Ordering::Relaxed);
+                entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes every IP none of whose names is alive. Returns how many went.
+    pub fn purge_expired(&self, now: Timestamp) -> usize {
+        let before = self.map.len();
+        self.map.pin().retain(|_, v| v.any_alive(now));
+        before.saturating_sub(self.map.len())
+    }
+
+    /// Past the cap: drop the expired, then the least recently used down to
+    /// 90% of the cap, so eviction runs once per many inserts, not per insert.
+    fn evict(&self, now: Timestamp) {
+        let Ok(_guard) = self.evicting.try_lock() else { return };
+        self.purge_expired(now);
+        let target = self.capacity - self.capacity / 10;
+        let len = self.map.len();
+        if len <= target {
+            return;
+        }
+        let map = self.map.pin();
+        let mut ages: Vec<(u64, IpAddr)> = map.iter().map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip)).collect();
+        let excess = len - target;
+        if excess < ages.len() {
+            ages.select_nth_unstable(excess);
+        }
+        for (_, ip) in ages.iter().take(excess) {
+            map.remove(ip);
+        }
+    }
+
+    /// Writes every alive name to `path` (JSON lines), atomically: a temp
+    /// file in the same directory, fsynced, then renamed over `path`.
+    pub fn save(&self, path: &Path, now: Timestamp) -> std::io::Result<PersistStats> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("names")));
+        let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut stats = PersistStats::default();
+        let map = self.map.pin();
+        for (ip, v) in map.iter() {
+            let used_until = v.used_until.load(Ordering::Relaxed);
+            for lease in v.leases.iter().filter(|l| v.alive_until(l) > now.unix_millis()) {
+                let rec = Record { ip: *ip, name: lease.name.to_string(), expires: lease.expires, used_until };
+                serde_json::to_writer(&mut out, &rec)?;
+                out.write_all(b"\n")?;
+                stats.entries += 1;
+            }
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(stats)
+    }
+
+    /// Loads names saved by [`save`](Self::save), skipping expired and
+    /// malformed records. A missing file is an empty table, not an error.
+    pub fn restore(&self, path: &Path, now: Timestamp) -> std::io::Result<PersistStats> {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PersistStats::default()),
+            Err(e) => return Err(e),
+        };
+        let mut stats = PersistStats::default();
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            let rec = serde_json::from_str::<Record>(&line).ok();
+            let name = rec.as_ref().and_then(|r| Hostname::parse(&r.name).ok());
+            match (rec, name) {
+                (Some(r), Some(name)) if r.expires.max(r.used_until) > now.unix_millis() && self.len() < self.capacity => {
+                    self.record_until(r.ip, &name, r.expires, r.used_until, now.unix_millis());
+                    stats.entries += 1;
+                }
+                _ => stats.skipped += 1,
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests;
