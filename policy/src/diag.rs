@@ -28,7 +28,13 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line.max(1), self.column.max(1))?;
+        write!(
+            f,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.line.max(1),
+            self.column.max(1)
+        )?;
         if self.severity == Severity::Warning {
             f.write_str("warning: ")?;
         }
@@ -52,7 +58,12 @@ pub(crate) struct DocPlace {
 }
 
 impl DocPlace {
-    pub(crate) fn at(&self, loc: Location, message: impl Into<String>, field: impl Into<String>) -> Diagnostic {
+    pub(crate) fn at(
+        &self,
+        loc: Location,
+        message: impl Into<String>,
+        field: impl Into<String>,
+    ) -> Diagnostic {
         let (line, column) = if loc.line() == 0 {
             self.start
         } else {
@@ -68,8 +79,16 @@ impl DocPlace {
         }
     }
 
-    pub(crate) fn warn(&self, loc: Location, message: impl Into<String>, field: impl Into<String>) -> Diagnostic {
-        Diagnostic { severity: Severity::Warning, ..self.at(loc, message, field) }
+    pub(crate) fn warn(
+        &self,
+        loc: Location,
+        message: impl Into<String>,
+        field: impl Into<String>,
+    ) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..self.at(loc, message, field)
+        }
     }
 }
 
@@ -89,7 +108,12 @@ impl fmt::Display for LoadErrors {
     }
 }
 
-pub(crate) fn file_problem(file: &Arc<Path>, line: u64, column: u64, message: impl Into<String>) -> Diagnostic {
+pub(crate) fn file_problem(
+    file: &Arc<Path>,
+    line: u64,
+    column: u64,
+    message: impl Into<String>,
+) -> Diagnostic {
     Diagnostic {
         severity: Severity::Error,
         file: file.clone(),

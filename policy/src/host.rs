@@ -180,12 +180,24 @@ mod tests {
     fn rejects_malformed_names() {
         assert_eq!(Hostname::parse(""), Err(HostError::Empty));
         assert_eq!(Hostname::parse("."), Err(HostError::Empty));
-        assert!(matches!(Hostname::parse("a..b"), Err(HostError::EmptyLabel(_))));
-        assert!(matches!(Hostname::parse("a b.c"), Err(HostError::InvalidCharacter(_))));
-        assert!(matches!(Hostname::parse(&"a".repeat(64)), Err(HostError::LabelTooLong(_))));
+        assert!(matches!(
+            Hostname::parse("a..b"),
+            Err(HostError::EmptyLabel(_))
+        ));
+        assert!(matches!(
+            Hostname::parse("a b.c"),
+            Err(HostError::InvalidCharacter(_))
+        ));
+        assert!(matches!(
+            Hostname::parse(&"a".repeat(64)),
+            Err(HostError::LabelTooLong(_))
+        ));
         let long = ["abcdefghi"; 30].join(".");
         assert_eq!(Hostname::parse(&long), Err(HostError::TooLong));
-        assert!(matches!(Hostname::parse("a*.b"), Err(HostError::MisplacedWildcard(_))));
+        assert!(matches!(
+            Hostname::parse("a*.b"),
+            Err(HostError::MisplacedWildcard(_))
+        ));
     }
 
     #[test]
@@ -201,7 +213,13 @@ mod tests {
     #[test]
     fn bare_and_misplaced_wildcards_are_rejected() {
         assert_eq!(HostPattern::parse("*"), Err(HostError::BareWildcard));
-        assert!(matches!(HostPattern::parse("a.*.com"), Err(HostError::MisplacedWildcard(_))));
-        assert!(matches!(HostPattern::parse("*foo.com"), Err(HostError::MisplacedWildcard(_))));
+        assert!(matches!(
+            HostPattern::parse("a.*.com"),
+            Err(HostError::MisplacedWildcard(_))
+        ));
+        assert!(matches!(
+            HostPattern::parse("*foo.com"),
+            Err(HostError::MisplacedWildcard(_))
+        ));
     }
 }

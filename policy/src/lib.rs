@@ -9,6 +9,7 @@
 //! compiled matcher the hot path reads) → [`decide`].
 #![forbid(unsafe_code)]
 
+mod decide;
 mod diag;
 pub mod host;
 pub mod load;
@@ -21,7 +22,10 @@ pub use host::{HostError, HostPattern, Hostname};
 pub use load::{SourceFile, load_paths, load_sources, read_paths};
 pub use model::PolicySet;
 pub mod names;
+mod snapshot;
 mod time;
 
+pub use decide::{Cluster, Connection, Reason, SniffSource, Sniffed, Verdict, decide};
 pub use names::{NameTable, Retention};
+pub use snapshot::{HostRef, Snapshot};
 pub use time::Timestamp;
