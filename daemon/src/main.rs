@@ -1,1 +1,30 @@
-fn main() {}
+//! `sluice`: parse the command line, run the subcommand, exit with its code.
+#![forbid(unsafe_code)]
+
+mod check;
+mod cli;
+
+use std::process::ExitCode;
+
+/// Exit code for bad usage or configuration (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cmd = match cli::parse() {
+        Ok(cmd) => cmd,
+        Err(failure) => {
+            failure.print_message(100);
+            return if failure.exit_code() == 0 { ExitCode::SUCCESS } else { ExitCode::from(EXIT_USAGE) };
+        }
+    };
+    let result = match cmd {
+        cli::Command::Check(args) => check::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

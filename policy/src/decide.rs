@@ -117,12 +117,7 @@ impl Snapshot {
 /// Decides one connection. Reads the name table (and renews the names it
 /// relied on: use keeps them alive), never blocks, never allocates unless a
 /// name is returned.
-pub fn decide(
-    snapshot: &Snapshot,
-    names: &NameTable,
-    conn: &Connection,
-    now: Timestamp,
-) -> Verdict {
+pub fn decide(snapshot: &Snapshot, names: &NameTable, conn: &Connection, now: Timestamp) -> Verdict {
     let settings = snapshot.settings();
     let dst = conn.destination;
     let workload = snapshot.workload(conn.source).cloned();
@@ -137,40 +132,26 @@ pub fn decide(
     };
 
     if let Some(net) = snapshot.deny_range(dst.ip()) {
-        let name = conn
-            .sniffed
-            .as_ref()
-            .map(|s| s.name.clone())
-            .or_else(|| names.names(dst.ip(), now).into_iter().next());
-        return refuse(
-            settings.enforcement,
-            verdict(false, Cluster::BlackHole, Reason::DenyRange(net), name),
-        );
+        let name =
+            conn.sniffed.as_ref().map(|s| s.name.clone()).or_else(|| names.names(dst.ip(), now).into_iter().next());
+        return refuse(settings.enforcement, verdict(false, Cluster::BlackHole, Reason::DenyRange(net), name));
     }
 
-    let (outcome, dns_first) =
-        names.with_names(dst.ip(), now, |known| classify(snapshot, conn, known));
+    let (outcome, dns_first) = names.with_names(dst.ip(), now, |known| classify(snapshot, conn, known));
     if dns_first.is_some() {
         names.touch(dst.ip(), now, settings.dns.grace);
     }
     let sniffed_name = || conn.sniffed.as_ref().map(|s| s.name.clone());
     let reason = match outcome {
         NameOutcome::Matched(r, reason) => {
-            return verdict(
-                true,
-                Cluster::ServiceEntry(r),
-                reason,
-                sniffed_name().or(dns_first),
-            );
+            return verdict(true, Cluster::ServiceEntry(r), reason, sniffed_name().or(dns_first));
         }
         NameOutcome::Contradicted(via) => Reason::NameContradictsDns(via),
         NameOutcome::Unmatched => match snapshot.match_address(dst.ip(), dst.port()) {
             // No name matched, but the address range is registered.
             Some((entry, net)) => {
                 let r = HostRef { entry, host: 0 };
-                let name = sniffed_name()
-                    .or(dns_first)
-                    .or_else(|| first_exact(snapshot, r));
+                let name = sniffed_name().or(dns_first).or_else(|| first_exact(snapshot, r));
                 return verdict(true, Cluster::ServiceEntry(r), Reason::Address(net), name);
             }
             None => Reason::NotRegistered,
@@ -179,10 +160,7 @@ pub fn decide(
     let name = sniffed_name().or(dns_first);
     match settings.mode {
         Mode::AllowAny => verdict(true, Cluster::Passthrough, reason, name),
-        Mode::RegistryOnly => refuse(
-            settings.enforcement,
-            verdict(false, Cluster::BlackHole, reason, name),
-        ),
+        Mode::RegistryOnly => refuse(settings.enforcement, verdict(false, Cluster::BlackHole, reason, name)),
     }
 }
 
@@ -194,11 +172,7 @@ enum NameOutcome {
 
 /// Rules 2 and 3 over the names DNS gave for the destination. Also returns
 /// the first such name (the label for an unmatched connection).
-fn classify(
-    snapshot: &Snapshot,
-    conn: &Connection,
-    known: AliveNames<'_>,
-) -> (NameOutcome, Option<Hostname>) {
+fn classify(snapshot: &Snapshot, conn: &Connection, known: AliveNames<'_>) -> (NameOutcome, Option<Hostname>) {
     let port = conn.destination.port();
     let mut first: Option<Hostname> = None;
     match &conn.sniffed {
@@ -226,10 +200,7 @@ fn classify(
         None => {
             for n in known {
                 if let Some(r) = snapshot.match_name(n, port) {
-                    return (
-                        NameOutcome::Matched(r, Reason::DnsName(n.clone())),
-                        Some(n.clone()),
-                    );
+                    return (NameOutcome::Matched(r, Reason::DnsName(n.clone())), Some(n.clone()));
                 }
                 first.get_or_insert_with(|| n.clone());
             }
@@ -249,12 +220,7 @@ fn first_exact(snapshot: &Snapshot, r: HostRef) -> Option<Hostname> {
 fn refuse(enforcement: Enforcement, v: Verdict) -> Verdict {
     match enforcement {
         Enforcement::Enforce => v,
-        Enforcement::DryRun => Verdict {
-            allow: true,
-            cluster: Cluster::Passthrough,
-            would_deny: true,
-            ..v
-        },
+        Enforcement::DryRun => Verdict { allow: true, cluster: Cluster::Passthrough, would_deny: true, ..v },
     }
 }
 
@@ -270,10 +236,7 @@ impl fmt::Display for Reason {
                 write!(f, "destination is in the registered address range {net}")
             }
             Reason::NameContradictsDns(via) => {
-                write!(
-                    f,
-                    "the {via} name is not one DNS gave for this address (domain fronting or Host spoofing)"
-                )
+                write!(f, "the {via} name is not one DNS gave for this address (domain fronting or Host spoofing)")
             }
             Reason::NotRegistered => f.write_str("not registered"),
         }

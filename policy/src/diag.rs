@@ -28,13 +28,7 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: ",
-            self.file.display(),
-            self.line.max(1),
-            self.column.max(1)
-        )?;
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line.max(1), self.column.max(1))?;
         if self.severity == Severity::Warning {
             f.write_str("warning: ")?;
         }
@@ -58,17 +52,8 @@ pub(crate) struct DocPlace {
 }
 
 impl DocPlace {
-    pub(crate) fn at(
-        &self,
-        loc: Location,
-        message: impl Into<String>,
-        field: impl Into<String>,
-    ) -> Diagnostic {
-        let (line, column) = if loc.line() == 0 {
-            self.start
-        } else {
-            (loc.line() + self.line_offset, loc.column())
-        };
+    pub(crate) fn at(&self, loc: Location, message: impl Into<String>, field: impl Into<String>) -> Diagnostic {
+        let (line, column) = if loc.line() == 0 { self.start } else { (loc.line() + self.line_offset, loc.column()) };
         Diagnostic {
             severity: Severity::Error,
             file: self.file.clone(),
@@ -79,16 +64,8 @@ impl DocPlace {
         }
     }
 
-    pub(crate) fn warn(
-        &self,
-        loc: Location,
-        message: impl Into<String>,
-        field: impl Into<String>,
-    ) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..self.at(loc, message, field)
-        }
+    pub(crate) fn warn(&self, loc: Location, message: impl Into<String>, field: impl Into<String>) -> Diagnostic {
+        Diagnostic { severity: Severity::Warning, ..self.at(loc, message, field) }
     }
 }
 
@@ -108,20 +85,8 @@ impl fmt::Display for LoadErrors {
     }
 }
 
-pub(crate) fn file_problem(
-    file: &Arc<Path>,
-    line: u64,
-    column: u64,
-    message: impl Into<String>,
-) -> Diagnostic {
-    Diagnostic {
-        severity: Severity::Error,
-        file: file.clone(),
-        line,
-        column,
-        message: message.into(),
-        field: None,
-    }
+pub(crate) fn file_problem(file: &Arc<Path>, line: u64, column: u64, message: impl Into<String>) -> Diagnostic {
+    Diagnostic { severity: Severity::Error, file: file.clone(), line, column, message: message.into(), field: None }
 }
 
 pub(crate) fn path_arc(path: &Path) -> Arc<Path> {

@@ -75,9 +75,7 @@ fn check_labels(ascii: &str, original: &str) -> Result<(), HostError> {
         if label.len() > 63 {
             return Err(HostError::LabelTooLong(original.to_owned()));
         }
-        let ok = label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let ok = label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !ok {
             return Err(HostError::InvalidCharacter(original.to_owned()));
         }
@@ -140,9 +138,7 @@ impl HostPattern {
 
 /// `name` ends with `.suffix` and has at least one label before it.
 pub(crate) fn is_strict_subdomain(name: &str, suffix: &str) -> bool {
-    name.len() > suffix.len() + 1
-        && name.ends_with(suffix)
-        && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+    name.len() > suffix.len() + 1 && name.ends_with(suffix) && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
 }
 
 impl fmt::Display for HostPattern {
@@ -180,24 +176,12 @@ mod tests {
     fn rejects_malformed_names() {
         assert_eq!(Hostname::parse(""), Err(HostError::Empty));
         assert_eq!(Hostname::parse("."), Err(HostError::Empty));
-        assert!(matches!(
-            Hostname::parse("a..b"),
-            Err(HostError::EmptyLabel(_))
-        ));
-        assert!(matches!(
-            Hostname::parse("a b.c"),
-            Err(HostError::InvalidCharacter(_))
-        ));
-        assert!(matches!(
-            Hostname::parse(&"a".repeat(64)),
-            Err(HostError::LabelTooLong(_))
-        ));
+        assert!(matches!(Hostname::parse("a..b"), Err(HostError::EmptyLabel(_))));
+        assert!(matches!(Hostname::parse("a b.c"), Err(HostError::InvalidCharacter(_))));
+        assert!(matches!(Hostname::parse(&"a".repeat(64)), Err(HostError::LabelTooLong(_))));
         let long = ["abcdefghi"; 30].join(".");
         assert_eq!(Hostname::parse(&long), Err(HostError::TooLong));
-        assert!(matches!(
-            Hostname::parse("a*.b"),
-            Err(HostError::MisplacedWildcard(_))
-        ));
+        assert!(matches!(Hostname::parse("a*.b"), Err(HostError::MisplacedWildcard(_))));
     }
 
     #[test]
@@ -213,13 +197,7 @@ mod tests {
     #[test]
     fn bare_and_misplaced_wildcards_are_rejected() {
         assert_eq!(HostPattern::parse("*"), Err(HostError::BareWildcard));
-        assert!(matches!(
-            HostPattern::parse("a.*.com"),
-            Err(HostError::MisplacedWildcard(_))
-        ));
-        assert!(matches!(
-            HostPattern::parse("*foo.com"),
-            Err(HostError::MisplacedWildcard(_))
-        ));
+        assert!(matches!(HostPattern::parse("a.*.com"), Err(HostError::MisplacedWildcard(_))));
+        assert!(matches!(HostPattern::parse("*foo.com"), Err(HostError::MisplacedWildcard(_))));
     }
 }

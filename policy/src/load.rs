@@ -41,12 +41,7 @@ pub fn read_paths<P: AsRef<Path>>(paths: &[P]) -> (Vec<SourceFile>, Vec<Diagnost
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => walk_dir(path, 0, &mut files, &mut problems),
             Ok(_) => read_one(path, &mut files, &mut problems),
-            Err(e) => problems.push(file_problem(
-                &path_arc(path),
-                0,
-                0,
-                format!("cannot read: {e}"),
-            )),
+            Err(e) => problems.push(file_problem(&path_arc(path), 0, 0, format!("cannot read: {e}"))),
         }
     }
     if files.len() > MAX_FILES {
@@ -55,10 +50,7 @@ pub fn read_paths<P: AsRef<Path>>(paths: &[P]) -> (Vec<SourceFile>, Vec<Diagnost
             &first,
             0,
             0,
-            format!(
-                "{} policy files found, at most {MAX_FILES} are read",
-                files.len()
-            ),
+            format!("{} policy files found, at most {MAX_FILES} are read", files.len()),
         ));
         files.truncate(MAX_FILES);
     }
@@ -67,26 +59,15 @@ pub fn read_paths<P: AsRef<Path>>(paths: &[P]) -> (Vec<SourceFile>, Vec<Diagnost
 
 fn walk_dir(dir: &Path, depth: usize, files: &mut Vec<SourceFile>, problems: &mut Vec<Diagnostic>) {
     let entries = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .collect::<Vec<PathBuf>>(),
+        Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<PathBuf>>(),
         Err(e) => {
-            return problems.push(file_problem(
-                &path_arc(dir),
-                0,
-                0,
-                format!("cannot read directory: {e}"),
-            ));
+            return problems.push(file_problem(&path_arc(dir), 0, 0, format!("cannot read directory: {e}")));
         }
     };
     let mut entries = entries;
     entries.sort();
     for path in entries {
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_none_or(|n| n.starts_with('.'));
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
         if hidden || files.len() > MAX_FILES {
             continue;
         }
@@ -96,37 +77,25 @@ fn walk_dir(dir: &Path, depth: usize, files: &mut Vec<SourceFile>, problems: &mu
             Ok(_) => {}
             // A dangling symlink in the middle of a ConfigMap swap: skip it, the next read sees the new one.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => problems.push(file_problem(
-                &path_arc(&path),
-                0,
-                0,
-                format!("cannot read: {e}"),
-            )),
+            Err(e) => problems.push(file_problem(&path_arc(&path), 0, 0, format!("cannot read: {e}"))),
         }
     }
 }
 
 fn is_policy_file(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml" | "json")
-    )
+    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
 }
 
 fn read_one(path: &Path, files: &mut Vec<SourceFile>, problems: &mut Vec<Diagnostic>) {
     use std::io::Read;
     let arc = path_arc(path);
     let mut bytes = Vec::new();
-    let res = std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes));
+    let res = std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes));
     match res {
         Err(e) => problems.push(file_problem(&arc, 0, 0, format!("cannot read: {e}"))),
-        Ok(_) if bytes.len() > MAX_FILE_BYTES => problems.push(file_problem(
-            &arc,
-            0,
-            0,
-            format!("file is larger than {} MiB", MAX_FILE_BYTES >> 20),
-        )),
+        Ok(_) if bytes.len() > MAX_FILE_BYTES => {
+            problems.push(file_problem(&arc, 0, 0, format!("file is larger than {} MiB", MAX_FILE_BYTES >> 20)))
+        }
         Ok(_) => files.push(SourceFile { path: arc, bytes }),
     }
 }
@@ -165,19 +134,13 @@ pub fn split_documents(text: &str) -> Vec<DocChunk<'_>> {
         let line_no = line_no as u64;
         let bare = line.trim_end_matches(['\n', '\r']);
         if is_marker(bare, "---") && has_content {
-            out.push(DocChunk {
-                line_offset: start_line,
-                text: &text[start..offset],
-            });
+            out.push(DocChunk { line_offset: start_line, text: &text[start..offset] });
             (start, start_line, has_content) = (offset, line_no, false);
         }
         offset += line.len();
         if is_marker(bare, "...") {
             if has_content {
-                out.push(DocChunk {
-                    line_offset: start_line,
-                    text: &text[start..offset],
-                });
+                out.push(DocChunk { line_offset: start_line, text: &text[start..offset] });
             }
             (start, start_line, has_content) = (offset, line_no + 1, false);
             continue;
@@ -189,17 +152,13 @@ pub fn split_documents(text: &str) -> Vec<DocChunk<'_>> {
         }
     }
     if has_content {
-        out.push(DocChunk {
-            line_offset: start_line,
-            text: &text[start..],
-        });
+        out.push(DocChunk { line_offset: start_line, text: &text[start..] });
     }
     out
 }
 
 fn is_marker(line: &str, marker: &str) -> bool {
-    line.strip_prefix(marker)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+    line.strip_prefix(marker).is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -229,14 +188,9 @@ fn yaml_error_message(e: &serde_saphyr::Error) -> String {
     use serde_saphyr::MessageFormatter;
     let text = serde_saphyr::UserMessageFormatter.format_message(e);
     let first = text.lines().next().unwrap_or("invalid YAML").trim();
-    let first = first
-        .split(", set DuplicateKeyPolicy")
-        .next()
-        .unwrap_or(first);
+    let first = first.split(", set DuplicateKeyPolicy").next().unwrap_or(first);
     // The deserializer speaks of events; a person writing YAML thinks in lists and mappings.
-    first
-        .replace("sequence start", "a list here")
-        .replace("mapping start", "a mapping here")
+    first.replace("sequence start", "a list here").replace("mapping start", "a mapping here")
 }
 
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
@@ -250,12 +204,7 @@ pub fn load_sources(files: &[SourceFile]) -> Result<PolicySet, LoadErrors> {
             Ok(t) => t,
             Err(e) => {
                 let (line, col) = line_col(&file.bytes, e.valid_up_to());
-                acc.problems.push(file_problem(
-                    &file.path,
-                    line,
-                    col,
-                    "not UTF-8 text: a policy file must be YAML",
-                ));
+                acc.problems.push(file_problem(&file.path, line, col, "not UTF-8 text: a policy file must be YAML"));
                 continue;
             }
         };
@@ -284,20 +233,13 @@ struct Acc {
 }
 
 fn load_document(acc: &mut Acc, file: &Arc<Path>, chunk: DocChunk<'_>) {
-    let first_line = chunk
-        .text
-        .lines()
-        .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+    let first_line = chunk.text.lines().position(|l| {
+        let t = l.trim();
+        !(t.is_empty() || t.starts_with('#') || t.starts_with('%') || t == "---")
+    });
     let start_line = chunk.line_offset + first_line.unwrap_or(0) as u64 + 1;
-    let place = DocPlace {
-        file: file.clone(),
-        line_offset: chunk.line_offset,
-        start: (start_line, 1),
-    };
-    let origin = Origin {
-        file: file.clone(),
-        line: start_line,
-    };
+    let place = DocPlace { file: file.clone(), line_offset: chunk.line_offset, start: (start_line, 1) };
+    let origin = Origin { file: file.clone(), line: start_line };
     let env: Envelope = match parse_doc(chunk.text, &place) {
         Ok(env) => env,
         Err(d) => return acc.problems.push(d),
@@ -307,49 +249,27 @@ fn load_document(acc: &mut Acc, file: &Arc<Path>, chunk: DocChunk<'_>) {
         let msg = "not a Kubernetes resource: apiVersion and kind are required";
         return acc.problems.push(place.at(loc, msg, ""));
     };
-    let (group, version) = api
-        .value
-        .split_once('/')
-        .unwrap_or(("", api.value.as_str()));
-    let mut ck = Checker {
-        place: &place,
-        problems: Vec::new(),
-    };
+    let (group, version) = api.value.split_once('/').unwrap_or(("", api.value.as_str()));
+    let mut ck = Checker { place: &place, problems: Vec::new() };
     match (group, kind.value.as_str()) {
-        ("networking.istio.io", "ServiceEntry" | "Sidecar")
-            if !ISTIO_VERSIONS.contains(&version) =>
-        {
+        ("networking.istio.io", "ServiceEntry" | "Sidecar") if !ISTIO_VERSIONS.contains(&version) => {
             let msg = format!(
                 "unsupported apiVersion {:?} for {} (one of networking.istio.io/v1, v1beta1, v1alpha3)",
                 api.value, kind.value
             );
-            ck.problems
-                .push(place.at(api.referenced, msg, "apiVersion"));
+            ck.problems.push(place.at(api.referenced, msg, "apiVersion"));
         }
         ("networking.istio.io", "ServiceEntry") => {
-            if let Some(spec) = typed_spec::<raw::IstioDoc<raw::ServiceEntrySpec>, _>(
-                acc,
-                &place,
-                chunk.text,
-                |d| d.spec,
-            ) {
+            if let Some(spec) =
+                typed_spec::<raw::IstioDoc<raw::ServiceEntrySpec>, _>(acc, &place, chunk.text, |d| d.spec)
+            {
                 let name = env.metadata.name.clone().unwrap_or_default();
-                let se = validate::service_entry(
-                    &mut ck,
-                    name,
-                    env.metadata.namespace.clone(),
-                    origin,
-                    spec,
-                );
+                let se = validate::service_entry(&mut ck, name, env.metadata.namespace.clone(), origin, spec);
                 acc.entries.extend(se);
             }
         }
         ("networking.istio.io", "Sidecar") => {
-            if let Some(spec) =
-                typed_spec::<raw::IstioDoc<raw::SidecarSpec>, _>(acc, &place, chunk.text, |d| {
-                    d.spec
-                })
-            {
+            if let Some(spec) = typed_spec::<raw::IstioDoc<raw::SidecarSpec>, _>(acc, &place, chunk.text, |d| d.spec) {
                 let spec = spec.value;
                 let mode = spec.outbound_traffic_policy.and_then(|o| o.mode);
                 match (mode, spec.workload_selector) {
@@ -366,12 +286,9 @@ fn load_document(acc: &mut Acc, file: &Arc<Path>, chunk: DocChunk<'_>) {
         ("sluice.dev", "EgressPolicy") if version == "v1alpha1" => {
             let doc = parse_doc::<raw::OwnDoc<raw::EgressPolicySpec>>(chunk.text, &place);
             match doc {
-                Ok(doc) => acc.egress.push(validate::egress_policy(
-                    &mut ck,
-                    env.metadata.name.clone(),
-                    origin,
-                    doc.spec,
-                )),
+                Ok(doc) => {
+                    acc.egress.push(validate::egress_policy(&mut ck, env.metadata.name.clone(), origin, doc.spec))
+                }
                 Err(d) => acc.problems.push(d),
             }
         }
@@ -397,11 +314,7 @@ fn typed_spec<D: DeserializeOwned, S>(
         Ok(doc) => {
             let s = spec(doc);
             if s.is_none() {
-                acc.problems.push(place.at(
-                    serde_saphyr::Location::UNKNOWN,
-                    "spec is required",
-                    "spec",
-                ));
+                acc.problems.push(place.at(serde_saphyr::Location::UNKNOWN, "spec is required", "spec"));
             }
             s
         }
@@ -415,16 +328,8 @@ fn typed_spec<D: DeserializeOwned, S>(
 fn ignored(env: &Envelope, origin: Origin) -> IgnoredDoc {
     IgnoredDoc {
         origin,
-        api_version: env
-            .api_version
-            .as_ref()
-            .map(|s| s.value.clone())
-            .unwrap_or_default(),
-        kind: env
-            .kind
-            .as_ref()
-            .map(|s| s.value.clone())
-            .unwrap_or_default(),
+        api_version: env.api_version.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
+        kind: env.kind.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
         name: env.metadata.name.clone(),
     }
 }
@@ -432,28 +337,20 @@ fn ignored(env: &Envelope, origin: Origin) -> IgnoredDoc {
 impl Acc {
     fn finish(mut self, files: &[SourceFile]) -> Result<PolicySet, LoadErrors> {
         if self.egress.len() > 1 {
-            let first = self.egress[0]
-                .origin
-                .as_ref()
-                .map(|o| o.to_string())
-                .unwrap_or_default();
+            let first = self.egress[0].origin.as_ref().map(|o| o.to_string()).unwrap_or_default();
             for e in &self.egress[1..] {
                 if let Some(o) = &e.origin {
-                    let msg = format!(
-                        "a second EgressPolicy in the policy set (the first is at {first}): keep exactly one"
-                    );
+                    let msg =
+                        format!("a second EgressPolicy in the policy set (the first is at {first}): keep exactly one");
                     self.problems.push(file_problem(&o.file, o.line, 1, msg));
                 }
             }
         }
         let mut settings = self.egress.pop().unwrap_or_default();
         self.apply_sidecar_modes(&mut settings);
-        self.problems
-            .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
-        let (errors, warnings): (Vec<_>, Vec<_>) = self
-            .problems
-            .into_iter()
-            .partition(|d| d.severity == Severity::Error);
+        self.problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        let (errors, warnings): (Vec<_>, Vec<_>) =
+            self.problems.into_iter().partition(|d| d.severity == Severity::Error);
         if !errors.is_empty() {
             return Err(LoadErrors(errors));
         }
@@ -474,11 +371,9 @@ impl Acc {
         };
         for (mode, origin) in &self.sidecar_modes[1..] {
             if *mode != first_mode {
-                let msg = format!(
-                    "Sidecars disagree on outboundTrafficPolicy.mode ({first_origin} says {first_mode:?})"
-                );
-                self.problems
-                    .push(file_problem(&origin.file, origin.line, 1, msg));
+                let msg =
+                    format!("Sidecars disagree on outboundTrafficPolicy.mode ({first_origin} says {first_mode:?})");
+                self.problems.push(file_problem(&origin.file, origin.line, 1, msg));
             }
         }
         match &settings.origin {

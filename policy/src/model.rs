@@ -105,14 +105,7 @@ impl Protocol {
 
     /// Plain-text HTTP: the first bytes carry a Host header.
     pub fn is_http(self) -> bool {
-        matches!(
-            self,
-            Protocol::Http
-                | Protocol::HttpProxy
-                | Protocol::Http2
-                | Protocol::Grpc
-                | Protocol::GrpcWeb
-        )
+        matches!(self, Protocol::Http | Protocol::HttpProxy | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb)
     }
 
     /// TLS: the first bytes carry a ClientHello with SNI.
@@ -160,11 +153,7 @@ pub struct DnsSettings {
 
 impl Default for DnsSettings {
     fn default() -> Self {
-        DnsSettings {
-            block_unregistered: false,
-            min_ttl: Duration::from_secs(5),
-            grace: Duration::from_secs(600),
-        }
+        DnsSettings { block_unregistered: false, min_ttl: Duration::from_secs(5), grace: Duration::from_secs(600) }
     }
 }
 

@@ -84,19 +84,13 @@ impl<'a> Iterator for AliveNames<'a> {
 
     fn next(&mut self) -> Option<&'a Hostname> {
         let (used_until, now) = (self.used_until, self.now);
-        self.leases
-            .find(|l| l.expires.max(used_until) > now)
-            .map(|l| &l.name)
+        self.leases.find(|l| l.expires.max(used_until) > now).map(|l| &l.name)
     }
 }
 
 impl AliveNames<'_> {
     fn empty() -> Self {
-        AliveNames {
-            leases: [].iter(),
-            used_until: 0,
-            now: u64::MAX,
-        }
+        AliveNames { leases: [].iter(), used_until: 0, now: u64::MAX }
     }
 }
 
@@ -110,10 +104,7 @@ pub struct Retention {
 
 impl From<&crate::model::DnsSettings> for Retention {
     fn from(d: &crate::model::DnsSettings) -> Self {
-        Retention {
-            min_ttl: d.min_ttl,
-            grace: d.grace,
-        }
+        Retention { min_ttl: d.min_ttl, grace: d.grace }
     }
 }
 
@@ -136,10 +127,7 @@ struct Record {
 impl NameTable {
     pub fn new(capacity: usize) -> Self {
         NameTable {
-            map: Map::with_capacity_and_hasher(
-                capacity.min(1 << 16),
-                foldhash::fast::RandomState::default(),
-            ),
+            map: Map::with_capacity_and_hasher(capacity.min(1 << 16), foldhash::fast::RandomState::default()),
             capacity: capacity.max(1),
             evicting: Mutex::new(()),
         }
@@ -159,29 +147,12 @@ impl NameTable {
     }
 
     /// Records that DNS answered `name` with `ip` and this TTL.
-    pub fn record(
-        &self,
-        ip: IpAddr,
-        name: &Hostname,
-        ttl: Duration,
-        now: Timestamp,
-        keep: Retention,
-    ) {
-        let expires = now
-            .plus(ttl.max(keep.min_ttl))
-            .plus(keep.grace)
-            .unix_millis();
+    pub fn record(&self, ip: IpAddr, name: &Hostname, ttl: Duration, now: Timestamp, keep: Retention) {
+        let expires = now.plus(ttl.max(keep.min_ttl)).plus(keep.grace).unix_millis();
         self.record_until(ip, name, expires, 0, now.unix_millis());
     }
 
-    fn record_until(
-        &self,
-        ip: IpAddr,
-        name: &Hostname,
-        expires: u64,
-        used_until: u64,
-        now_ms: u64,
-    ) {
+    fn record_until(&self, ip: IpAddr, name: &Hostname, expires: u64, used_until: u64, now_ms: u64) {
         let map = self.map.pin();
         let is_new = !map.contains_key(&ip);
         map.update_or_insert_with(
@@ -191,29 +162,18 @@ impl NameTable {
                 if let Some(l) = leases.iter_mut().find(|l| &l.name == name) {
                     l.expires = l.expires.max(expires);
                 } else if leases.len() < MAX_NAMES_PER_IP {
-                    leases.push(Lease {
-                        name: name.clone(),
-                        expires,
-                    });
+                    leases.push(Lease { name: name.clone(), expires });
                 } else if let Some(soonest) = leases.iter_mut().min_by_key(|l| l.expires) {
-                    *soonest = Lease {
-                        name: name.clone(),
-                        expires,
-                    };
+                    *soonest = Lease { name: name.clone(), expires };
                 }
                 IpNames {
                     leases: leases.into_boxed_slice(),
-                    used_until: AtomicU64::new(
-                        old.used_until.load(Ordering::Relaxed).max(used_until),
-                    ),
+                    used_until: AtomicU64::new(old.used_until.load(Ordering::Relaxed).max(used_until)),
                     last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))),
                 }
             },
             || IpNames {
-                leases: Box::new([Lease {
-                    name: name.clone(),
-                    expires,
-                }]),
+                leases: Box::new([Lease { name: name.clone(), expires }]),
                 used_until: AtomicU64::new(used_until),
                 last_touch: AtomicU64::new(now_ms),
             },
@@ -225,12 +185,7 @@ impl NameTable {
     }
 
     /// Calls `f` with the names of `ip` that are alive at `now` (none if unknown).
-    pub fn with_names<R>(
-        &self,
-        ip: IpAddr,
-        now: Timestamp,
-        f: impl FnOnce(AliveNames<'_>) -> R,
-    ) -> R {
+    pub fn with_names<R>(&self, ip: IpAddr, now: Timestamp, f: impl FnOnce(AliveNames<'_>) -> R) -> R {
         let map = self.map.pin();
         match map.get(&ip) {
             Some(entry) => f(entry.alive(now)),
@@ -250,9 +205,7 @@ impl NameTable {
             let until = now.plus(grace).unix_millis();
             if entry.used_until.load(Ordering::Relaxed) + TOUCH_SLACK_MS < until {
                 entry.used_until.fetch_max(until, Ordering::Relaxed);
-                entry
-                    .last_touch
-                    .fetch_max(now.unix_millis(), Ordering::Relaxed);
+                entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
             }
         }
     }
@@ -277,10 +230,8 @@ impl NameTable {
             return;
         }
         let map = self.map.pin();
-        let mut ages: Vec<(u64, IpAddr)> = map
-            .iter()
-            .map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip))
-            .collect();
+        let mut ages: Vec<(u64, IpAddr)> =
+            map.iter().map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip)).collect();
         let excess = len - target;
         if excess < ages.len() {
             ages.select_nth_unstable(excess);
@@ -293,30 +244,15 @@ impl NameTable {
     /// Writes every alive name to `path` (JSON lines), atomically: a temp
     /// file in the same directory, fsynced, then renamed over `path`.
     pub fn save(&self, path: &Path, now: Timestamp) -> std::io::Result<PersistStats> {
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("names")
-        ));
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("names")));
         let mut out = BufWriter::new(std::fs::File::create(&tmp)?);
         let mut stats = PersistStats::default();
         let map = self.map.pin();
         for (ip, v) in map.iter() {
             let used_until = v.used_until.load(Ordering::Relaxed);
-            for lease in v
-                .leases
-                .iter()
-                .filter(|l| v.alive_until(l) > now.unix_millis())
-            {
-                let rec = Record {
-                    ip: *ip,
-                    name: lease.name.to_string(),
-                    expires: lease.expires,
-                    used_until,
-                };
+            for lease in v.leases.iter().filter(|l| v.alive_until(l) > now.unix_millis()) {
+                let rec = Record { ip: *ip, name: lease.name.to_string(), expires: lease.expires, used_until };
                 serde_json::to_writer(&mut out, &rec)?;
                 out.write_all(b"\n")?;
                 stats.entries += 1;
@@ -345,8 +281,7 @@ impl NameTable {
             let name = rec.as_ref().and_then(|r| Hostname::parse(&r.name).ok());
             match (rec, name) {
                 (Some(r), Some(name))
-                    if r.expires.max(r.used_until) > now.unix_millis()
-                        && self.len() < self.capacity =>
+                    if r.expires.max(r.used_until) > now.unix_millis() && self.len() < self.capacity =>
                 {
                     self.record_until(r.ip, &name, r.expires, r.used_until, now.unix_millis());
                     stats.entries += 1;

@@ -50,17 +50,10 @@ impl Snapshot {
         for (e, entry) in set.entries.iter().enumerate() {
             let e = e as u32;
             for (h, host) in entry.hosts.iter().enumerate() {
-                let r = HostRef {
-                    entry: e,
-                    host: h as u32,
-                };
+                let r = HostRef { entry: e, host: h as u32 };
                 match host {
                     HostPattern::Exact(name) => snap.exact.entry(name.clone()).or_default().push(r),
-                    HostPattern::Wildcard(suffix) => snap
-                        .wildcard
-                        .entry(suffix.as_str().into())
-                        .or_default()
-                        .push(r),
+                    HostPattern::Wildcard(suffix) => snap.wildcard.entry(suffix.as_str().into()).or_default().push(r),
                 }
             }
             for net in &entry.addresses {
@@ -112,17 +105,13 @@ impl Snapshot {
     }
 
     fn has_port(&self, entry: u32, port: u16) -> bool {
-        self.entries[entry as usize]
-            .ports
-            .iter()
-            .any(|p| p.number == port)
+        self.entries[entry as usize].ports.iter().any(|p| p.number == port)
     }
 
     /// The ServiceEntry host that covers `name` on `port`: exact hosts
     /// first, then the most specific wildcard; ties go to the entry loaded first.
     pub fn match_name(&self, name: &Hostname, port: u16) -> Option<HostRef> {
-        let on_port =
-            |refs: &Vec<HostRef>| refs.iter().copied().find(|r| self.has_port(r.entry, port));
+        let on_port = |refs: &Vec<HostRef>| refs.iter().copied().find(|r| self.has_port(r.entry, port));
         if let Some(r) = self.exact.get(name).and_then(on_port) {
             return Some(r);
         }

@@ -11,10 +11,7 @@ use serde_saphyr::{Location as Loc, Spanned};
 
 use crate::diag::{Diagnostic, DocPlace};
 use crate::host::{HostPattern, Hostname};
-use crate::model::{
-    DnsSettings, EgressSettings, Endpoint, Origin, Port, Protocol, Resolution, ServiceEntry,
-    Workload,
-};
+use crate::model::{DnsSettings, EgressSettings, Endpoint, Origin, Port, Protocol, Resolution, ServiceEntry, Workload};
 use crate::raw::{self, EgressPolicySpec, Location, Mode, ServiceEntrySpec};
 
 /// Collects problems for one document.
@@ -37,14 +34,10 @@ impl Checker<'_> {
 pub(crate) fn parse_ip_or_cidr(s: &str) -> Result<(IpNet, bool), String> {
     let s = s.trim();
     if s.contains('/') {
-        let net: IpNet = s
-            .parse()
-            .map_err(|_| format!("{s:?} is not a valid CIDR block"))?;
+        let net: IpNet = s.parse().map_err(|_| format!("{s:?} is not a valid CIDR block"))?;
         Ok((net.trunc(), true))
     } else {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| format!("{s:?} is not a valid IP address"))?;
+        let ip: IpAddr = s.parse().map_err(|_| format!("{s:?} is not a valid IP address"))?;
         Ok((IpNet::from(ip), false))
     }
 }
@@ -54,8 +47,7 @@ fn is_dns1123_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -71,49 +63,36 @@ pub(crate) fn service_entry(
     origin: Origin,
     spec: Spanned<ServiceEntrySpec>,
 ) -> Option<ServiceEntry> {
-    let before = ck
-        .problems
-        .iter()
-        .filter(|d| d.severity == crate::Severity::Error)
-        .count();
+    let before = ck.problems.iter().filter(|d| d.severity == crate::Severity::Error).count();
     let at = spec.referenced;
     let spec = spec.value;
-    let resolution = spec
-        .resolution
-        .as_ref()
-        .map_or(Resolution::None, |r| r.value);
+    let resolution = spec.resolution.as_ref().map_or(Resolution::None, |r| r.value);
     let resolution_loc = spec.resolution.as_ref().map_or(at, |r| r.referenced);
 
-    let hosts = check_hosts(
-        ck,
-        at,
-        spec.hosts.as_deref().unwrap_or_default(),
-        resolution,
-        spec.endpoints.is_empty(),
-    );
+    let hosts = check_hosts(ck, at, spec.hosts.as_deref().unwrap_or_default(), resolution, spec.endpoints.is_empty());
     let addresses = check_addresses(ck, &spec.addresses, resolution, resolution_loc);
     let ports = check_ports(ck, &spec.ports);
+    if spec.ports.is_empty() {
+        ck.warn(at, "service entry has no ports: it matches no connection", "spec.ports");
+    }
 
     if resolution != Resolution::None && hosts.len() > 1 {
         for (i, p) in ports.iter().enumerate() {
             if !p.protocol.is_http() && !p.protocol.is_tls() {
                 let loc = spec.ports[i].referenced;
-                ck.error(
-                    loc,
-                    "multiple hosts provided with non-HTTP, non-TLS ports",
-                    format!("spec.ports[{i}]"),
-                );
+                ck.error(loc, "multiple hosts provided with non-HTTP, non-TLS ports", format!("spec.ports[{i}]"));
             }
         }
     }
     if resolution == Resolution::DynamicDns {
         for (i, p) in ports.iter().enumerate() {
-            if !matches!(
-                p.protocol,
-                Protocol::Http | Protocol::Tls | Protocol::Grpc | Protocol::Http2
-            ) {
+            if !matches!(p.protocol, Protocol::Http | Protocol::Tls | Protocol::Grpc | Protocol::Http2) {
                 let loc = spec.ports[i].referenced;
-                ck.error(loc, "only HTTP, TLS, GRPC and HTTP2 ports are supported with resolution DYNAMIC_DNS", format!("spec.ports[{i}]"));
+                ck.error(
+                    loc,
+                    "only HTTP, TLS, GRPC and HTTP2 ports are supported with resolution DYNAMIC_DNS",
+                    format!("spec.ports[{i}]"),
+                );
             }
         }
     }
@@ -121,11 +100,7 @@ pub(crate) fn service_entry(
     let workload_selector = check_selector(ck, &spec, resolution);
     let export_to = check_export_to(ck, &spec.export_to);
 
-    let errors_now = ck
-        .problems
-        .iter()
-        .filter(|d| d.severity == crate::Severity::Error)
-        .count();
+    let errors_now = ck.problems.iter().filter(|d| d.severity == crate::Severity::Error).count();
     (errors_now == before).then(|| ServiceEntry {
         name,
         namespace,
@@ -149,35 +124,26 @@ fn check_hosts(
     no_endpoints: bool,
 ) -> Vec<HostPattern> {
     if raw.is_empty() {
-        ck.error(
-            spec_at,
-            "service entry must have at least one host",
-            "spec.hosts",
-        );
+        ck.error(spec_at, "service entry must have at least one host", "spec.hosts");
     }
     let mut hosts = Vec::with_capacity(raw.len());
     for (i, h) in raw.iter().enumerate() {
         let field = format!("spec.hosts[{i}]");
         match HostPattern::parse(&h.value) {
-            Err(e) => ck.error(
-                h.referenced,
-                format!("invalid host {:?}: {e}", h.value),
-                field,
-            ),
+            Err(e) => ck.error(h.referenced, format!("invalid host {:?}: {e}", h.value), field),
             Ok(p) => {
                 let dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);
                 if dns && no_endpoints && p.is_wildcard() {
                     ck.error(
                         h.referenced,
-                        format!("wildcard host {p} needs endpoints with resolution {}: there is no name to resolve", resolution_name(resolution)),
+                        format!(
+                            "wildcard host {p} needs endpoints with resolution {}: there is no name to resolve",
+                            resolution_name(resolution)
+                        ),
                         field,
                     );
                 } else if resolution == Resolution::DynamicDns && !p.is_wildcard() {
-                    ck.error(
-                        h.referenced,
-                        "host must be a wildcard with resolution DYNAMIC_DNS",
-                        field,
-                    );
+                    ck.error(h.referenced, "host must be a wildcard with resolution DYNAMIC_DNS", field);
                 } else {
                     hosts.push(p);
                 }
@@ -187,22 +153,15 @@ fn check_hosts(
     hosts
 }
 
-fn check_addresses(
-    ck: &mut Checker<'_>,
-    raw: &[Spanned<String>],
-    resolution: Resolution,
-    res_at: Loc,
-) -> Vec<IpNet> {
+fn check_addresses(ck: &mut Checker<'_>, raw: &[Spanned<String>], resolution: Resolution, res_at: Loc) -> Vec<IpNet> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, a) in raw.iter().enumerate() {
         let field = format!("spec.addresses[{i}]");
         match parse_ip_or_cidr(&a.value) {
             Err(e) => ck.error(a.referenced, e, field),
-            Ok(_) if resolution == Resolution::DynamicDns => ck.error(
-                a.referenced,
-                "addresses cannot be set with resolution DYNAMIC_DNS",
-                field,
-            ),
+            Ok(_) if resolution == Resolution::DynamicDns => {
+                ck.error(a.referenced, "addresses cannot be set with resolution DYNAMIC_DNS", field)
+            }
             Ok((net, true)) if !matches!(resolution, Resolution::None | Resolution::Static) => {
                 ck.error(
                     a.referenced,
@@ -224,10 +183,7 @@ fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<Port>
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let number = port_in_range(p.value.number.value);
         if number.is_none() {
-            let msg = format!(
-                "port number {} must be in the range 1..65535",
-                p.value.number.value
-            );
+            let msg = format!("port number {} must be in the range 1..65535", p.value.number.value);
             ck.error(p.value.number.referenced, msg, field("number"));
         }
         if let Some(n) = number
@@ -245,20 +201,13 @@ fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<Port>
                 String::new()
             }
             Some(n) if !is_dns1123_label(&n.value) => {
-                let msg = format!(
-                    "invalid port name {:?}: must be a DNS-1123 label (a-z, 0-9, '-')",
-                    n.value
-                );
+                let msg = format!("invalid port name {:?}: must be a DNS-1123 label (a-z, 0-9, '-')", n.value);
                 ck.error(n.referenced, msg, field("name"));
                 String::new()
             }
             Some(n) => {
                 if !names.insert(n.value.clone()) {
-                    ck.error(
-                        n.referenced,
-                        format!("port name {:?} is already defined", n.value),
-                        field("name"),
-                    );
+                    ck.error(n.referenced, format!("port name {:?} is already defined", n.value), field("name"));
                 }
                 n.value.clone()
             }
@@ -284,12 +233,7 @@ fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<Port>
             }),
         };
         if let Some(number) = number {
-            out.push(Port {
-                number,
-                name,
-                protocol,
-                target_port,
-            });
+            out.push(Port { number, name, protocol, target_port });
         }
     }
     out
@@ -303,10 +247,7 @@ fn check_endpoints(
 ) -> Vec<Endpoint> {
     match resolution {
         Resolution::None | Resolution::DynamicDns if !raw.is_empty() => {
-            let msg = format!(
-                "no endpoints should be provided for resolution type {}",
-                resolution_name(resolution)
-            );
+            let msg = format!("no endpoints should be provided for resolution type {}", resolution_name(resolution));
             ck.error(raw[0].referenced, msg, "spec.endpoints");
             return Vec::new();
         }
@@ -322,39 +263,24 @@ fn check_endpoints(
     let mut out = Vec::with_capacity(raw.len());
     for (i, ep) in raw.iter().enumerate() {
         let field = format!("spec.endpoints[{i}]");
-        let address = ep
-            .value
-            .address
-            .as_ref()
-            .map(|a| a.value.trim())
-            .unwrap_or_default();
-        let at = ep
-            .value
-            .address
-            .as_ref()
-            .map_or(ep.referenced, |a| a.referenced);
+        let address = ep.value.address.as_ref().map(|a| a.value.trim()).unwrap_or_default();
+        let at = ep.value.address.as_ref().map_or(ep.referenced, |a| a.referenced);
         let is_ip = address.parse::<IpAddr>().is_ok();
         let is_unix = address.starts_with("unix://");
         match resolution {
-            Resolution::Static if address.is_empty() && ep.value.network.is_none() => ck.error(
-                at,
-                "endpoint address is required",
-                format!("{field}.address"),
-            ),
+            Resolution::Static if address.is_empty() && ep.value.network.is_none() => {
+                ck.error(at, "endpoint address is required", format!("{field}.address"))
+            }
             Resolution::Static if !address.is_empty() && !is_ip && !is_unix => ck.error(
                 at,
                 format!("endpoint address {address:?} is not an IP address (resolution STATIC)"),
                 format!("{field}.address"),
             ),
-            Resolution::Dns | Resolution::DnsRoundRobin
-                if !is_ip && Hostname::parse(address).is_err() =>
-            {
-                ck.error(
-                    at,
-                    format!("endpoint address {address:?} is not a valid FQDN or an IP address"),
-                    format!("{field}.address"),
-                )
-            }
+            Resolution::Dns | Resolution::DnsRoundRobin if !is_ip && Hostname::parse(address).is_err() => ck.error(
+                at,
+                format!("endpoint address {address:?} is not a valid FQDN or an IP address"),
+                format!("{field}.address"),
+            ),
             _ => {}
         }
         let mut ep_ports = Vec::new();
@@ -376,10 +302,7 @@ fn check_endpoints(
             }
         }
         let _ = &ep.value.labels;
-        out.push(Endpoint {
-            address: address.to_owned(),
-            ports: ep_ports,
-        });
+        out.push(Endpoint { address: address.to_owned(), ports: ep_ports });
     }
     out
 }
@@ -398,19 +321,11 @@ fn check_selector(
         );
     }
     if resolution == Resolution::None {
-        ck.warn(
-            sel.referenced,
-            "workloadSelector should not be set when resolution is NONE",
-            "spec.workloadSelector",
-        );
+        ck.warn(sel.referenced, "workloadSelector should not be set when resolution is NONE", "spec.workloadSelector");
     }
     for (k, v) in &sel.value.labels {
         if k.is_empty() {
-            ck.error(
-                sel.referenced,
-                "empty key is not supported in selector",
-                "spec.workloadSelector.labels",
-            );
+            ck.error(sel.referenced, "empty key is not supported in selector", "spec.workloadSelector.labels");
         }
         if k.contains('*') || v.contains('*') {
             ck.error(
@@ -420,13 +335,7 @@ fn check_selector(
             );
         }
     }
-    Some(
-        sel.value
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    )
+    Some(sel.value.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
 fn check_export_to(ck: &mut Checker<'_>, raw: &[Spanned<String>]) -> Vec<String> {
@@ -435,25 +344,13 @@ fn check_export_to(ck: &mut Checker<'_>, raw: &[Spanned<String>]) -> Vec<String>
         let v = e.value.as_str();
         let field = format!("spec.exportTo[{i}]");
         if !(v == "." || v == "*" || v == "~" || is_dns1123_label(v)) {
-            ck.error(
-                e.referenced,
-                format!("exportTo entry {v:?} must be '.', '*', '~' or a namespace name"),
-                field,
-            );
+            ck.error(e.referenced, format!("exportTo entry {v:?} must be '.', '*', '~' or a namespace name"), field);
         } else if !seen.insert(v) {
-            ck.error(
-                e.referenced,
-                format!("duplicate exportTo entry {v:?}"),
-                field,
-            );
+            ck.error(e.referenced, format!("duplicate exportTo entry {v:?}"), field);
         }
     }
     if seen.len() > 1 && (seen.contains("*") || seen.contains("~")) {
-        ck.error(
-            raw[0].referenced,
-            "'*' and '~' cannot be combined with other exportTo entries",
-            "spec.exportTo",
-        );
+        ck.error(raw[0].referenced, "'*' and '~' cannot be combined with other exportTo entries", "spec.exportTo");
     }
     raw.iter().map(|e| e.value.clone()).collect()
 }
@@ -470,8 +367,7 @@ fn resolution_name(r: Resolution) -> &'static str {
 
 /// A Go/Kubernetes-style duration: `5s`, `10m`, `1h30m`, `500ms`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 30s, 10m, 1h30m)"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e} (e.g. 30s, 10m, 1h30m)"))
 }
 
 pub(crate) fn egress_policy(
@@ -480,11 +376,7 @@ pub(crate) fn egress_policy(
     origin: Origin,
     spec: Option<Spanned<EgressPolicySpec>>,
 ) -> EgressSettings {
-    let mut out = EgressSettings {
-        origin: Some(origin),
-        name,
-        ..EgressSettings::default()
-    };
+    let mut out = EgressSettings { origin: Some(origin), name, ..EgressSettings::default() };
     let Some(spec) = spec else { return out };
     let spec = spec.value;
     if let Some(mode) = spec.outbound_traffic_policy.and_then(|o| o.mode) {
@@ -507,17 +399,9 @@ pub(crate) fn egress_policy(
         let field = format!("spec.workloads[{i}]");
         let wname = w.value.name.value.trim();
         if wname.is_empty() {
-            ck.error(
-                w.value.name.referenced,
-                "workload name must not be empty",
-                format!("{field}.name"),
-            );
+            ck.error(w.value.name.referenced, "workload name must not be empty", format!("{field}.name"));
         } else if !names.insert(wname.to_owned()) {
-            ck.error(
-                w.value.name.referenced,
-                format!("workload {wname:?} is defined twice"),
-                format!("{field}.name"),
-            );
+            ck.error(w.value.name.referenced, format!("workload {wname:?} is defined twice"), format!("{field}.name"));
         }
         let mut sources = Vec::new();
         for (j, s) in w.value.sources.iter().enumerate() {
@@ -527,16 +411,9 @@ pub(crate) fn egress_policy(
             }
         }
         if w.value.sources.is_empty() {
-            ck.error(
-                w.referenced,
-                format!("workload {wname:?} has no sources"),
-                format!("{field}.sources"),
-            );
+            ck.error(w.referenced, format!("workload {wname:?} has no sources"), format!("{field}.sources"));
         }
-        out.workloads.push(Workload {
-            name: wname.into(),
-            sources,
-        });
+        out.workloads.push(Workload { name: wname.into(), sources });
     }
     out
 }
@@ -553,10 +430,9 @@ fn dns_settings(ck: &mut Checker<'_>, dns: raw::DnsSpec, mode: Mode) -> DnsSetti
             );
         }
     }
-    for (raw, slot, field) in [
-        (dns.min_ttl, &mut out.min_ttl, "spec.dns.minTtl"),
-        (dns.grace, &mut out.grace, "spec.dns.grace"),
-    ] {
+    for (raw, slot, field) in
+        [(dns.min_ttl, &mut out.min_ttl, "spec.dns.minTtl"), (dns.grace, &mut out.grace, "spec.dns.grace")]
+    {
         if let Some(s) = raw {
             match parse_duration(&s.value) {
                 Ok(d) => *slot = d,

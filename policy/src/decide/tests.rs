@@ -9,10 +9,7 @@ use crate::load::{SourceFile, load_sources};
 use crate::names::Retention;
 
 const T0: Timestamp = Timestamp::from_unix_millis(1_700_000_000_000);
-const KEEP: Retention = Retention {
-    min_ttl: Duration::from_secs(5),
-    grace: Duration::from_secs(600),
-};
+const KEEP: Retention = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(600) };
 
 const ENTRIES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -68,14 +65,8 @@ fn snapshot(mode: &str, enforcement: &str) -> Snapshot {
         "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: t}}\nspec:\n  outboundTrafficPolicy: {{mode: {mode}}}\n  enforcement: {enforcement}\n  denyRanges: [169.254.169.254/32, 'fd00:ec2::254/128']\n  workloads:\n  - name: billing\n    sources: [198.18.20.0/24]\n"
     );
     let files = [
-        SourceFile {
-            path: Path::new("entries.yaml").into(),
-            bytes: ENTRIES.as_bytes().to_vec(),
-        },
-        SourceFile {
-            path: Path::new("own.yaml").into(),
-            bytes: own.into_bytes(),
-        },
+        SourceFile { path: Path::new("entries.yaml").into(), bytes: ENTRIES.as_bytes().to_vec() },
+        SourceFile { path: Path::new("own.yaml").into(), bytes: own.into_bytes() },
     ];
     let set = load_sources(&files).unwrap_or_else(|e| panic!("{e}"));
     Snapshot::compile(&set)
@@ -124,57 +115,27 @@ fn rule1_deny_range_is_refused_in_every_mode_even_when_registered() {
     let names = table(&[("169.254.169.254", "api.stripe.example")]);
     for mode in ["ALLOW_ANY", "REGISTRY_ONLY"] {
         let s = snapshot(mode, "enforce");
-        let v = decide(
-            &s,
-            &names,
-            &conn("169.254.169.254:443", Some(("api.stripe.example", SNI))),
-            T0,
-        );
+        let v = decide(&s, &names, &conn("169.254.169.254:443", Some(("api.stripe.example", SNI))), T0);
         assert!(!v.allow, "{mode}");
         assert_eq!(v.cluster, Cluster::BlackHole);
-        assert_eq!(
-            v.reason,
-            Reason::DenyRange(
-                "169.254.169.254/32"
-                    .parse()
-                    .unwrap_or_else(|e| panic!("{e}"))
-            )
-        );
+        assert_eq!(v.reason, Reason::DenyRange("169.254.169.254/32".parse().unwrap_or_else(|e| panic!("{e}"))));
         let v6 = decide(&s, &names, &conn("[fd00:ec2::254]:80", None), T0);
         assert!(!v6.allow, "IPv6 deny range, {mode}");
     }
-    let dry = decide(
-        &snapshot("REGISTRY_ONLY", "dry-run"),
-        &names,
-        &conn("169.254.169.254:80", None),
-        T0,
-    );
-    assert!(
-        dry.allow && dry.would_deny,
-        "dry-run never refuses but marks it"
-    );
+    let dry = decide(&snapshot("REGISTRY_ONLY", "dry-run"), &names, &conn("169.254.169.254:80", None), T0);
+    assert!(dry.allow && dry.would_deny, "dry-run never refuses but marks it");
 }
 
 #[test]
 fn rule2_sni_matches_exact_host_on_its_port_only() {
     let s = registry_only();
     let names = table(&[]);
-    let v = decide(
-        &s,
-        &names,
-        &conn("198.18.9.1:443", Some(("API.Stripe.example", SNI))),
-        T0,
-    );
+    let v = decide(&s, &names, &conn("198.18.9.1:443", Some(("API.Stripe.example", SNI))), T0);
     assert!(v.allow);
     assert_eq!(se_host(&s, &v), "api.stripe.example");
     assert_eq!(v.reason, Reason::SniffedName(SNI));
     assert_eq!(v.name, Some(host("api.stripe.example")));
-    let other_port = decide(
-        &s,
-        &names,
-        &conn("198.18.9.1:8443", Some(("api.stripe.example", SNI))),
-        T0,
-    );
+    let other_port = decide(&s, &names, &conn("198.18.9.1:8443", Some(("api.stripe.example", SNI))), T0);
     assert!(!other_port.allow);
     assert_eq!(other_port.reason, Reason::NotRegistered);
 }
@@ -183,41 +144,18 @@ fn rule2_sni_matches_exact_host_on_its_port_only() {
 fn rule2_wildcards_match_subdomains_most_specific_first() {
     let s = registry_only();
     let names = table(&[]);
-    let v = decide(
-        &s,
-        &names,
-        &conn("198.18.9.2:443", Some(("bucket.s3.example", SNI))),
-        T0,
-    );
+    let v = decide(&s, &names, &conn("198.18.9.2:443", Some(("bucket.s3.example", SNI))), T0);
     assert_eq!(se_host(&s, &v), "*.s3.example");
-    let eu = decide(
-        &s,
-        &names,
-        &conn("198.18.9.2:443", Some(("bucket.eu.s3.example", SNI))),
-        T0,
-    );
+    let eu = decide(&s, &names, &conn("198.18.9.2:443", Some(("bucket.eu.s3.example", SNI))), T0);
     assert_eq!(se_host(&s, &eu), "*.eu.s3.example");
-    let apex = decide(
-        &s,
-        &names,
-        &conn("198.18.9.2:443", Some(("s3.example", SNI))),
-        T0,
-    );
+    let apex = decide(&s, &names, &conn("198.18.9.2:443", Some(("s3.example", SNI))), T0);
     assert!(!apex.allow, "a wildcard does not cover its own apex");
 }
 
 #[test]
 fn rule2_http_host_matches_like_sni() {
     let s = registry_only();
-    let v = decide(
-        &s,
-        &table(&[]),
-        &conn(
-            "198.18.9.3:80",
-            Some(("httpbin.org", SniffSource::HttpHost)),
-        ),
-        T0,
-    );
+    let v = decide(&s, &table(&[]), &conn("198.18.9.3:80", Some(("httpbin.org", SniffSource::HttpHost))), T0);
     assert!(v.allow);
     assert_eq!(se_host(&s, &v), "httpbin.org");
     assert_eq!(v.reason, Reason::SniffedName(SniffSource::HttpHost));
@@ -227,28 +165,14 @@ fn rule2_http_host_matches_like_sni() {
 fn rule2_a_name_dns_did_not_give_for_the_ip_is_a_lie() {
     let s = registry_only();
     let names = table(&[("198.18.66.6", "exfil.evil.example")]);
-    let v = decide(
-        &s,
-        &names,
-        &conn("198.18.66.6:443", Some(("api.stripe.example", SNI))),
-        T0,
-    );
+    let v = decide(&s, &names, &conn("198.18.66.6:443", Some(("api.stripe.example", SNI))), T0);
     assert!(!v.allow, "domain fronting to a registered name is refused");
     assert_eq!(v.cluster, Cluster::BlackHole);
     assert_eq!(v.reason, Reason::NameContradictsDns(SNI));
-    assert_eq!(
-        v.name,
-        Some(host("api.stripe.example")),
-        "the label names what the client claimed"
-    );
+    assert_eq!(v.name, Some(host("api.stripe.example")), "the label names what the client claimed");
 
     let allow_any = snapshot("ALLOW_ANY", "enforce");
-    let pass = decide(
-        &allow_any,
-        &names,
-        &conn("198.18.66.6:443", Some(("api.stripe.example", SNI))),
-        T0,
-    );
+    let pass = decide(&allow_any, &names, &conn("198.18.66.6:443", Some(("api.stripe.example", SNI))), T0);
     assert_eq!(
         (pass.allow, pass.cluster),
         (true, Cluster::Passthrough),
@@ -259,16 +183,8 @@ fn rule2_a_name_dns_did_not_give_for_the_ip_is_a_lie() {
 #[test]
 fn rule2_a_shared_cdn_ip_that_dns_gave_for_the_name_matches() {
     let s = registry_only();
-    let names = table(&[
-        ("198.18.7.7", "cdn-edge.example"),
-        ("198.18.7.7", "api.stripe.example"),
-    ]);
-    let v = decide(
-        &s,
-        &names,
-        &conn("198.18.7.7:443", Some(("api.stripe.example", SNI))),
-        T0,
-    );
+    let names = table(&[("198.18.7.7", "cdn-edge.example"), ("198.18.7.7", "api.stripe.example")]);
+    let v = decide(&s, &names, &conn("198.18.7.7:443", Some(("api.stripe.example", SNI))), T0);
     assert!(v.allow);
     assert_eq!(se_host(&s, &v), "api.stripe.example");
 }
@@ -276,10 +192,7 @@ fn rule2_a_shared_cdn_ip_that_dns_gave_for_the_name_matches() {
 #[test]
 fn rule3_opaque_tcp_matches_any_dns_name_of_the_ip() {
     let s = registry_only();
-    let names = table(&[
-        ("198.18.30.1", "edge-17.cdn.example"),
-        ("198.18.30.1", "search.vendor.example"),
-    ]);
+    let names = table(&[("198.18.30.1", "edge-17.cdn.example"), ("198.18.30.1", "search.vendor.example")]);
     let v = decide(&s, &names, &conn("198.18.30.1:9300", None), T0);
     assert!(v.allow);
     assert_eq!(se_host(&s, &v), "search.vendor.example");
@@ -296,15 +209,9 @@ fn rule3_opaque_tcp_matches_addresses_ranges_v4_and_v6() {
     let v = decide(&s, &names, &conn("198.18.40.10:5432", None), T0);
     assert!(v.allow);
     assert_eq!(se_host(&s, &v), "reporting-db.internal.example");
-    assert_eq!(
-        v.reason,
-        Reason::Address("198.18.40.0/24".parse().unwrap_or_else(|e| panic!("{e}")))
-    );
+    assert_eq!(v.reason, Reason::Address("198.18.40.0/24".parse().unwrap_or_else(|e| panic!("{e}"))));
     assert!(decide(&s, &names, &conn("[2001:db8:40::9]:5432", None), T0).allow);
-    assert!(
-        !decide(&s, &names, &conn("198.18.40.10:5433", None), T0).allow,
-        "port must match too"
-    );
+    assert!(!decide(&s, &names, &conn("198.18.40.10:5433", None), T0).allow, "port must match too");
     assert!(!decide(&s, &names, &conn("198.18.41.10:5432", None), T0).allow);
 }
 
@@ -313,17 +220,11 @@ fn rule4_allow_any_passes_unregistered_labelled_with_the_best_name() {
     let s = snapshot("ALLOW_ANY", "enforce");
     let names = table(&[("198.18.50.5", "unlisted.example")]);
     let v = decide(&s, &names, &conn("198.18.50.5:443", None), T0);
-    assert_eq!(
-        (v.allow, v.cluster, v.would_deny),
-        (true, Cluster::Passthrough, false)
-    );
+    assert_eq!((v.allow, v.cluster, v.would_deny), (true, Cluster::Passthrough, false));
     assert_eq!(v.reason, Reason::NotRegistered);
     assert_eq!(v.name, Some(host("unlisted.example")));
     let bare = decide(&s, &names, &conn("198.18.50.6:443", None), T0);
-    assert_eq!(
-        bare.name, None,
-        "no name known: the label falls back to the IP"
-    );
+    assert_eq!(bare.name, None, "no name known: the label falls back to the IP");
 }
 
 #[test]
@@ -332,16 +233,8 @@ fn rule4_registry_only_blackholes_and_dry_run_marks_would_deny() {
     let v = decide(&registry_only(), &names, &conn("198.18.50.5:443", None), T0);
     assert_eq!((v.allow, v.cluster), (false, Cluster::BlackHole));
     assert_eq!(v.name, Some(host("unlisted.example")));
-    let dry = decide(
-        &snapshot("REGISTRY_ONLY", "dry-run"),
-        &names,
-        &conn("198.18.50.5:443", None),
-        T0,
-    );
-    assert_eq!(
-        (dry.allow, dry.cluster, dry.would_deny),
-        (true, Cluster::Passthrough, true)
-    );
+    let dry = decide(&snapshot("REGISTRY_ONLY", "dry-run"), &names, &conn("198.18.50.5:443", None), T0);
+    assert_eq!((dry.allow, dry.cluster, dry.would_deny), (true, Cluster::Passthrough, true));
     assert_eq!(dry.reason, Reason::NotRegistered);
 }
 
@@ -351,18 +244,9 @@ fn rule6_names_expire_after_ttl_plus_grace_but_use_keeps_them() {
     let names = table(&[("198.18.30.2", "search.vendor.example")]); // 30s TTL + 600s grace
     let c = conn("198.18.30.2:9300", None);
     let later = |secs| T0.plus(Duration::from_secs(secs));
-    assert!(
-        decide(&s, &names, &c, later(600)).allow,
-        "used at 600s: renewed to 1200s"
-    );
-    assert!(
-        decide(&s, &names, &c, later(1100)).allow,
-        "kept alive by use past TTL + grace"
-    );
-    assert!(
-        !decide(&s, &names, &c, later(1701)).allow,
-        "unused for longer than grace: gone"
-    );
+    assert!(decide(&s, &names, &c, later(600)).allow, "used at 600s: renewed to 1200s");
+    assert!(decide(&s, &names, &c, later(1100)).allow, "kept alive by use past TTL + grace");
+    assert!(!decide(&s, &names, &c, later(1701)).allow, "unused for longer than grace: gone");
 }
 
 #[test]
@@ -382,16 +266,7 @@ fn sniffing_is_useful_only_where_a_name_can_change_the_verdict() {
     let s = registry_only();
     assert!(s.sniff_useful(sock("198.18.9.1:443")));
     assert!(s.sniff_useful(sock("198.18.9.1:80")));
-    assert!(
-        !s.sniff_useful(sock("198.18.9.1:25")),
-        "SMTP is server-first: never wait"
-    );
-    assert!(
-        !s.sniff_useful(sock("198.18.40.10:5432")),
-        "opaque TCP port"
-    );
-    assert!(
-        !s.sniff_useful(sock("169.254.169.254:443")),
-        "deny range: verdict already known"
-    );
+    assert!(!s.sniff_useful(sock("198.18.9.1:25")), "SMTP is server-first: never wait");
+    assert!(!s.sniff_useful(sock("198.18.40.10:5432")), "opaque TCP port");
+    assert!(!s.sniff_useful(sock("169.254.169.254:443")), "deny range: verdict already known");
 }

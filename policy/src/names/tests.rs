@@ -5,10 +5,7 @@ use std::time::Duration;
 
 use super::*;
 
-const KEEP: Retention = Retention {
-    min_ttl: Duration::from_secs(5),
-    grace: Duration::from_secs(60),
-};
+const KEEP: Retention = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(60) };
 const T0: Timestamp = Timestamp::from_unix_millis(1_700_000_000_000);
 
 fn ip(last: u8) -> IpAddr {
@@ -30,13 +27,7 @@ fn ttl_is_raised_to_min_ttl_and_grace_is_added() {
     // 1s TTL raised to 5s, plus 60s grace: alive at 64s, gone at 65s.
     assert_eq!(t.names(ip(1), at(64)), vec![host("a.example")]);
     assert!(t.names(ip(1), at(65)).is_empty());
-    t.record(
-        ip(2),
-        &host("b.example"),
-        Duration::from_secs(300),
-        T0,
-        KEEP,
-    );
+    t.record(ip(2), &host("b.example"), Duration::from_secs(300), T0, KEEP);
     assert_eq!(t.names(ip(2), at(359)), vec![host("b.example")]);
     assert!(t.names(ip(2), at(360)).is_empty());
 }
@@ -56,27 +47,9 @@ fn use_renews_grace_past_ttl() {
 #[test]
 fn an_ip_carries_many_names_and_each_expires_on_its_own() {
     let t = NameTable::new(100);
-    t.record(
-        ip(1),
-        &host("a.cdn.example"),
-        Duration::from_secs(10),
-        T0,
-        KEEP,
-    );
-    t.record(
-        ip(1),
-        &host("b.cdn.example"),
-        Duration::from_secs(100),
-        T0,
-        KEEP,
-    );
-    t.record(
-        ip(1),
-        &host("a.cdn.example"),
-        Duration::from_secs(5),
-        T0,
-        KEEP,
-    ); // a shorter answer never shortens
+    t.record(ip(1), &host("a.cdn.example"), Duration::from_secs(10), T0, KEEP);
+    t.record(ip(1), &host("b.cdn.example"), Duration::from_secs(100), T0, KEEP);
+    t.record(ip(1), &host("a.cdn.example"), Duration::from_secs(5), T0, KEEP); // a shorter answer never shortens
     let mut names = t.names(ip(1), at(30));
     names.sort();
     assert_eq!(names, vec![host("a.cdn.example"), host("b.cdn.example")]);
@@ -87,20 +60,11 @@ fn an_ip_carries_many_names_and_each_expires_on_its_own() {
 fn names_per_ip_are_capped_replacing_the_soonest_to_expire() {
     let t = NameTable::new(100);
     for i in 0..MAX_NAMES_PER_IP as u64 + 5 {
-        t.record(
-            ip(1),
-            &host(&format!("n{i}.example")),
-            Duration::from_secs(100 + i),
-            T0,
-            KEEP,
-        );
+        t.record(ip(1), &host(&format!("n{i}.example")), Duration::from_secs(100 + i), T0, KEEP);
     }
     let names = t.names(ip(1), T0);
     assert_eq!(names.len(), MAX_NAMES_PER_IP);
-    assert!(
-        !names.contains(&host("n0.example")),
-        "the soonest-expiring name is the one replaced"
-    );
+    assert!(!names.contains(&host("n0.example")), "the soonest-expiring name is the one replaced");
     assert!(names.contains(&host(&format!("n{}.example", MAX_NAMES_PER_IP + 4))));
 }
 
@@ -108,48 +72,21 @@ fn names_per_ip_are_capped_replacing_the_soonest_to_expire() {
 fn the_cap_evicts_expired_first_then_least_recently_used() {
     let t = NameTable::new(10);
     for i in 0..10 {
-        t.record(
-            ip(i),
-            &host(&format!("n{i}.example")),
-            Duration::from_secs(3600),
-            at(u64::from(i)),
-            KEEP,
-        );
+        t.record(ip(i), &host(&format!("n{i}.example")), Duration::from_secs(3600), at(u64::from(i)), KEEP);
     }
     t.touch(ip(0), at(20), KEEP.grace); // ip 0 is now the most recently used
-    t.record(
-        ip(10),
-        &host("n10.example"),
-        Duration::from_secs(3600),
-        at(21),
-        KEEP,
-    );
+    t.record(ip(10), &host("n10.example"), Duration::from_secs(3600), at(21), KEEP);
     assert!(t.len() <= 10);
     assert!(!t.names(ip(0), at(21)).is_empty(), "recently used survives");
-    assert!(
-        t.names(ip(1), at(21)).is_empty(),
-        "least recently used goes"
-    );
+    assert!(t.names(ip(1), at(21)).is_empty(), "least recently used goes");
     assert!(!t.names(ip(10), at(21)).is_empty(), "the new entry is kept");
 }
 
 #[test]
 fn purge_removes_only_dead_ips() {
     let t = NameTable::new(100);
-    t.record(
-        ip(1),
-        &host("short.example"),
-        Duration::from_secs(1),
-        T0,
-        KEEP,
-    );
-    t.record(
-        ip(2),
-        &host("long.example"),
-        Duration::from_secs(3600),
-        T0,
-        KEEP,
-    );
+    t.record(ip(1), &host("short.example"), Duration::from_secs(1), T0, KEEP);
+    t.record(ip(2), &host("long.example"), Duration::from_secs(3600), T0, KEEP);
     assert_eq!(t.purge_expired(at(100)), 1);
     assert_eq!(t.len(), 1);
 }
@@ -157,13 +94,7 @@ fn purge_removes_only_dead_ips() {
 #[test]
 fn readers_see_stable_names_while_a_writer_inserts() {
     let t = Arc::new(NameTable::new(50_000));
-    t.record(
-        ip(1),
-        &host("stable.example"),
-        Duration::from_secs(3600),
-        T0,
-        KEEP,
-    );
+    t.record(ip(1), &host("stable.example"), Duration::from_secs(3600), T0, KEEP);
     let stop = Arc::new(AtomicBool::new(false));
     let readers: Vec<_> = (0..3)
         .map(|_| {
@@ -171,9 +102,7 @@ fn readers_see_stable_names_while_a_writer_inserts() {
             std::thread::spawn(move || {
                 let mut reads = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && reads < 5_000_000 {
-                    let seen = t.with_names(ip(1), T0, |mut it| {
-                        it.any(|n| n.as_str() == "stable.example")
-                    });
+                    let seen = t.with_names(ip(1), T0, |mut it| it.any(|n| n.as_str() == "stable.example"));
                     assert!(seen, "a reader lost the stable name during inserts");
                     reads += 1;
                 }
@@ -184,13 +113,7 @@ fn readers_see_stable_names_while_a_writer_inserts() {
     for i in 0..100_000u32 {
         let now = T0.plus(Duration::from_millis(u64::from(i)));
         let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
-        t.record(
-            addr,
-            &host("churn.example"),
-            Duration::from_secs(60),
-            now,
-            KEEP,
-        );
+        t.record(addr, &host("churn.example"), Duration::from_secs(60), now, KEEP);
         if i % 2_000 == 0 {
             t.touch(ip(1), now, KEEP.grace); // the stable IP is in use
         }
@@ -200,11 +123,7 @@ fn readers_see_stable_names_while_a_writer_inserts() {
         assert!(r.join().unwrap_or(0) > 0);
     }
     assert!(t.len() <= 50_000);
-    assert_eq!(
-        t.names(ip(1), T0),
-        vec![host("stable.example")],
-        "the stable IP, being used, survives eviction"
-    );
+    assert_eq!(t.names(ip(1), T0), vec![host("stable.example")], "the stable IP, being used, survives eviction");
 }
 
 #[test]
@@ -212,34 +131,10 @@ fn save_and_restore_round_trip_skipping_expired_and_garbage() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let path = dir.path().join("names.jsonl");
     let t = NameTable::new(100);
-    t.record(
-        ip(1),
-        &host("a.example"),
-        Duration::from_secs(3600),
-        T0,
-        KEEP,
-    );
-    t.record(
-        ip(1),
-        &host("b.example"),
-        Duration::from_secs(3600),
-        T0,
-        KEEP,
-    );
-    t.record(
-        "2001:db8::1".parse().unwrap_or(ip(9)),
-        &host("v6.example"),
-        Duration::from_secs(3600),
-        T0,
-        KEEP,
-    );
-    t.record(
-        ip(2),
-        &host("short.example"),
-        Duration::from_secs(1),
-        T0,
-        KEEP,
-    );
+    t.record(ip(1), &host("a.example"), Duration::from_secs(3600), T0, KEEP);
+    t.record(ip(1), &host("b.example"), Duration::from_secs(3600), T0, KEEP);
+    t.record("2001:db8::1".parse().unwrap_or(ip(9)), &host("v6.example"), Duration::from_secs(3600), T0, KEEP);
+    t.record(ip(2), &host("short.example"), Duration::from_secs(1), T0, KEEP);
     t.touch(ip(2), at(30), Duration::from_secs(120)); // used: alive until 150s
     let saved = t.save(&path, at(10)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(saved.entries, 4);
@@ -250,30 +145,15 @@ fn save_and_restore_round_trip_skipping_expired_and_garbage() {
 
     let r = NameTable::new(100);
     let restored = r.restore(&path, at(100)).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        restored,
-        PersistStats {
-            entries: 4,
-            skipped: 2
-        }
-    );
+    assert_eq!(restored, PersistStats { entries: 4, skipped: 2 });
     let mut names = r.names(ip(1), at(100));
     names.sort();
     assert_eq!(names, vec![host("a.example"), host("b.example")]);
-    assert_eq!(
-        r.names(ip(2), at(140)),
-        vec![host("short.example")],
-        "the use-renewal survives the restart"
-    );
+    assert_eq!(r.names(ip(2), at(140)), vec![host("short.example")], "the use-renewal survives the restart");
     assert!(r.names(ip(2), at(151)).is_empty());
 
     let later = NameTable::new(100);
-    let stats = later
-        .restore(&path, at(10_000))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let stats = later.restore(&path, at(10_000)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(stats.entries, 0, "everything expired by then");
-    assert_eq!(
-        later.restore(&dir.path().join("missing"), T0).ok(),
-        Some(PersistStats::default())
-    );
+    assert_eq!(later.restore(&dir.path().join("missing"), T0).ok(), Some(PersistStats::default()));
 }
