@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::{Context as _, bail};
 use sluice_policy::model::{Enforcement, Mode, PolicySet};
 use sluice_policy::{
     Cluster, Connection, Hostname, NameTable, Retention, Snapshot, SniffSource, Sniffed, Timestamp, decide, load_paths,
@@ -21,6 +21,8 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     if args.sni.is_some() && args.host.is_some() {
         bail!("give --sni (TLS) or --host (HTTP), not both: a connection carries one");
     }
+    // Usage errors first: a bad --explain is reported before any file is read.
+    let query = args.explain.as_deref().map(|dest| Query::parse(args, dest)).transpose()?;
     let set = match load_paths(&args.paths) {
         Ok(set) => set,
         Err(errors) => {
@@ -39,9 +41,9 @@ pub(crate) fn run(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     for w in &set.warnings {
         eprintln!("{w}");
     }
-    match &args.explain {
+    match query {
         None => print!("{}", summary(&set)),
-        Some(dest) => print!("{}", explain(&set, args, dest)?),
+        Some(q) => print!("{}", explain(&set, q)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -128,31 +130,49 @@ pub(crate) fn summary(set: &PolicySet) -> String {
     out
 }
 
+/// The connection `--explain` describes.
+struct Query {
+    conn: Connection,
+    resolved_as: Vec<Hostname>,
+}
+
+impl Query {
+    fn parse(args: &CheckArgs, dest: &str) -> anyhow::Result<Query> {
+        let destination: SocketAddr = dest.parse().with_context(|| {
+            format!("--explain wants IP:PORT (e.g. 198.18.9.1:443 or [2001:db8::1]:443), not {dest:?}; give a name with --resolved-as")
+        })?;
+        let resolved_as = args
+            .resolved_as
+            .iter()
+            .map(|n| Hostname::parse(n).with_context(|| format!("--resolved-as {n:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let sniffed = match (&args.sni, &args.host) {
+            (Some(n), _) => Some((n, SniffSource::TlsSni)),
+            (_, Some(n)) => Some((n, SniffSource::HttpHost)),
+            _ => None,
+        };
+        let sniffed = match sniffed {
+            Some((n, via)) => {
+                Some(Sniffed { name: Hostname::parse(n).with_context(|| format!("{via} name {n:?}"))?, via })
+            }
+            None => None,
+        };
+        let source = args.source.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        Ok(Query { conn: Connection { source, destination, sniffed }, resolved_as })
+    }
+}
+
 /// `--explain`: one connection through `decide()`, as the forwarder would see it.
-fn explain(set: &PolicySet, args: &CheckArgs, dest: &str) -> anyhow::Result<String> {
-    let destination: SocketAddr = dest.parse().with_context(|| {
-        format!("--explain wants IP:PORT (e.g. 198.18.9.1:443 or [2001:db8::1]:443), not {dest:?}; give a name with --resolved-as")
-    })?;
+fn explain(set: &PolicySet, q: Query) -> String {
     let snapshot = Snapshot::compile(set);
     let now = Timestamp::from_system(SystemTime::now());
     let names = NameTable::new(64);
     let keep = Retention::from(&set.settings.dns);
-    for n in &args.resolved_as {
-        let name = Hostname::parse(n).with_context(|| format!("--resolved-as {n:?}"))?;
-        names.record(destination.ip(), &name, Duration::from_secs(60), now, keep);
+    let (conn, destination) = (&q.conn, q.conn.destination);
+    for name in &q.resolved_as {
+        names.record(destination.ip(), name, Duration::from_secs(60), now, keep);
     }
-    let sniffed = match (&args.sni, &args.host) {
-        (Some(n), _) => Some((n, SniffSource::TlsSni)),
-        (_, Some(n)) => Some((n, SniffSource::HttpHost)),
-        _ => None,
-    };
-    let sniffed = match sniffed {
-        Some((n, via)) => Some(Sniffed { name: Hostname::parse(n).with_context(|| format!("{via} name {n:?}"))?, via }),
-        None => None,
-    };
-    let source = args.source.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-    let conn = Connection { source, destination, sniffed };
-    let v = decide(&snapshot, &names, &conn, now);
+    let v = decide(&snapshot, &names, conn, now);
 
     let mut out = String::new();
     let verdict = match v.cluster {
@@ -187,5 +207,5 @@ fn explain(set: &PolicySet, args: &CheckArgs, dest: &str) -> anyhow::Result<Stri
         let _ =
             writeln!(out, "note: the forwarder would read the TLS SNI or HTTP Host on this port; try --sni or --host");
     }
-    Ok(out)
+    out
 }
