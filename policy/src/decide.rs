@@ -98,19 +98,12 @@ pub struct Verdict {
 }
 
 impl Snapshot {
-    /// Whether a sniffed name could change the verdict for this destination
-    /// port: some ServiceEntry serves HTTP or TLS there, or there are names
-    /// to check against DNS. When false, the forwarder must not wait for
-    /// client bytes (server-first protocols such as SMTP or MySQL).
+    /// Whether a sniffed name could change the verdict for this destination:
+    /// it is not in a deny range, and some ServiceEntry serves HTTP or TLS on
+    /// its port (a constant-time bit test). When false, the forwarder must
+    /// not wait for client bytes (server-first protocols such as SMTP, MySQL).
     pub fn sniff_useful(&self, destination: SocketAddr) -> bool {
-        if self.deny_range(destination.ip()).is_some() {
-            return false;
-        }
-        let port = destination.port();
-        self.entries()
-            .iter()
-            .flat_map(|e| &e.ports)
-            .any(|p| p.number == port && (p.protocol.is_http() || p.protocol.is_tls()))
+        self.deny_range(destination.ip()).is_none() && self.is_name_port(destination.port())
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Snapshot {
     addresses: JointPrefixMap<IpNet, Vec<u32>>,
     deny: JointPrefixMap<IpNet, ()>,
     workloads: JointPrefixMap<IpNet, Arc<str>>,
+    /// Ports where some ServiceEntry speaks HTTP or TLS: one bit per port.
+    name_ports: Box<[u64; 1024]>,
     settings: EgressSettings,
 }
 
@@ -45,6 +47,7 @@ impl Snapshot {
             addresses: JointPrefixMap::new(),
             deny: JointPrefixMap::new(),
             workloads: JointPrefixMap::new(),
+            name_ports: Box::new([0; 1024]),
             settings: set.settings.clone(),
         };
         for (e, entry) in set.entries.iter().enumerate() {
@@ -55,6 +58,9 @@ impl Snapshot {
                     HostPattern::Exact(name) => snap.exact.entry(name.clone()).or_default().push(r),
                     HostPattern::Wildcard(suffix) => snap.wildcard.entry(suffix.as_str().into()).or_default().push(r),
                 }
+            }
+            for p in entry.ports.iter().filter(|p| p.protocol.is_http() || p.protocol.is_tls()) {
+                snap.name_ports[usize::from(p.number / 64)] |= 1 << (p.number % 64);
             }
             for net in &entry.addresses {
                 match snap.addresses.get_mut(net) {
@@ -169,6 +175,11 @@ impl Snapshot {
     /// The workload (source_workload label) a source address belongs to.
     pub fn workload(&self, source: IpAddr) -> Option<&Arc<str>> {
         self.workloads.get_lpm(&IpNet::from(source)).map(|(_, w)| w)
+    }
+
+    /// Whether some ServiceEntry serves HTTP or TLS on `port`.
+    pub fn is_name_port(&self, port: u16) -> bool {
+        self.name_ports[usize::from(port / 64)] & (1 << (port % 64)) != 0
     }
 
     /// Every distinct ServiceEntry host, for summaries.
