@@ -130,10 +130,8 @@ pub fn decide(snapshot: &Snapshot, names: &NameTable, conn: &Connection, now: Ti
         return refuse(settings.enforcement, verdict(false, Cluster::BlackHole, Reason::DenyRange(net), name));
     }
 
-    let (outcome, dns_first) = names.with_names(dst.ip(), now, |known| classify(snapshot, conn, known));
-    if dns_first.is_some() {
-        names.touch(dst.ip(), now, settings.dns.grace);
-    }
+    let (outcome, dns_first) =
+        names.with_names_renewing(dst.ip(), now, settings.dns.grace, |known| classify(snapshot, conn, known));
     let sniffed_name = || conn.sniffed.as_ref().map(|s| s.name.clone());
     let reason = match outcome {
         NameOutcome::Matched(r, reason) => {

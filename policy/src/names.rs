@@ -28,6 +28,7 @@ pub const MAX_NAMES_PER_IP: usize = 32;
 /// not bounce a cache line between cores on every connection.
 const TOUCH_SLACK_MS: u64 = 1_000;
 
+type Leases = smallvec::SmallVec<[Lease; 2]>;
 type Map = papaya::HashMap<IpAddr, IpNames, foldhash::fast::RandomState>;
 
 /// IP → names with expiry. Share it behind an `Arc`.
@@ -40,7 +41,8 @@ pub struct NameTable {
 
 #[derive(Debug)]
 struct IpNames {
-    leases: Box<[Lease]>,
+    /// Inline for the common one or two names: no extra pointer to chase.
+    leases: Leases,
     /// Last use + grace (ms); names stay alive at least until then.
     used_until: AtomicU64,
     /// Last record or use (ms), for least-recently-used eviction.
@@ -94,6 +96,14 @@ impl AliveNames<'_> {
     }
 }
 
+fn renew(entry: &IpNames, now: Timestamp, grace: Duration) {
+    let until = now.plus(grace).unix_millis();
+    if entry.used_until.load(Ordering::Relaxed) + TOUCH_SLACK_MS < until {
+        entry.used_until.fetch_max(until, Ordering::Relaxed);
+        entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
+    }
+}
+
 /// How long a name learned from DNS is kept: the answer's TTL raised to
 /// `min_ttl`, plus `grace`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,11 +136,15 @@ struct Record {
 
 impl NameTable {
     pub fn new(capacity: usize) -> Self {
-        NameTable {
-            map: Map::with_capacity_and_hasher(capacity.min(1 << 16), foldhash::fast::RandomState::default()),
-            capacity: capacity.max(1),
-            evicting: Mutex::new(()),
-        }
+        // Blocking resizes: papaya's default incremental mode leaves a
+        // half-moved table behind (reads probe both) until more writes come,
+        // which made lookups 6x slower. The one writer (DNS) pays instead.
+        let map = papaya::HashMap::builder()
+            .capacity(capacity.min(1 << 20))
+            .resize_mode(papaya::ResizeMode::Blocking)
+            .hasher(foldhash::fast::RandomState::default())
+            .build();
+        NameTable { map, capacity: capacity.max(1), evicting: Mutex::new(()) }
     }
 
     pub fn capacity(&self) -> usize {
@@ -158,7 +172,7 @@ impl NameTable {
         map.update_or_insert_with(
             ip,
             |old| {
-                let mut leases = old.leases.to_vec();
+                let mut leases = old.leases.clone();
                 if let Some(l) = leases.iter_mut().find(|l| &l.name == name) {
                     l.expires = l.expires.max(expires);
                 } else if leases.len() < MAX_NAMES_PER_IP {
@@ -167,13 +181,13 @@ impl NameTable {
                     *soonest = Lease { name: name.clone(), expires };
                 }
                 IpNames {
-                    leases: leases.into_boxed_slice(),
+                    leases,
                     used_until: AtomicU64::new(old.used_until.load(Ordering::Relaxed).max(used_until)),
                     last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))),
                 }
             },
             || IpNames {
-                leases: Box::new([Lease { name: name.clone(), expires }]),
+                leases: smallvec::smallvec![Lease { name: name.clone(), expires }],
                 used_until: AtomicU64::new(used_until),
                 last_touch: AtomicU64::new(now_ms),
             },
@@ -193,6 +207,30 @@ impl NameTable {
         }
     }
 
+    /// Like [`with_names`](Self::with_names), and if `ip` had alive names,
+    /// renews them for `grace` (a connection is using them) — one lookup.
+    pub fn with_names_renewing<R>(
+        &self,
+        ip: IpAddr,
+        now: Timestamp,
+        grace: Duration,
+        f: impl FnOnce(AliveNames<'_>) -> R,
+    ) -> R {
+        let map = self.map.pin();
+        match map.get(&ip) {
+            Some(entry) => {
+                let names = entry.alive(now);
+                let any = names.clone().next().is_some();
+                let r = f(names);
+                if any {
+                    renew(entry, now, grace);
+                }
+                r
+            }
+            None => f(AliveNames::empty()),
+        }
+    }
+
     /// The alive names of `ip`, as a list (for explanations and debugging).
     pub fn names(&self, ip: IpAddr, now: Timestamp) -> Vec<Hostname> {
         self.with_names(ip, now, |names| names.cloned().collect())
@@ -200,13 +238,8 @@ impl NameTable {
 
     /// A connection used `ip`: keep its names alive for at least `grace`.
     pub fn touch(&self, ip: IpAddr, now: Timestamp, grace: Duration) {
-        let map = self.map.pin();
-        if let Some(entry) = map.get(&ip) {
-            let until = now.plus(grace).unix_millis();
-            if entry.used_until.load(Ordering::Relaxed) + TOUCH_SLACK_MS < until {
-                entry.used_until.fetch_max(until, Ordering::Relaxed);
-                entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
-            }
+        if let Some(entry) = self.map.pin().get(&ip) {
+            renew(entry, now, grace);
         }
     }
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use prefix_trie::joint::map::JointPrefixMap;
+use smallvec::SmallVec;
 
 use crate::host::{HostPattern, Hostname};
 use crate::model::{EgressSettings, PolicySet, ServiceEntry};
@@ -24,12 +25,22 @@ pub struct HostRef {
     pub host: u32,
 }
 
+/// A host of an entry and that entry's ports, inline so a match needs no
+/// further pointer chasing into the entry.
+#[derive(Debug, Clone)]
+struct Target {
+    r: HostRef,
+    ports: SmallVec<[u16; 4]>,
+}
+
+type Targets = SmallVec<[Target; 1]>;
+
 /// An immutable, compiled policy. Built once per reload, shared by `Arc`.
 #[derive(Debug)]
 pub struct Snapshot {
     entries: Vec<ServiceEntry>,
-    exact: FastMap<Hostname, Vec<HostRef>>,
-    wildcard: FastMap<Box<str>, Vec<HostRef>>,
+    exact: FastMap<Hostname, Targets>,
+    wildcard: FastMap<Box<str>, Targets>,
     addresses: JointPrefixMap<IpNet, Vec<u32>>,
     deny: JointPrefixMap<IpNet, ()>,
     workloads: JointPrefixMap<IpNet, Arc<str>>,
@@ -52,11 +63,12 @@ impl Snapshot {
         };
         for (e, entry) in set.entries.iter().enumerate() {
             let e = e as u32;
+            let ports: SmallVec<[u16; 4]> = entry.ports.iter().map(|p| p.number).collect();
             for (h, host) in entry.hosts.iter().enumerate() {
-                let r = HostRef { entry: e, host: h as u32 };
+                let t = Target { r: HostRef { entry: e, host: h as u32 }, ports: ports.clone() };
                 match host {
-                    HostPattern::Exact(name) => snap.exact.entry(name.clone()).or_default().push(r),
-                    HostPattern::Wildcard(suffix) => snap.wildcard.entry(suffix.as_str().into()).or_default().push(r),
+                    HostPattern::Exact(name) => snap.exact.entry(name.clone()).or_default().push(t),
+                    HostPattern::Wildcard(suffix) => snap.wildcard.entry(suffix.as_str().into()).or_default().push(t),
                 }
             }
             for p in entry.ports.iter().filter(|p| p.protocol.is_http() || p.protocol.is_tls()) {
@@ -117,7 +129,7 @@ impl Snapshot {
     /// The ServiceEntry host that covers `name` on `port`: exact hosts
     /// first, then the most specific wildcard; ties go to the entry loaded first.
     pub fn match_name(&self, name: &Hostname, port: u16) -> Option<HostRef> {
-        let on_port = |refs: &Vec<HostRef>| refs.iter().copied().find(|r| self.has_port(r.entry, port));
+        let on_port = |ts: &Targets| ts.iter().find(|t| t.ports.contains(&port)).map(|t| t.r);
         if let Some(r) = self.exact.get(name).and_then(on_port) {
             return Some(r);
         }

@@ -1,0 +1,143 @@
+//! NameTable lookups on a table of 1,000,000 IPs, alone and while a DNS
+//! writer thread keeps recording answers.
+//!
+//! Lookups use the non-allocating path (`with_names(..).count()`) and cycle
+//! through 65,536 random IPs spread over the whole table.
+//!
+//! Target (issue): under 100 ns per lookup.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use sluice_policy::{Hostname, NameTable, Retention, Timestamp};
+
+const IPS: u32 = 1_000_000;
+/// IPs the writer may add on top of the table (so it inserts as well as
+/// updates) while staying under the capacity: no eviction during the run.
+const EXTRA_IPS: u32 = 100_000;
+const MAX_WRITES: u64 = 50_000_000;
+/// Lookups per case (a power of two).
+const LOOKUPS: usize = 1 << 16;
+
+const T0: Timestamp = Timestamp::from_unix_millis(1_700_000_000_000);
+const KEEP: Retention = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(600) };
+
+/// The `k`-th address: 198.18.0.0/15 first, then 10.0.0.0/8.
+fn table_ip(k: u32) -> IpAddr {
+    const BENCHMARK_NET: u32 = 131_072;
+    let v4 = if k < BENCHMARK_NET {
+        u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k
+    } else {
+        u32::from(Ipv4Addr::new(10, 0, 0, 0)) + k
+    };
+    IpAddr::V4(Ipv4Addr::from(v4))
+}
+
+fn host(s: &str) -> Hostname {
+    Hostname::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// splitmix64: a small, deterministic generator (no extra dependency).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u32) -> u32 {
+        (self.next() % u64::from(n)) as u32
+    }
+}
+
+fn bench_names(c: &mut Criterion) {
+    // The names DNS gives for each IP (also what the writer re-records).
+    let names: Vec<Hostname> =
+        (0..IPS + EXTRA_IPS).map(|k| host(&format!("h{k}.zone-{}.example.net", k % 5000))).collect();
+    let t = Instant::now();
+    let table = NameTable::new((IPS + 2 * EXTRA_IPS) as usize);
+    let ttl = Duration::from_secs(3600);
+    for k in 0..IPS {
+        table.record(table_ip(k), &names[k as usize], ttl, T0, KEEP);
+        // One IP in eight also carries a CDN alias.
+        if k % 8 == 5 {
+            let alias = host(&format!("a{k}.cdn.example.org"));
+            table.record(table_ip(k), &alias, ttl, T0, KEEP);
+        }
+    }
+    eprintln!("setup: NameTable of {} IPs recorded in {:?}", table.len(), t.elapsed());
+    let now = T0.plus(Duration::from_secs(1));
+
+    let mut rng = Rng(0x5eed);
+    let hits: Vec<IpAddr> = (0..LOOKUPS).map(|_| table_ip(rng.below(IPS))).collect();
+    let misses: Vec<IpAddr> = (0..LOOKUPS)
+        .map(|_| {
+            let r = rng.below(1 << 20);
+            IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + r))
+        })
+        .collect();
+    for ip in &hits {
+        assert!(table.with_names(*ip, now, |it| it.count()) >= 1);
+    }
+
+    let lookup = |ips: &[IpAddr], i: &mut usize| {
+        let ip = ips[*i & (LOOKUPS - 1)];
+        *i = i.wrapping_add(1);
+        table.with_names(black_box(ip), now, |it| it.count())
+    };
+
+    let mut group = c.benchmark_group("names");
+    let mut i = 0usize;
+    group.bench_function("a_lookup_hit", |b| b.iter(|| lookup(&hits, &mut i)));
+    let mut i = 0usize;
+    group.bench_function("a_lookup_miss", |b| b.iter(|| lookup(&misses, &mut i)));
+    // 1,024 distinct IPs, repeated: a node's usual working set, in cache.
+    let hot: Vec<IpAddr> = hits.iter().take(1024).cycle().take(LOOKUPS).copied().collect();
+    let mut i = 0usize;
+    group.bench_function("a_lookup_hit_hot_1k", |b| b.iter(|| lookup(&hot, &mut i)));
+
+    // (b) the same lookups while a writer records answers (updates of
+    // existing IPs, and inserts of up to EXTRA_IPS new ones) as fast as it can.
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut rng = Rng(0xd15c);
+            let mut n = 0u64;
+            while n < MAX_WRITES && !stop.load(Ordering::Relaxed) {
+                let k = rng.below(IPS + EXTRA_IPS);
+                let ttl = Duration::from_secs(60 + n % 600);
+                table.record(table_ip(k), &names[k as usize], ttl, now, KEEP);
+                n += 1;
+            }
+            writes.store(n, Ordering::Relaxed);
+        });
+        let mut i = 0usize;
+        group.bench_function("b_lookup_hit_with_writer", |b| b.iter(|| lookup(&hits, &mut i)));
+        let mut i = 0usize;
+        group.bench_function("b_lookup_hit_hot_1k_with_writer", |b| b.iter(|| lookup(&hot, &mut i)));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let n = writes.load(Ordering::Relaxed);
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!("writer: {n} records in {secs:.1} s ({:.2} M/s), table now {} IPs", n as f64 / secs / 1e6, table.len());
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(30);
+    targets = bench_names
+}
+criterion_main!(benches);
