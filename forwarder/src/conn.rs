@@ -1,0 +1,259 @@
+//! One connection: original destination → (sniff) → verdict → splice or refuse.
+
+use std::cell::Cell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use sluice_policy::{Connection, Snapshot, Timestamp, Verdict, decide};
+
+use crate::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
+use crate::splice::{End, splice_both};
+use crate::{Config, Intercept, Shared, sys};
+
+/// Per-worker state every connection reads.
+pub(crate) struct Ctx {
+    pub(crate) config: Config,
+    pub(crate) shared: Shared,
+    /// Our own listening addresses: a connection "to" one of them was not
+    /// intercepted, and sluice is never an open relay.
+    own: Vec<SocketAddr>,
+    pub(crate) stopping: Cell<bool>,
+}
+
+impl Ctx {
+    pub(crate) fn new(config: Config, shared: Shared, _listens: &[crate::Listen], socks: &[std::net::TcpListener]) -> Ctx {
+        let own = socks.iter().filter_map(|s| s.local_addr().ok()).collect();
+        Ctx { config, shared, own, stopping: Cell::new(false) }
+    }
+
+    fn is_own(&self, dst: SocketAddr) -> bool {
+        self.own.iter().any(|l| l.port() == dst.port() && (l.ip() == dst.ip() || l.ip().is_unspecified()))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Listener {
+    pub(crate) intercept: Intercept,
+    pub(crate) v6: bool,
+}
+
+/// How a connection ended, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Spliced; see [`End`].
+    Spliced(End),
+    /// Refused by policy: `502 Bad Gateway` written.
+    Refused502,
+    /// Refused by policy: reset.
+    RefusedReset,
+    /// Not intercepted (addressed to sluice itself, or no original destination): reset.
+    NotIntercepted,
+    /// The upstream did not accept the connection in time, or refused it: client reset.
+    ConnectFailed,
+}
+
+/// Everything known about one finished connection.
+#[derive(Debug, Clone)]
+pub struct ConnReport {
+    pub source: SocketAddr,
+    /// The original destination (None when there was none: not intercepted).
+    pub destination: Option<SocketAddr>,
+    pub verdict: Option<Verdict>,
+    /// The policy the verdict came from (its ServiceEntry names).
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// The client spoke HTTP/1.x (its first bytes were a request head).
+    pub http: bool,
+    pub sent: u64,
+    pub received: u64,
+    pub duration: Duration,
+    pub outcome: Outcome,
+}
+
+pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx: &Ctx) {
+    let started = Instant::now();
+    let mut report = ConnReport {
+        source: peer,
+        destination: None,
+        verdict: None,
+        snapshot: None,
+        http: false,
+        sent: 0,
+        received: 0,
+        duration: Duration::ZERO,
+        outcome: Outcome::NotIntercepted,
+    };
+    // io_uring accepts blocking sockets; splice(2) on a blocking socket
+    // blocks the whole worker whatever its flags say.
+    if let Err(e) = sys::set_nonblocking(&client) {
+        tracing::warn!(%peer, error = %e, "cannot make the client socket non-blocking: refusing");
+        sys::reset_on_close(&client);
+        return;
+    }
+    let dst = match l.intercept {
+        Intercept::Redirect => sys::original_dst(&client, l.v6).ok(),
+        Intercept::Tproxy => client.local_addr().ok(),
+    };
+    let dst = dst.map(unmap_v4);
+    match dst {
+        Some(dst) if !ctx.is_own(dst) => {
+            report.destination = Some(dst);
+            forward(client, dst, ctx, &mut report).await;
+        }
+        _ => {
+            tracing::debug!(%peer, ?dst, "connection was not intercepted: refusing (sluice is not an open relay)");
+            sys::reset_on_close(&client);
+        }
+    }
+    report.duration = started.elapsed();
+    (ctx.shared.report)(&report);
+}
+
+/// `::ffff:a.b.c.d` (a v4 client on a dual-stack socket) as the v4 address it is.
+fn unmap_v4(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut ConnReport) {
+    let snapshot = ctx.shared.policy.load_full();
+    let names = &ctx.shared.names;
+    let mut first = Vec::new();
+    let mut seen = Sniff::NeedMore;
+    let mut conn = Connection { source: unmap_v4(report.source).ip(), destination: dst, sniffed: None };
+    if snapshot.sniff_useful(dst) {
+        seen = read_first(&mut client, &mut first, ctx.config.sniff_timeout).await;
+        conn.sniffed = seen.sniffed();
+    }
+    let mut verdict = decide(&snapshot, names, &conn, now());
+    if !verdict.allow && !seen.is_final() && first.is_empty() {
+        // Refusing anyway: waiting for the client's bytes costs nothing, and
+        // tells whether to answer HTTP 502 (and which Host it wanted).
+        seen = read_first(&mut client, &mut first, ctx.config.sniff_timeout).await;
+        if let Some(s) = seen.sniffed() {
+            conn.sniffed = Some(s);
+            verdict = decide(&snapshot, names, &conn, now());
+        }
+    }
+    report.http = seen.is_http();
+    report.verdict = Some(verdict.clone());
+    report.snapshot = Some(snapshot.clone());
+    if !verdict.allow {
+        report.outcome = refuse(&mut client, &verdict, &seen, dst).await;
+        return;
+    }
+    let mut upstream = match connect(dst, ctx.config.mark, ctx.config.connect_timeout).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%dst, error = %e, "upstream connect failed: resetting client");
+            sys::reset_on_close(&client);
+            report.outcome = Outcome::ConnectFailed;
+            return;
+        }
+    };
+    // The bytes read for sniffing go first, then the splice takes over.
+    if !first.is_empty() {
+        let n = first.len() as u64;
+        let (res, _) = upstream.write_all(first).await;
+        if res.is_err() {
+            sys::reset_on_close(&client);
+            report.outcome = Outcome::Spliced(End::UpstreamError);
+            return;
+        }
+        report.sent = n;
+    }
+    match splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size).await {
+        Ok(o) => {
+            report.sent += o.sent;
+            report.received = o.received;
+            report.outcome = Outcome::Spliced(o.end);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up splice pipes: resetting both sides");
+            sys::reset_on_close(&client);
+            sys::reset_on_close(&upstream);
+            report.outcome = Outcome::Spliced(End::ClientError);
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+/// Reads the client's first bytes until sniffing can tell, the cap, the
+/// deadline, or EOF — whichever comes first. What was read is kept in `buf`.
+async fn read_first(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: Duration) -> Sniff {
+    let until = Instant::now() + deadline;
+    loop {
+        let seen = sniff(buf);
+        if seen.is_final() || buf.len() >= MAX_SNIFF_BYTES {
+            return seen;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Sniff::NeedMore;
+        }
+        let chunk = Vec::with_capacity(MAX_SNIFF_BYTES - buf.len());
+        match monoio::time::timeout(left, client.read(chunk)).await {
+            Ok((Ok(n), chunk)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return sniff(buf),
+        }
+    }
+}
+
+async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: SocketAddr) -> Outcome {
+    if seen.is_http() {
+        let host = verdict.name.as_ref().map_or_else(|| dst.ip().to_string(), ToString::to_string);
+        let mode = match verdict.mode {
+            sluice_policy::model::Mode::AllowAny => "ALLOW_ANY",
+            sluice_policy::model::Mode::RegistryOnly => "REGISTRY_ONLY",
+        };
+        let body = format!("sluice: egress to {host} refused: {}, mode {mode}\n", verdict.reason);
+        let resp = format!(
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-sluice-verdict: BlackHoleCluster\r\n\r\n{body}",
+            body.len()
+        );
+        let (res, _) = monoio::time::timeout(Duration::from_secs(5), client.write_all(resp.into_bytes()))
+            .await
+            .unwrap_or((Err(io::ErrorKind::TimedOut.into()), Vec::new()));
+        if res.is_ok() {
+            let _ = sys::shutdown(client, nix::sys::socket::Shutdown::Write);
+            return Outcome::Refused502;
+        }
+    }
+    sys::reset_on_close(client);
+    Outcome::RefusedReset
+}
+
+/// Connects to the original destination with `SO_MARK` set before connect
+/// (the loop guard), then hands the socket to the runtime.
+async fn connect(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    if mark != 0 {
+        socket.set_mark(mark)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let std: std::net::TcpStream = socket.into();
+    let stream = TcpStream::from_std(std)?;
+    match monoio::time::timeout(timeout, stream.writable(false)).await {
+        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+        Ok(r) => r?,
+    }
+    if let Some(e) = sys::with_sock(&stream, |s| s.take_error())? {
+        return Err(e);
+    }
+    Ok(stream)
+}

@@ -1,0 +1,29 @@
+//! Listening sockets: one per worker per address, `SO_REUSEPORT` so the
+//! kernel spreads connections across workers.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::{Intercept, Listen};
+
+/// Binds one listener. For port 0 the first worker's bind picks the port
+/// and the others reuse it (`SO_REUSEPORT` on the same address).
+pub(crate) fn bind(listen: &Listen, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if listen.intercept == Intercept::Tproxy {
+        // Accept connections addressed to any IP (nftables tproxy); needs CAP_NET_ADMIN.
+        if addr.is_ipv6() { socket.set_ip_transparent_v6(true) } else { socket.set_ip_transparent_v4(true) }
+            .map_err(|e| io::Error::new(e.kind(), format!("IP_TRANSPARENT on {addr} (needs CAP_NET_ADMIN): {e}")))?;
+    }
+    socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}

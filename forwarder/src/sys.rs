@@ -1,0 +1,107 @@
+//! Every socket and pipe system call the forwarder makes outside monoio, in
+//! one place. The only `unsafe` of the crate is here: monoio's streams expose
+//! a raw fd but not `AsFd`, so we borrow it for the duration of a call while
+//! the stream (its owner) is alive.
+//!
+//! Kernel minimums: `splice(2)` between a TCP socket and a pipe (2.6.17),
+//! `SO_ORIGINAL_DST` (netfilter NAT), `IP6T_SO_ORIGINAL_DST` (3.7),
+//! `IP_TRANSPARENT` (2.6.28, needs CAP_NET_ADMIN), `SO_MARK` (2.6.25, needs
+//! CAP_NET_ADMIN), `F_SETPIPE_SZ` (2.6.35).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::{Shutdown, getsockopt, sockopt};
+
+/// Borrows the fd of something that owns it, for one call.
+fn borrow<S: AsRawFd>(s: &S) -> BorrowedFd<'_> {
+    // SAFETY: `s` owns the fd and outlives the returned borrow (same lifetime).
+    unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) }
+}
+
+fn io_err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// The destination the client dialed before nftables REDIRECT rewrote it
+/// (conntrack's original tuple). Fails with ENOENT when the connection was
+/// not NATed at all — nobody redirected it.
+pub(crate) fn original_dst<S: AsRawFd>(stream: &S, v6: bool) -> io::Result<SocketAddr> {
+    let fd = borrow(stream);
+    if v6 {
+        let sa = getsockopt(&fd, sockopt::Ip6tOriginalDst).map_err(io_err)?;
+        let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+        Ok(SocketAddr::V6(SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, sa.sin6_scope_id)))
+    } else {
+        let sa = getsockopt(&fd, sockopt::OriginalDst).map_err(io_err)?;
+        let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sa.sin_port))))
+    }
+}
+
+/// A socket option view of a monoio stream (linger, errors, keepalive).
+pub(crate) fn with_sock<S: AsRawFd, R>(stream: &S, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+    let fd = borrow(stream);
+    f(socket2::SockRef::from(&fd))
+}
+
+/// `splice(2)`'s `SPLICE_F_NONBLOCK` only covers the pipe: the socket must
+/// be non-blocking itself, or a splice waits for data with the worker stuck.
+pub(crate) fn set_nonblocking<S: AsRawFd>(stream: &S) -> io::Result<()> {
+    with_sock(stream, |s| s.set_nonblocking(true))
+}
+
+/// Make the next close send a RST instead of a FIN (SO_LINGER 0).
+pub(crate) fn reset_on_close<S: AsRawFd>(stream: &S) {
+    let _ = with_sock(stream, |s| s.set_linger(Some(std::time::Duration::ZERO)));
+}
+
+pub(crate) fn shutdown<S: AsRawFd>(stream: &S, how: Shutdown) -> io::Result<()> {
+    match nix::sys::socket::shutdown(stream.as_raw_fd(), how) {
+        Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// A non-blocking pipe: the buffer `splice(2)` moves bytes through.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// `size` is a hint (rounded to pages by the kernel); failure to resize
+    /// (e.g. over `/proc/sys/fs/pipe-max-size`) keeps the default 64 KiB.
+    pub(crate) fn new(size: usize) -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io_err)?;
+        if size != 65_536 {
+            let _ = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size.try_into().unwrap_or(i32::MAX)));
+        }
+        Ok(Pipe { read, write })
+    }
+
+    /// Moves up to `len` bytes from the socket into the pipe. `Ok(0)` is EOF.
+    pub(crate) fn fill<S: AsRawFd>(&self, from: &S, len: usize) -> io::Result<usize> {
+        splice(borrow(from), &self.write, len)
+    }
+
+    /// Moves up to `len` bytes from the pipe into the socket.
+    pub(crate) fn drain<S: AsRawFd>(&self, to: &S, len: usize) -> io::Result<usize> {
+        splice(&self.read, borrow(to), len)
+    }
+}
+
+fn splice<A: std::os::fd::AsFd, B: std::os::fd::AsFd>(from: A, to: B, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    loop {
+        match nix::fcntl::splice(&from, None, &to, None, len, flags) {
+            Err(Errno::EINTR) => continue,
+            r => return r.map_err(io_err),
+        }
+    }
+}

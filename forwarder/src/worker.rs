@@ -1,0 +1,182 @@
+//! Worker threads: one monoio runtime each, an accept loop per listener,
+//! a cap on connections, EMFILE backoff, and a clean shutdown.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::rc::Rc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use monoio::net::{TcpListener, UnixStream};
+
+use crate::conn::{self, Listener};
+use crate::{Config, Driver, Shared, listener};
+
+/// The running forwarder. Dropping it does not stop it: call [`Handle::shutdown`].
+#[derive(Debug)]
+pub struct Handle {
+    /// The bound address of each configured listener (port 0 resolved).
+    pub local_addrs: Vec<SocketAddr>,
+    /// Which driver each worker got ("io_uring" or "epoll").
+    pub drivers: Vec<&'static str>,
+    stop: Vec<StdUnixStream>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops accepting, lets open connections finish for up to `drain`,
+    /// then closes what is left and joins the workers.
+    pub fn shutdown(mut self, drain: Duration) {
+        let secs = drain.as_millis().min(u128::from(u32::MAX)) as u32;
+        for s in &self.stop {
+            use std::io::Write;
+            let _ = (&*s).write_all(&secs.to_le_bytes());
+        }
+        self.stop.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds every listener on every worker and starts the workers. Fails (with
+/// nothing left running) if a bind fails or the requested driver is unavailable.
+pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
+    let workers = config.workers.max(1);
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut local_addrs = Vec::new();
+    for l in &config.listen {
+        let first = listener::bind(l, l.addr)?;
+        let bound = first.local_addr()?;
+        local_addrs.push(bound);
+        per_worker[0].push(first);
+        for w in per_worker.iter_mut().skip(1) {
+            w.push(listener::bind(l, bound)?);
+        }
+    }
+    if config.driver == Driver::Uring && !monoio::utils::detect_uring() {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring is not available (kernel.io_uring_disabled, seccomp, or an old kernel)"));
+    }
+    let mut threads = Vec::new();
+    let mut stop = Vec::new();
+    let mut drivers = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    for (id, socks) in per_worker.into_iter().enumerate() {
+        let (ours, theirs) = StdUnixStream::pair()?;
+        theirs.set_nonblocking(true)?;
+        stop.push(ours);
+        let (config, shared, ready) = (config.clone(), shared.clone(), ready_tx.clone());
+        let listens: Vec<_> = config.listen.clone();
+        let t = std::thread::Builder::new().name(format!("sluice-fwd-{id}")).spawn(move || {
+            let run = |driver: &'static str| {
+                let _ = ready.send(Ok(driver));
+                tracing::info!(worker = id, driver, "forwarder worker started");
+            };
+            let res = match (config.driver, monoio::utils::detect_uring()) {
+                (Driver::Epoll, _) | (Driver::Auto, false) => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(async { run("epoll"); worker(id, socks, listens, theirs, config, shared).await })),
+                _ => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .enable_timer()
+                    .with_entries(1024)
+                    .build()
+                    .map(|mut rt| rt.block_on(async { run("io_uring"); worker(id, socks, listens, theirs, config, shared).await })),
+            };
+            if let Err(e) = res {
+                let _ = ready.send(Err(e));
+            }
+        })?;
+        threads.push(t);
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(d)) => drivers.push(d),
+            Ok(Err(e)) => {
+                let h = Handle { local_addrs, drivers, stop, threads };
+                h.shutdown(Duration::ZERO);
+                return Err(io::Error::new(e.kind(), format!("forwarder runtime: {e}")));
+            }
+            Err(_) => return Err(io::Error::other("a forwarder worker died while starting")),
+        }
+    }
+    Ok(Handle { local_addrs, drivers, stop, threads })
+}
+
+async fn worker(
+    id: usize,
+    socks: Vec<std::net::TcpListener>,
+    listens: Vec<crate::Listen>,
+    stop: StdUnixStream,
+    config: Config,
+    shared: Shared,
+) {
+    let ctx = Rc::new(conn::Ctx::new(config, shared, &listens, &socks));
+    let active = Rc::new(Cell::new(0usize));
+    let mut accepters = Vec::new();
+    for (listen, sock) in listens.into_iter().zip(socks) {
+        match TcpListener::from_std(sock) {
+            Ok(l) => {
+                let (ctx, active) = (ctx.clone(), active.clone());
+                accepters.push(monoio::spawn(accept_loop(id, l, listen, ctx, active)));
+            }
+            Err(e) => tracing::error!(worker = id, error = %e, "cannot register listener"),
+        }
+    }
+    // Wait for the stop message: 4 bytes, the drain time in milliseconds.
+    let drain = match UnixStream::from_std(stop) {
+        Ok(mut s) => {
+            use monoio::io::AsyncReadRent;
+            let (n, buf) = s.read(Vec::with_capacity(4)).await;
+            match n {
+                Ok(4) => Duration::from_millis(u64::from(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]))),
+                _ => Duration::ZERO,
+            }
+        }
+        Err(_) => Duration::ZERO,
+    };
+    ctx.stopping.set(true);
+    drop(accepters); // dropping the tasks' handles does not stop them; the flag does
+    let deadline = std::time::Instant::now() + drain;
+    while active.get() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if active.get() > 0 {
+        tracing::info!(worker = id, open = active.get(), "drain time over: closing remaining connections");
+    }
+}
+
+async fn accept_loop(id: usize, l: TcpListener, listen: crate::Listen, ctx: Rc<conn::Ctx>, active: Rc<Cell<usize>>) {
+    let max = ctx.config.max_connections_per_worker.max(1);
+    let mut backoff = Duration::from_millis(10);
+    let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6() };
+    while !ctx.stopping.get() {
+        if active.get() >= max {
+            // Accepting pauses: the backlog holds new connections meanwhile.
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        }
+        let accepted = monoio::time::timeout(Duration::from_millis(250), l.accept()).await;
+        match accepted {
+            Err(_) => continue, // periodic wake to notice shutdown
+            Ok(Ok((stream, peer))) => {
+                backoff = Duration::from_millis(10);
+                active.set(active.get() + 1);
+                let (ctx, active) = (ctx.clone(), active.clone());
+                monoio::spawn(async move {
+                    conn::handle(stream, peer, kind, &ctx).await;
+                    active.set(active.get() - 1);
+                });
+            }
+            Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE || libc_emfile == nix::libc::ENOBUFS || libc_emfile == nix::libc::ENOMEM) => {
+                tracing::warn!(worker = id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept: out of file descriptors or memory, backing off");
+                monoio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Ok(Err(e)) => tracing::debug!(worker = id, error = %e, "accept failed"),
+        }
+    }
+}

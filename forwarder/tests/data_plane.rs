@@ -1,0 +1,309 @@
+//! The forwarder, end to end on both drivers: real sockets, a network
+//! namespace per test, nftables REDIRECT sending connections to it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::hash::Hasher;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::{ALLOW_ANY, Bytes, DRIVERS, Fwd, MARK, Netns};
+use sluice_forwarder::splice::End;
+use sluice_forwarder::{ConnOutcome, Driver};
+
+const MIB: usize = 1 << 20;
+
+/// Sends `len` pseudo-random bytes from `seed` and returns their hash.
+fn send_random(s: &mut TcpStream, seed: u64, len: usize) -> u64 {
+    let (mut bytes, mut h) = (Bytes::new(seed), std::hash::DefaultHasher::new());
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        bytes.fill(&mut buf[..n]);
+        s.write_all(&buf[..n]).unwrap();
+        h.write(&buf[..n]);
+        left -= n;
+    }
+    h.finish()
+}
+
+/// Reads to EOF, returning (bytes, hash).
+fn recv_all(s: &mut TcpStream) -> std::io::Result<(usize, u64)> {
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok((total, h.finish()));
+        }
+        h.write(&buf[..n]);
+        total += n;
+    }
+}
+
+fn timeouts(s: &TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+}
+
+/// 64 MiB of random bytes each way at once: every byte arrives, in order.
+fn both_ways_intact(driver: Driver, v6: bool) {
+    let ns = Netns::new();
+    let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+    ns.redirect_to(fwd.addr.port(), MARK);
+    let dst = SocketAddr::new(if v6 { ns.v6(2) } else { ns.v4(2) }, 9000);
+    let server = ns.spawn(move || {
+        let l = TcpListener::bind(dst).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        timeouts(&s);
+        let mut r = s.try_clone().unwrap();
+        let reader = std::thread::spawn(move || recv_all(&mut r).unwrap());
+        let sent = send_random(&mut s, 2, 64 * MIB);
+        s.shutdown(Shutdown::Write).unwrap();
+        (sent, reader.join().unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let client = ns.within(move || {
+        let mut c = TcpStream::connect(dst).unwrap();
+        timeouts(&c);
+        let mut r = c.try_clone().unwrap();
+        let reader = std::thread::spawn(move || recv_all(&mut r).unwrap());
+        let sent = send_random(&mut c, 1, 64 * MIB);
+        c.shutdown(Shutdown::Write).unwrap();
+        (sent, reader.join().unwrap())
+    });
+    let (server_sent, (server_got, server_hash)) = server.join().unwrap();
+    let (client_sent, (client_got, client_hash)) = client;
+    assert_eq!(server_got, 64 * MIB);
+    assert_eq!(server_hash, client_sent, "client → server bytes differ");
+    assert_eq!(client_got, 64 * MIB);
+    assert_eq!(client_hash, server_sent, "server → client bytes differ");
+    let r = &fwd.wait_reports(1)[0];
+    assert_eq!(r.destination, Some(dst));
+    assert_eq!((r.sent, r.received), (64 * MIB as u64, 64 * MIB as u64));
+    assert_eq!(r.outcome, ConnOutcome::Spliced(End::Closed));
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact_v4() {
+    for d in DRIVERS {
+        both_ways_intact(d, false);
+    }
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact_v6() {
+    for d in DRIVERS {
+        both_ways_intact(d, true);
+    }
+}
+
+/// The client half-closes first; the server answers after EOF. Then the
+/// server half-closes first while the client keeps sending.
+#[test]
+fn half_close_propagates_each_way() {
+    for driver in [Driver::Epoll, Driver::Uring] {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(fwd.addr.port(), MARK);
+        let dst = SocketAddr::new(ns.v4(3), 7000);
+        let server = ns.spawn(move || {
+            let l = TcpListener::bind(dst).unwrap();
+            // 1: read to EOF, then answer.
+            let (mut s, _) = l.accept().unwrap();
+            timeouts(&s);
+            let mut req = Vec::new();
+            s.read_to_end(&mut req).unwrap();
+            s.write_all(format!("got {} bytes", req.len()).as_bytes()).unwrap();
+            drop(s);
+            // 2: close our sending half at once, keep reading.
+            let (mut s, _) = l.accept().unwrap();
+            timeouts(&s);
+            s.write_all(b"bye").unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).unwrap();
+            rest.len()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (answer, after_eof) = ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            timeouts(&c);
+            c.write_all(&[7u8; 100_000]).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).unwrap();
+
+            let mut c = TcpStream::connect(dst).unwrap();
+            timeouts(&c);
+            let mut bye = Vec::new();
+            c.read_to_end(&mut bye).unwrap(); // the server's FIN arrives...
+            assert_eq!(bye, b"bye");
+            c.write_all(&[1u8; 50_000]).unwrap(); // ...and we can still send
+            c.shutdown(Shutdown::Write).unwrap();
+            (answer, ())
+        });
+        assert_eq!(answer, "got 100000 bytes");
+        assert_eq!(server.join().unwrap(), 50_000, "{driver:?}: bytes after the server's half-close");
+        let _ = after_eof;
+        let reports = fwd.wait_reports(2);
+        assert!(reports.iter().all(|r| r.outcome == ConnOutcome::Spliced(End::Closed)), "{reports:?}");
+    }
+}
+
+/// A reset on one side becomes a reset on the other, not a clean close.
+#[test]
+fn resets_propagate() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(fwd.addr.port(), MARK);
+        let dst = SocketAddr::new(ns.v4(4), 7001);
+        let server = ns.spawn(move || {
+            let l = TcpListener::bind(dst).unwrap();
+            let (s, _) = l.accept().unwrap();
+            let mut first = [0u8; 5];
+            (&s).read_exact(&mut first).unwrap();
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(s); // RST to the forwarder
+            // Second connection: the client resets; we should see it as an error.
+            let (mut s, _) = l.accept().unwrap();
+            timeouts(&s);
+            let mut buf = [0u8; 64];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e.kind()),
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let client_saw = ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            timeouts(&c);
+            c.write_all(b"hello").unwrap();
+            let mut buf = [0u8; 16];
+            let r = c.read(&mut buf).map_err(|e| e.kind());
+            // Now reset our own side of a second connection.
+            let c2 = TcpStream::connect(dst).unwrap();
+            (&c2).write_all(b"data").unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            socket2::SockRef::from(&c2).set_linger(Some(Duration::ZERO)).unwrap();
+            drop(c2);
+            r
+        });
+        assert_eq!(client_saw, Err(ErrorKind::ConnectionReset), "{driver:?}: upstream reset reaches the client");
+        assert_eq!(server.join().unwrap(), Err(ErrorKind::ConnectionReset), "{driver:?}: client reset reaches the upstream");
+        let mut ends: Vec<_> = fwd.wait_reports(2).iter().map(|r| r.outcome).collect();
+        ends.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(ends, [ConnOutcome::Spliced(End::ClientError), ConnOutcome::Spliced(End::UpstreamError)]);
+    }
+}
+
+/// A client that does not read: the server's writes block after a bounded
+/// amount (socket buffers + one pipe), the forwarder does not buffer more.
+#[test]
+fn a_slow_reader_gets_backpressure() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(fwd.addr.port(), MARK);
+        let dst = SocketAddr::new(ns.v4(5), 7002);
+        let server = ns.spawn(move || {
+            let l = TcpListener::bind(dst).unwrap();
+            let (s, _) = l.accept().unwrap();
+            s.set_nonblocking(true).unwrap();
+            let chunk = vec![9u8; 64 * 1024];
+            let mut written = 0usize;
+            let mut stalled = 0;
+            // Write until the path is full: 40 consecutive would-blocks, 10 ms apart.
+            while stalled < 40 && written < 512 * MIB {
+                match (&s).write(&chunk) {
+                    Ok(n) => {
+                        written += n;
+                        stalled = 0;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        stalled += 1;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            written
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        let written = server.join().unwrap();
+        // Loopback socket buffers can autotune to a few MiB each; the forwarder adds one 64 KiB pipe.
+        assert!(written < 64 * MIB, "{driver:?}: {written} bytes accepted while nobody read");
+        // And then everything flows once the client reads.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        while got < written {
+            got += (&c).read(&mut buf).unwrap();
+        }
+        assert_eq!(got, written);
+        drop(fwd);
+    }
+}
+
+/// A server-first protocol (SMTP's banner) flows at once: the forwarder
+/// does not wait for client bytes that will not come.
+#[test]
+fn server_first_protocols_are_not_delayed() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        // A sniff timeout longer than the client's read timeout: waiting would fail the test.
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.sniff_timeout = Duration::from_secs(30));
+        ns.redirect_to(fwd.addr.port(), MARK);
+        let dst = SocketAddr::new(ns.v4(6), 25);
+        let server = ns.spawn(move || {
+            let l = TcpListener::bind(dst).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(b"220 mail.test ESMTP\r\n").unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap();
+            buf[..n].to_vec()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let banner = ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 64];
+            let n = c.read(&mut buf).unwrap();
+            c.write_all(b"EHLO me\r\n").unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert_eq!(banner, "220 mail.test ESMTP\r\n", "{driver:?}");
+        assert_eq!(server.join().unwrap(), b"EHLO me\r\n");
+    }
+}
+
+/// Connecting to the forwarder's own address (no redirect) is refused:
+/// sluice is never an open relay.
+#[test]
+fn direct_connections_to_the_forwarder_are_refused() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        let addr = fwd.addr;
+        let outcome = ns.within(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.write_all(b"CONNECT 198.18.0.1:443 HTTP/1.1\r\n\r\n");
+            let mut buf = [0u8; 16];
+            c.read(&mut buf).map_err(|e| e.kind())
+        });
+        assert!(matches!(outcome, Err(ErrorKind::ConnectionReset) | Ok(0)), "{driver:?}: {outcome:?}");
+        let r = &fwd.wait_reports(1)[0];
+        assert_eq!(r.outcome, ConnOutcome::NotIntercepted);
+        assert!(r.verdict.is_none());
+    }
+}
