@@ -5,8 +5,9 @@
 //! user-space copy. A splice is tried first; readiness is awaited only on
 //! EAGAIN, so a busy stream costs no poll round trip per chunk.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
@@ -50,13 +51,20 @@ struct Link<'a> {
     idle: Duration,
     last_activity: Cell<Instant>,
     failed: Cell<Option<End>>,
+    /// The connection task, to wake the other direction when one fails.
+    waker: RefCell<Option<Waker>>,
     pipe_size: usize,
 }
 
 /// Splices until both directions are done. Half-closes propagate (EOF from
 /// one side becomes `shutdown(SHUT_WR)` on the other); a reset or error on
 /// either side resets both; idleness past `idle` ends both.
-pub async fn splice_both(client: &TcpStream, upstream: &TcpStream, idle: Duration, pipe_size: usize) -> io::Result<Outcome> {
+pub async fn splice_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    pipe_size: usize,
+) -> io::Result<Outcome> {
     let up_pipe = Pipe::new(pipe_size)?;
     let down_pipe = Pipe::new(pipe_size)?;
     let link = Link {
@@ -65,6 +73,7 @@ pub async fn splice_both(client: &TcpStream, upstream: &TcpStream, idle: Duratio
         idle,
         last_activity: Cell::new(Instant::now()),
         failed: Cell::new(None),
+        waker: RefCell::new(None),
         pipe_size,
     };
     let (sent, received) = monoio::join!(link.pump(Side::Client, &up_pipe), link.pump(Side::Upstream, &down_pipe));
@@ -133,21 +142,19 @@ impl Link<'_> {
     }
 
     /// Waits for readiness, waking at least every `idle` to check the whole
-    /// connection's idleness (a one-way download leaves the other way quiet).
+    /// connection's idleness (a one-way download leaves the other way quiet),
+    /// and at once when the other direction fails.
     async fn wait(&self, s: &TcpStream, read: bool, from: Side) -> Result<(), End> {
         loop {
-            let ready = if read {
-                monoio::time::timeout(self.idle, s.readable(false)).await
-            } else {
-                monoio::time::timeout(self.idle, s.writable(false)).await
+            let ready = monoio::select! {
+                r = monoio::time::timeout(self.idle, s.readable(false)), if read => r,
+                r = monoio::time::timeout(self.idle, s.writable(false)), if !read => r,
+                end = self.failure() => return Err(end),
             };
             match ready {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(_)) => return Err(error_end(if read { from } else { other(from) })),
                 Err(_elapsed) => {
-                    if let Some(end) = self.failed.get() {
-                        return Err(end);
-                    }
                     if self.last_activity.get().elapsed() >= self.idle {
                         return Err(End::Idle);
                     }
@@ -156,8 +163,20 @@ impl Link<'_> {
         }
     }
 
-    /// Ends both directions: the side that did not fail gets a reset, and
-    /// both sockets are shut down so the other direction's wait wakes up.
+    /// Resolves once either direction has failed.
+    fn failure(&self) -> impl std::future::Future<Output = End> + '_ {
+        std::future::poll_fn(|cx| match self.failed.get() {
+            Some(end) => Poll::Ready(end),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+
+    /// Ends both directions. The side that did not fail is reset (SO_LINGER
+    /// 0: the RST goes out when the connection's sockets are dropped), never
+    /// half-closed first — a FIN would tell the peer all went well.
     fn fail(&self, end: End) {
         if self.failed.get().is_some() {
             return;
@@ -172,8 +191,9 @@ impl Link<'_> {
             }
             End::Closed => {}
         }
-        let _ = sys::shutdown(self.client, Shutdown::Both);
-        let _ = sys::shutdown(self.upstream, Shutdown::Both);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 }
 

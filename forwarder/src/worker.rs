@@ -57,7 +57,10 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
         }
     }
     if config.driver == Driver::Uring && !monoio::utils::detect_uring() {
-        return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring is not available (kernel.io_uring_disabled, seccomp, or an old kernel)"));
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring is not available (kernel.io_uring_disabled, seccomp, or an old kernel)",
+        ));
     }
     let mut threads = Vec::new();
     let mut stop = Vec::new();
@@ -75,15 +78,24 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                 tracing::info!(worker = id, driver, "forwarder worker started");
             };
             let res = match (config.driver, monoio::utils::detect_uring()) {
-                (Driver::Epoll, _) | (Driver::Auto, false) => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                    .enable_timer()
-                    .build()
-                    .map(|mut rt| rt.block_on(async { run("epoll"); worker(id, socks, listens, theirs, config, shared).await })),
+                (Driver::Epoll, _) | (Driver::Auto, false) => {
+                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
+                        rt.block_on(async {
+                            run("epoll");
+                            worker(id, socks, listens, theirs, config, shared).await
+                        })
+                    })
+                }
                 _ => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                     .enable_timer()
                     .with_entries(1024)
                     .build()
-                    .map(|mut rt| rt.block_on(async { run("io_uring"); worker(id, socks, listens, theirs, config, shared).await })),
+                    .map(|mut rt| {
+                        rt.block_on(async {
+                            run("io_uring");
+                            worker(id, socks, listens, theirs, config, shared).await
+                        })
+                    }),
             };
             if let Err(e) = res {
                 let _ = ready.send(Err(e));
@@ -171,7 +183,7 @@ async fn accept_loop(id: usize, l: TcpListener, listen: crate::Listen, ctx: Rc<c
                     active.set(active.get() - 1);
                 });
             }
-            Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == nix::libc::EMFILE || libc_emfile == nix::libc::ENFILE || libc_emfile == nix::libc::ENOBUFS || libc_emfile == nix::libc::ENOMEM) => {
+            Ok(Err(e)) if is_resource_exhaustion(&e) => {
                 tracing::warn!(worker = id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept: out of file descriptors or memory, backing off");
                 monoio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -179,4 +191,11 @@ async fn accept_loop(id: usize, l: TcpListener, listen: crate::Listen, ctx: Rc<c
             Ok(Err(e)) => tracing::debug!(worker = id, error = %e, "accept failed"),
         }
     }
+}
+
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM: the node is short of something; retrying
+/// at once would spin, so accepting backs off instead.
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
 }

@@ -9,7 +9,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use common::{ALLOW_ANY, Bytes, DRIVERS, Fwd, MARK, Netns};
+use common::{ALLOW_ANY, Bytes, DRIVERS, Fwd, Netns};
 use sluice_forwarder::splice::End;
 use sluice_forwarder::{ConnOutcome, Driver};
 
@@ -54,7 +54,7 @@ fn timeouts(s: &TcpStream) {
 fn both_ways_intact(driver: Driver, v6: bool) {
     let ns = Netns::new();
     let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
-    ns.redirect_to(fwd.addr.port(), MARK);
+    ns.redirect_to(&fwd);
     let dst = SocketAddr::new(if v6 { ns.v6(2) } else { ns.v4(2) }, 9000);
     let server = ns.spawn(move || {
         let l = TcpListener::bind(dst).unwrap();
@@ -106,10 +106,10 @@ fn sixty_four_mib_each_way_arrive_intact_v6() {
 /// server half-closes first while the client keeps sending.
 #[test]
 fn half_close_propagates_each_way() {
-    for driver in [Driver::Epoll, Driver::Uring] {
+    for driver in DRIVERS {
         let ns = Netns::new();
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
-        ns.redirect_to(fwd.addr.port(), MARK);
+        ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(3), 7000);
         let server = ns.spawn(move || {
             let l = TcpListener::bind(dst).unwrap();
@@ -130,7 +130,7 @@ fn half_close_propagates_each_way() {
             rest.len()
         });
         std::thread::sleep(Duration::from_millis(100));
-        let (answer, after_eof) = ns.within(move || {
+        let answer = ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
             timeouts(&c);
             c.write_all(&[7u8; 100_000]).unwrap();
@@ -145,11 +145,10 @@ fn half_close_propagates_each_way() {
             assert_eq!(bye, b"bye");
             c.write_all(&[1u8; 50_000]).unwrap(); // ...and we can still send
             c.shutdown(Shutdown::Write).unwrap();
-            (answer, ())
+            answer
         });
         assert_eq!(answer, "got 100000 bytes");
         assert_eq!(server.join().unwrap(), 50_000, "{driver:?}: bytes after the server's half-close");
-        let _ = after_eof;
         let reports = fwd.wait_reports(2);
         assert!(reports.iter().all(|r| r.outcome == ConnOutcome::Spliced(End::Closed)), "{reports:?}");
     }
@@ -161,7 +160,7 @@ fn resets_propagate() {
     for driver in DRIVERS {
         let ns = Netns::new();
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
-        ns.redirect_to(fwd.addr.port(), MARK);
+        ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(4), 7001);
         let server = ns.spawn(move || {
             let l = TcpListener::bind(dst).unwrap();
@@ -198,7 +197,11 @@ fn resets_propagate() {
             r
         });
         assert_eq!(client_saw, Err(ErrorKind::ConnectionReset), "{driver:?}: upstream reset reaches the client");
-        assert_eq!(server.join().unwrap(), Err(ErrorKind::ConnectionReset), "{driver:?}: client reset reaches the upstream");
+        assert_eq!(
+            server.join().unwrap(),
+            Err(ErrorKind::ConnectionReset),
+            "{driver:?}: client reset reaches the upstream"
+        );
         let mut ends: Vec<_> = fwd.wait_reports(2).iter().map(|r| r.outcome).collect();
         ends.sort_by_key(|o| format!("{o:?}"));
         assert_eq!(ends, [ConnOutcome::Spliced(End::ClientError), ConnOutcome::Spliced(End::UpstreamError)]);
@@ -212,7 +215,7 @@ fn a_slow_reader_gets_backpressure() {
     for driver in DRIVERS {
         let ns = Netns::new();
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
-        ns.redirect_to(fwd.addr.port(), MARK);
+        ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(5), 7002);
         let server = ns.spawn(move || {
             let l = TcpListener::bind(dst).unwrap();
@@ -262,7 +265,7 @@ fn server_first_protocols_are_not_delayed() {
         let ns = Netns::new();
         // A sniff timeout longer than the client's read timeout: waiting would fail the test.
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.sniff_timeout = Duration::from_secs(30));
-        ns.redirect_to(fwd.addr.port(), MARK);
+        ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(6), 25);
         let server = ns.spawn(move || {
             let l = TcpListener::bind(dst).unwrap();

@@ -79,15 +79,17 @@ impl Netns {
 
     /// REDIRECT every TCP connection to the test hosts (any port) to the
     /// forwarder on `port`, except the forwarder's own (marked) ones.
-    pub fn redirect_to(&self, port: u16, mark: u32) {
-        let n = self.n;
+    pub fn redirect_to(&self, fwd: &Fwd) {
+        let (n, mark) = (self.n, MARK);
+        let port = fwd.handle.as_ref().map_or(0, |h| h.local_addrs[0].port());
+        let port6 = fwd.handle.as_ref().map_or(0, |h| h.local_addrs[1].port());
         self.nft(&format!(
             "table inet sluice_test {{
   chain out {{
     type nat hook output priority -100;
     meta mark {mark} return
     ip daddr 198.18.{n}.0/24 tcp dport != {port} redirect to :{port}
-    ip6 daddr 2001:db8:{n}::/64 tcp dport != {port} redirect to :{port}
+    ip6 daddr 2001:db8:{n}::/64 tcp dport != {port6} redirect to :{port6}
   }}
 }}"
         ));
