@@ -114,6 +114,7 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
         }
     }
     report.duration = started.elapsed();
+    crate::metrics::closed(&report);
     (ctx.shared.report)(&report);
 }
 
@@ -146,6 +147,7 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         }
     }
     report.http = seen.is_http();
+    crate::metrics::opened(&verdict, &snapshot, dst);
     report.verdict = Some(verdict.clone());
     report.snapshot = Some(snapshot.clone());
     if !verdict.allow {

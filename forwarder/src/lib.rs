@@ -12,6 +12,7 @@
 
 mod conn;
 mod listener;
+pub mod metrics;
 pub mod sniff;
 pub mod splice;
 mod sys;

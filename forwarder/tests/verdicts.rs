@@ -1,0 +1,264 @@
+//! The forwarder applies the policy: ServiceEntries by Host, SNI and DNS
+//! name pass (the sniffed bytes arrive first, intact); the rest gets 502
+//! (HTTP) or a reset under REGISTRY_ONLY; dry-run passes; a reload does not
+//! touch open connections. Metrics are scraped as Prometheus text.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{DRIVERS, Fwd, Netns, policy};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sluice_forwarder::ConnOutcome;
+use sluice_policy::{Hostname, Retention, Timestamp};
+
+const CLIENT_HELLO: &[u8] = include_bytes!("../src/sniff/client_hello_sni.bin"); // SNI api.stripe.example
+
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).unwrap();
+        handle
+    })
+}
+
+/// The value of the one series of `metric` whose labels include all of `labels`.
+fn series(metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = prometheus().render();
+    let mut found = 0.0;
+    for line in text.lines().filter(|l| l.starts_with(&format!("{metric}{{"))) {
+        if labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))) {
+            found += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    found
+}
+
+const REGISTRY_ONLY: &str =
+    "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+
+fn entries(port_base: u16) -> String {
+    format!(
+        "{REGISTRY_ONLY}---
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata: {{name: httpbin-ext}}
+spec:
+  hosts: [httpbin.test]
+  ports: [{{number: {http}, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments}}
+spec:
+  hosts: [api.stripe.example]
+  ports: [{{number: {tls}, name: tls, protocol: TLS}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: search}}
+spec:
+  hosts: [search.vendor.test]
+  ports: [{{number: {tcp}, name: transport, protocol: TCP}}]
+  resolution: DNS
+",
+        http = port_base,
+        tls = port_base + 1,
+        tcp = port_base + 2,
+    )
+}
+
+/// A server on `dst` that records what each connection sent (until EOF or
+/// a pause) and answers `reply`. Counts accepted connections.
+fn server(
+    ns: &Netns,
+    dst: SocketAddr,
+    reply: &'static [u8],
+) -> (Arc<AtomicUsize>, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let l = ns.within(move || TcpListener::bind(dst).unwrap());
+    l.set_nonblocking(true).unwrap();
+    let h = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        for _ in 0..300 {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut chunk) {
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let _ = s.write_all(reply);
+                    got.push(buf);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        got
+    });
+    (accepted, h)
+}
+
+/// Connects to `dst` inside `ns`, sends `bytes`, returns the reply (or the error kind).
+fn exchange(ns: &Netns, dst: SocketAddr, bytes: &'static [u8]) -> Result<Vec<u8>, ErrorKind> {
+    ns.within(move || {
+        let mut c = TcpStream::connect(dst).map_err(|e| e.kind())?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(bytes).map_err(|e| e.kind())?;
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).map_err(|e| e.kind())?;
+        Ok(reply)
+    })
+}
+
+#[test]
+fn registry_only_passes_service_entries_and_refuses_the_rest() {
+    prometheus(); // installed before any worker registers a handle
+    for (i, driver) in DRIVERS.into_iter().enumerate() {
+        let base = 8000 + 10 * i as u16;
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, &entries(base), |_| {});
+        ns.redirect_to(&fwd);
+        let ip = ns.v4(2);
+        let (http, tls, tcp, other) = (
+            SocketAddr::new(ip, base),
+            SocketAddr::new(ip, base + 1),
+            SocketAddr::new(ip, base + 2),
+            SocketAddr::new(ip, base + 3),
+        );
+        let servers =
+            [http, tls, tcp, other].map(|a| server(&ns, a, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"));
+
+        // HTTP by Host: passes, the request arrives whole.
+        let req: &'static [u8] = b"GET /uuid HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+        let reply = exchange(&ns, http, req).unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 200 OK"), "{driver:?}: {}", String::from_utf8_lossy(&reply));
+        // An unregistered Host on the same port: 502 naming the host and why.
+        let reply = exchange(&ns, http, b"GET / HTTP/1.1\r\nHost: exfil.evil.test\r\n\r\n").unwrap();
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{text}");
+        assert!(text.contains("exfil.evil.test") && text.contains("not registered, mode REGISTRY_ONLY"), "{text}");
+        // TLS by SNI: passes, and the upstream gets the ClientHello byte for byte.
+        let reply = exchange(&ns, tls, CLIENT_HELLO).unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 200"), "{driver:?}");
+        // Opaque TCP to a name DNS gave: passes; to an unknown IP: reset.
+        let keep = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(60) };
+        let now = Timestamp::from_system(std::time::SystemTime::now());
+        fwd.names.record(ip, &Hostname::parse("search.vendor.test").unwrap(), Duration::from_secs(60), now, keep);
+        assert!(exchange(&ns, tcp, b"\x00\x01binary").unwrap().starts_with(b"HTTP/1.1 200"));
+        let refused = exchange(&ns, other, b"\x00\x01binary");
+        assert!(matches!(refused, Err(ErrorKind::ConnectionReset) | Ok(_)), "{refused:?}");
+        assert!(refused.as_ref().map_or(true, Vec::is_empty), "a refused opaque connection gets no bytes");
+
+        let reports = fwd.wait_reports(5);
+        let outcomes: Vec<_> = reports.iter().map(|r| r.outcome).collect();
+        assert_eq!(outcomes.iter().filter(|o| **o == ConnOutcome::Refused502).count(), 1, "{outcomes:?}");
+        assert_eq!(outcomes.iter().filter(|o| **o == ConnOutcome::RefusedReset).count(), 1, "{outcomes:?}");
+        drop(fwd);
+        let got: Vec<Vec<Vec<u8>>> = servers
+            .into_iter()
+            .map(|(n, h)| {
+                let got = h.join().unwrap();
+                assert_eq!(n.load(Ordering::SeqCst), got.len());
+                got
+            })
+            .collect();
+        assert_eq!(got[0], vec![req.to_vec()], "only the registered HTTP request reached the server, whole");
+        assert_eq!(got[1], vec![CLIENT_HELLO.to_vec()], "the ClientHello read for SNI is forwarded first, intact");
+        assert_eq!(got[2].len(), 1);
+        assert!(got[3].is_empty(), "nothing reached the unregistered destination");
+
+        let port = base.to_string();
+        let bh = [("destination_service_name", "BlackHoleCluster"), ("destination_port", port.as_str())];
+        assert_eq!(
+            series(
+                "istio_requests_total",
+                &[bh[0], bh[1], ("response_code", "502"), ("destination_service", "exfil.evil.test")]
+            ),
+            1.0
+        );
+        let ok = [
+            ("destination_service_name", "httpbin.test"),
+            ("destination_service", "httpbin.test"),
+            ("destination_port", port.as_str()),
+        ];
+        assert_eq!(series("istio_tcp_connections_opened_total", &ok), 1.0);
+        assert_eq!(series("istio_tcp_connections_closed_total", &ok), 1.0);
+        assert_eq!(series("istio_tcp_received_bytes_total", &ok), req.len() as f64, "request bytes");
+        assert!(series("istio_tcp_sent_bytes_total", &ok) >= 40.0, "response bytes");
+        let other_port = (base + 3).to_string();
+        assert_eq!(
+            series(
+                "istio_tcp_connections_opened_total",
+                &[("destination_service_name", "BlackHoleCluster"), ("destination_port", other_port.as_str())]
+            ),
+            1.0
+        );
+    }
+}
+
+#[test]
+fn dry_run_passes_what_enforcement_would_refuse() {
+    for (i, driver) in DRIVERS.into_iter().enumerate() {
+        let port = 8100 + i as u16;
+        let ns = Netns::new();
+        let yaml = format!("{REGISTRY_ONLY}  enforcement: dry-run\n");
+        let fwd = Fwd::start(&ns, driver, &yaml, |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(3), port);
+        let (_, h) = server(&ns, dst, b"pong");
+        assert_eq!(exchange(&ns, dst, b"ping").unwrap(), b"pong");
+        let r = &fwd.wait_reports(1)[0];
+        let v = r.verdict.as_ref().unwrap();
+        assert!(v.allow && v.would_deny, "{v:?}");
+        drop(fwd);
+        assert_eq!(h.join().unwrap(), vec![b"ping".to_vec()]);
+    }
+}
+
+#[test]
+fn a_reload_leaves_open_connections_alone() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, "", |_| {}); // ALLOW_ANY
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(4), 8200);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        let (mut s, _) = l.accept().unwrap();
+        // Mode flips to REGISTRY_ONLY while the connection is open.
+        fwd.policy.store(Arc::new(policy(REGISTRY_ONLY)));
+        (&c).write_all(b"still here").unwrap();
+        let mut buf = [0u8; 10];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"still here", "{driver:?}: the open connection keeps its verdict");
+        // A new connection sees the new policy.
+        let refused = ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.write_all(b"x");
+            let mut b = [0u8; 1];
+            c.read(&mut b).map_err(|e| e.kind())
+        });
+        assert!(matches!(refused, Err(ErrorKind::ConnectionReset) | Ok(0)), "{refused:?}");
+        drop(c);
+    }
+}
