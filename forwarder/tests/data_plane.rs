@@ -310,3 +310,46 @@ fn direct_connections_to_the_forwarder_are_refused() {
         assert!(r.verdict.is_none());
     }
 }
+
+/// Nobody listens at the destination: the client is reset, and the
+/// connection is counted as a connect failure.
+#[test]
+fn an_upstream_connect_failure_resets_the_client() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(7), 7003);
+        let saw = ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = [0u8; 1];
+            c.read(&mut b).map_err(|e| e.kind())
+        });
+        assert_eq!(saw, Err(ErrorKind::ConnectionReset), "{driver:?}");
+        assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::ConnectFailed);
+    }
+}
+
+/// No byte either way for the idle timeout: both sides are reset.
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.idle_timeout = Duration::from_millis(300));
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(8), 7004);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        let (s, _) = l.accept().unwrap();
+        (&c).write_all(b"one message, then silence").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        let saw = (&c).read(&mut b).map_err(|e| e.kind());
+        assert_eq!(saw, Err(ErrorKind::ConnectionReset), "{driver:?}");
+        let r = &fwd.wait_reports(1)[0];
+        assert_eq!(r.outcome, ConnOutcome::Spliced(End::Idle));
+        assert_eq!(r.sent, 25);
+        drop(s);
+    }
+}
