@@ -6,9 +6,12 @@ use std::path::PathBuf;
 
 use bpaf::{OptionParser, Parser, construct, long, positional};
 
+use crate::config::{DriverName, Overrides};
+
 #[derive(Debug, Clone)]
 pub(crate) enum Command {
     Check(CheckArgs),
+    Run(Overrides),
 }
 
 #[derive(Debug, Clone)]
@@ -51,9 +54,48 @@ fn check() -> OptionParser<Command> {
         )
 }
 
+fn run() -> OptionParser<Command> {
+    let config =
+        long("config").help("YAML config file (unknown fields are errors)").argument::<PathBuf>("FILE").optional();
+    let policy = long("policy")
+        .help("Policy file or directory, watched for changes (repeatable; default /etc/sluice/policy.d if it exists)")
+        .argument::<PathBuf>("PATH")
+        .many();
+    let listen = long("listen")
+        .help("Forwarder address (repeatable; default 127.0.0.1:15001 and [::1]:15001)")
+        .argument::<std::net::SocketAddr>("ADDR")
+        .many();
+    let admin_listen = long("admin-listen")
+        .help("Admin API address (default 127.0.0.1:15090)")
+        .argument::<std::net::SocketAddr>("ADDR")
+        .optional();
+    let workers = long("workers").help("Forwarder threads (default: one per core)").argument::<usize>("N").optional();
+    let io_driver = long("io-driver")
+        .help("auto (io_uring if the kernel allows, else epoll), uring, or epoll")
+        .argument::<String>("DRIVER")
+        .parse(|s| match s.as_str() {
+            "auto" => Ok(DriverName::Auto),
+            "uring" | "io_uring" => Ok(DriverName::Uring),
+            "epoll" => Ok(DriverName::Epoll),
+            _ => Err("expected auto, uring or epoll"),
+        })
+        .optional();
+    let state_dir =
+        long("state-dir").help("Where the name table is saved across restarts").argument::<PathBuf>("DIR").optional();
+    let log_json = long("log-json").help("Log JSON lines instead of text").switch();
+    construct!(Overrides { config, policy, listen, admin_listen, workers, io_driver, state_dir, log_json })
+        .map(Command::Run)
+        .to_options()
+        .descr("Run sluice: the forwarder, the admin API and policy hot reload")
+        .footer(
+            "Examples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll\n\nSignals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy.",
+        )
+}
+
 pub(crate) fn parser() -> OptionParser<Command> {
     let check = check().command("check");
-    construct!([check])
+    let run = run().command("run");
+    construct!([run, check])
         .to_options()
         .version(env!("CARGO_PKG_VERSION"))
         .descr("sluice: a DNS-aware egress daemon for Linux nodes")

@@ -1,13 +1,17 @@
 //! `sluice`: parse the command line, run the subcommand, exit with its code.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod check;
 mod cli;
+mod config;
+mod reload;
+mod run;
 
 use std::process::ExitCode;
 
 /// Exit code for bad usage or configuration (sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
+pub(crate) const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cmd = match cli::parse() {
@@ -19,6 +23,7 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         cli::Command::Check(args) => check::run(&args),
+        cli::Command::Run(overrides) => config::resolve(overrides).and_then(run::run),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,11 +23,19 @@ pub struct Handle {
     pub local_addrs: Vec<SocketAddr>,
     /// Which driver each worker got ("io_uring" or "epoll").
     pub drivers: Vec<&'static str>,
+    /// One counter per worker, bumped by its event loop at least every
+    /// 250 ms: a counter that stops moving means a stuck worker (watchdog).
+    pub heartbeats: Vec<Arc<AtomicU64>>,
     stop: Vec<StdUnixStream>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Handle {
+    /// Current heartbeat counts, one per worker.
+    pub fn beats(&self) -> Vec<u64> {
+        self.heartbeats.iter().map(|h| h.load(Ordering::Relaxed)).collect()
+    }
+
     /// Stops accepting, lets open connections finish for up to `drain`,
     /// then closes what is left and joins the workers.
     pub fn shutdown(mut self, drain: Duration) {
@@ -65,12 +75,14 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
     let mut threads = Vec::new();
     let mut stop = Vec::new();
     let mut drivers = Vec::new();
+    let heartbeats: Vec<Arc<AtomicU64>> = (0..workers).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (id, socks) in per_worker.into_iter().enumerate() {
         let (ours, theirs) = StdUnixStream::pair()?;
         theirs.set_nonblocking(true)?;
         stop.push(ours);
         let (config, shared, ready) = (config.clone(), shared.clone(), ready_tx.clone());
+        let beat = heartbeats[id].clone();
         let listens: Vec<_> = config.listen.clone();
         let t = std::thread::Builder::new().name(format!("sluice-fwd-{id}")).spawn(move || {
             let run = |driver: &'static str| {
@@ -82,7 +94,7 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
                         rt.block_on(async {
                             run("epoll");
-                            worker(id, socks, listens, theirs, config, shared).await
+                            worker(id, socks, listens, theirs, config, shared, beat).await
                         })
                     })
                 }
@@ -93,7 +105,7 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                     .map(|mut rt| {
                         rt.block_on(async {
                             run("io_uring");
-                            worker(id, socks, listens, theirs, config, shared).await
+                            worker(id, socks, listens, theirs, config, shared, beat).await
                         })
                     }),
             };
@@ -108,14 +120,14 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
         match ready_rx.recv() {
             Ok(Ok(d)) => drivers.push(d),
             Ok(Err(e)) => {
-                let h = Handle { local_addrs, drivers, stop, threads };
+                let h = Handle { local_addrs, drivers, heartbeats, stop, threads };
                 h.shutdown(Duration::ZERO);
                 return Err(io::Error::new(e.kind(), format!("forwarder runtime: {e}")));
             }
             Err(_) => return Err(io::Error::other("a forwarder worker died while starting")),
         }
     }
-    Ok(Handle { local_addrs, drivers, stop, threads })
+    Ok(Handle { local_addrs, drivers, heartbeats, stop, threads })
 }
 
 async fn worker(
@@ -125,6 +137,7 @@ async fn worker(
     stop: StdUnixStream,
     config: Config,
     shared: Shared,
+    beat: Arc<AtomicU64>,
 ) {
     let ctx = Rc::new(conn::Ctx::new(config, shared, &listens, &socks));
     let active = Rc::new(Cell::new(0usize));
@@ -133,7 +146,7 @@ async fn worker(
         match TcpListener::from_std(sock) {
             Ok(l) => {
                 let (ctx, active) = (ctx.clone(), active.clone());
-                accepters.push(monoio::spawn(accept_loop(id, l, listen, ctx, active)));
+                accepters.push(monoio::spawn(accept_loop(id, l, listen, ctx, active, beat.clone())));
             }
             Err(e) => tracing::error!(worker = id, error = %e, "cannot register listener"),
         }
@@ -161,11 +174,19 @@ async fn worker(
     }
 }
 
-async fn accept_loop(id: usize, l: TcpListener, listen: crate::Listen, ctx: Rc<conn::Ctx>, active: Rc<Cell<usize>>) {
+async fn accept_loop(
+    id: usize,
+    l: TcpListener,
+    listen: crate::Listen,
+    ctx: Rc<conn::Ctx>,
+    active: Rc<Cell<usize>>,
+    beat: Arc<AtomicU64>,
+) {
     let max = ctx.config.max_connections_per_worker.max(1);
     let mut backoff = Duration::from_millis(10);
     let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6() };
     while !ctx.stopping.get() {
+        beat.fetch_add(1, Ordering::Relaxed);
         if active.get() >= max {
             // Accepting pauses: the backlog holds new connections meanwhile.
             monoio::time::sleep(Duration::from_millis(5)).await;

@@ -243,6 +243,28 @@ impl NameTable {
         }
     }
 
+    /// Up to `limit` IPs with their alive names, for which `keep` says yes
+    /// (the admin API's `/debug/names`). Walks the whole table: not for the hot path.
+    pub fn dump(
+        &self,
+        now: Timestamp,
+        limit: usize,
+        keep: impl Fn(IpAddr, &[Hostname]) -> bool,
+    ) -> Vec<(IpAddr, Vec<Hostname>)> {
+        let map = self.map.pin();
+        let mut out = Vec::new();
+        for (ip, entry) in map.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let names: Vec<Hostname> = entry.alive(now).cloned().collect();
+            if !names.is_empty() && keep(*ip, &names) {
+                out.push((*ip, names));
+            }
+        }
+        out
+    }
+
     /// Removes every IP none of whose names is alive. Returns how many went.
     pub fn purge_expired(&self, now: Timestamp) -> usize {
         let before = self.map.len();

@@ -1,0 +1,107 @@
+//! The admin HTTP API on its own address: `/metrics` (Prometheus text),
+//! `/healthz`, `/readyz`, `/debug/policy`, `/debug/names`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use sluice_policy::model::{Enforcement, Mode};
+use sluice_policy::{NameTable, Timestamp};
+
+use crate::reload::PolicyState;
+
+#[derive(Clone)]
+pub(crate) struct Admin {
+    pub(crate) prometheus: PrometheusHandle,
+    pub(crate) policy: Arc<PolicyState>,
+    pub(crate) names: Arc<NameTable>,
+    pub(crate) ready: Arc<AtomicBool>,
+}
+
+pub(crate) fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/debug/policy", get(debug_policy))
+        .route("/debug/names", get(debug_names))
+        .with_state(admin)
+}
+
+async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
+    gauges(&a);
+    ([("content-type", "text/plain; version=0.0.4")], a.prometheus.render())
+}
+
+/// Gauges read at scrape time.
+fn gauges(a: &Admin) {
+    metrics::gauge!("sluice_name_table_ips").set(a.names.len() as f64);
+}
+
+async fn readyz(State(a): State<Admin>) -> impl IntoResponse {
+    if a.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn debug_policy(State(a): State<Admin>) -> Json<serde_json::Value> {
+    let snap = a.policy.snapshot.load();
+    let s = snap.settings();
+    let entries: Vec<_> = snap
+        .entries()
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "namespace": e.namespace,
+                "hosts": e.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "addresses": e.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "ports": e.ports.iter().map(|p| json!({"number": p.number, "name": p.name, "protocol": p.protocol.label()})).collect::<Vec<_>>(),
+                "origin": e.origin.to_string(),
+            })
+        })
+        .collect();
+    let files: Vec<String> =
+        a.policy.files.lock().map(|f| f.iter().map(|p| p.display().to_string()).collect()).unwrap_or_default();
+    Json(json!({
+        "generation": a.policy.generation.load(Ordering::Relaxed),
+        "mode": match s.mode { Mode::AllowAny => "ALLOW_ANY", Mode::RegistryOnly => "REGISTRY_ONLY" },
+        "enforcement": match s.enforcement { Enforcement::Enforce => "enforce", Enforcement::DryRun => "dry-run" },
+        "denyRanges": s.deny_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "entries": entries,
+        "files": files,
+        "lastReloadError": a.policy.last_error.lock().ok().and_then(|e| e.clone()),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct NamesQuery {
+    name: Option<String>,
+    ip: Option<IpAddr>,
+    limit: Option<usize>,
+}
+
+async fn debug_names(State(a): State<Admin>, Query(q): Query<NamesQuery>) -> Json<serde_json::Value> {
+    let now = Timestamp::from_system(SystemTime::now());
+    let limit = q.limit.unwrap_or(1000).min(100_000);
+    let name = q.name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+    let rows = a.names.dump(now, limit, |ip, names| {
+        q.ip.is_none_or(|want| want == ip) && name.as_ref().is_none_or(|n| names.iter().any(|h| h.as_str() == n))
+    });
+    let rows: Vec<_> = rows
+        .into_iter()
+        .map(|(ip, names)| json!({"ip": ip.to_string(), "names": names.iter().map(ToString::to_string).collect::<Vec<_>>()}))
+        .collect();
+    Json(json!({ "ips": a.names.len(), "entries": rows }))
+}

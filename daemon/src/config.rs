@@ -1,0 +1,232 @@
+//! `sluice run`'s configuration: a YAML file (unknown fields are errors),
+//! then command-line flags on top, then defaults for what neither says.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::Deserialize;
+use sluice_forwarder::{Driver, Intercept};
+
+/// The policy directory used when neither the file nor a flag names one.
+pub(crate) const DEFAULT_POLICY_DIR: &str = "/etc/sluice/policy.d";
+/// `SO_MARK` on sluice's own upstream sockets; the nftables rules return on it.
+pub(crate) const DEFAULT_MARK: u32 = 0x51ce;
+
+/// The config file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    #[serde(default)]
+    pub(crate) policy: Vec<PathBuf>,
+    #[serde(default)]
+    pub(crate) forwarder: FileForwarder,
+    #[serde(default)]
+    pub(crate) admin: FileAdmin,
+    pub(crate) state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub(crate) log: FileLog,
+    pub(crate) drain_timeout: Option<String>,
+    pub(crate) reload_interval: Option<String>,
+    pub(crate) name_table_capacity: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileForwarder {
+    #[serde(default)]
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) workers: Option<usize>,
+    pub(crate) io_driver: Option<DriverName>,
+    pub(crate) intercept: Option<InterceptName>,
+    pub(crate) mark: Option<u32>,
+    pub(crate) connect_timeout: Option<String>,
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) sniff_timeout: Option<String>,
+    pub(crate) max_connections_per_worker: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileAdmin {
+    pub(crate) listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileLog {
+    pub(crate) format: Option<LogFormat>,
+    pub(crate) level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum DriverName {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum InterceptName {
+    Redirect,
+    Tproxy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Everything `sluice run` needs, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) policy: Vec<PathBuf>,
+    pub(crate) forwarder: sluice_forwarder::Config,
+    pub(crate) admin_listen: SocketAddr,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_level: String,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) reload_interval: Duration,
+    pub(crate) name_table_capacity: usize,
+}
+
+/// Flags of `sluice run` that override the file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Overrides {
+    pub(crate) config: Option<PathBuf>,
+    pub(crate) policy: Vec<PathBuf>,
+    pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) admin_listen: Option<SocketAddr>,
+    pub(crate) workers: Option<usize>,
+    pub(crate) io_driver: Option<DriverName>,
+    pub(crate) state_dir: Option<PathBuf>,
+    pub(crate) log_json: bool,
+}
+
+fn duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
+    match v {
+        None => Ok(default),
+        Some(s) => {
+            humantime::parse_duration(s).with_context(|| format!("{field}: {s:?} is not a duration (e.g. 30s, 5m)"))
+        }
+    }
+}
+
+pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let opts = serde_saphyr::options! { with_snippet: false };
+    serde_saphyr::from_str_with_options(&text, opts).map_err(|e| {
+        let loc = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
+        use serde_saphyr::MessageFormatter;
+        let msg = serde_saphyr::UserMessageFormatter.format_message(&e).into_owned();
+        anyhow::anyhow!("{}{loc}: {msg}", path.display())
+    })
+}
+
+/// File, then flags, then defaults.
+pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
+    let file = match &o.config {
+        Some(p) => read_file(p)?,
+        None => FileConfig::default(),
+    };
+    let f = &file.forwarder;
+    let mut listen = if o.listen.is_empty() { f.listen.clone() } else { o.listen.clone() };
+    if listen.is_empty() {
+        listen = vec!["127.0.0.1:15001".parse()?, "[::1]:15001".parse()?];
+    }
+    let intercept = match f.intercept {
+        Some(InterceptName::Tproxy) => Intercept::Tproxy,
+        _ => Intercept::Redirect,
+    };
+    let driver = match o.io_driver.or(f.io_driver) {
+        Some(DriverName::Uring) => Driver::Uring,
+        Some(DriverName::Epoll) => Driver::Epoll,
+        _ => Driver::Auto,
+    };
+    let defaults = sluice_forwarder::Config::default();
+    let workers = match o.workers.or(f.workers) {
+        Some(0) | None => defaults.workers,
+        Some(n) if n > 1024 => bail!("--workers {n}: at most 1024"),
+        Some(n) => n,
+    };
+    let forwarder = sluice_forwarder::Config {
+        listen: listen.into_iter().map(|addr| sluice_forwarder::Listen { addr, intercept }).collect(),
+        workers,
+        driver,
+        mark: f.mark.unwrap_or(DEFAULT_MARK),
+        connect_timeout: duration("forwarder.connectTimeout", f.connect_timeout.as_deref(), defaults.connect_timeout)?,
+        idle_timeout: duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
+        sniff_timeout: duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
+        max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
+        pipe_size: defaults.pipe_size,
+    };
+    let mut policy = if o.policy.is_empty() { file.policy.clone() } else { o.policy.clone() };
+    if policy.is_empty() && Path::new(DEFAULT_POLICY_DIR).is_dir() {
+        policy.push(DEFAULT_POLICY_DIR.into());
+    }
+    Ok(Config {
+        policy,
+        forwarder,
+        admin_listen: o.admin_listen.or(file.admin.listen).unwrap_or("127.0.0.1:15090".parse()?),
+        state_dir: o.state_dir.clone().or(file.state_dir.clone()),
+        log_format: if o.log_json { LogFormat::Json } else { file.log.format.unwrap_or_default() },
+        log_level: file.log.level.clone().unwrap_or_else(|| "info".into()),
+        drain_timeout: duration("drainTimeout", file.drain_timeout.as_deref(), Duration::from_secs(30))?,
+        reload_interval: duration("reloadInterval", file.reload_interval.as_deref(), Duration::from_secs(60))?,
+        name_table_capacity: file.name_table_capacity.unwrap_or(1_000_000).max(1024),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = dir.path().join("sluice.yaml");
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("{e}"));
+        (dir, p)
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let c = resolve(Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
+        let addrs: Vec<String> = c.forwarder.listen.iter().map(|l| l.addr.to_string()).collect();
+        assert_eq!(addrs, ["127.0.0.1:15001", "[::1]:15001"]);
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:15090");
+        assert_eq!(c.forwarder.mark, DEFAULT_MARK);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_d, p) = write(
+            "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\nadmin: {listen: '127.0.0.1:8'}\n",
+        );
+        let o = Overrides { config: Some(p), workers: Some(1), ..Overrides::default() };
+        let c = resolve(o).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.forwarder.workers, 1);
+        assert_eq!(c.forwarder.listen[0].addr.to_string(), "127.0.0.1:9");
+        assert_eq!(c.forwarder.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_clear_errors() {
+        let (_d, p) = write("forwarder:\n  listn: ['127.0.0.1:9']\n");
+        let e = resolve(Overrides { config: Some(p.clone()), ..Overrides::default() }).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|e| e.contains("sluice.yaml:2:3") && e.contains("unknown field `listn`")),
+            "{e:?}"
+        );
+        let (_d2, p2) = write("drainTimeout: soon\n");
+        let e = resolve(Overrides { config: Some(p2), ..Overrides::default() }).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("drainTimeout")), "{e:?}");
+    }
+}

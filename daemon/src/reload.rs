@@ -1,0 +1,205 @@
+//! Policy hot reload: read → hash → parse → validate → compile → swap.
+//!
+//! Triggers: a change in a watched policy directory (not the files:
+//! Kubernetes ConfigMaps swap a `..data` symlink and editors write and
+//! rename), debounced; SIGHUP; and a slow periodic re-read as a safety net.
+//! An unchanged set (same hash) is not reloaded. A set with errors leaves the
+//! last good policy in force, logs every error and counts it. Connections
+//! keep the snapshot they started with; new ones get the new one.
+
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use sluice_policy::{PolicySet, Snapshot, load_sources, read_paths};
+use tokio::sync::mpsc;
+
+pub(crate) const RELOADS: &str = "sluice_policy_reloads_total";
+pub(crate) const GENERATION: &str = "sluice_policy_generation";
+pub(crate) const LAST_SUCCESS: &str = "sluice_policy_last_success_timestamp_seconds";
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// The policy in force and what the last reload said, shared with the admin API.
+#[derive(Debug)]
+pub(crate) struct PolicyState {
+    pub(crate) snapshot: Arc<ArcSwap<Snapshot>>,
+    pub(crate) generation: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) files: Mutex<Vec<PathBuf>>,
+    paths: Vec<PathBuf>,
+    hash: AtomicU64,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Applied,
+    Unchanged,
+    Rejected,
+}
+
+impl PolicyState {
+    /// Loads the policy once; errors here are fatal (there is no last good policy yet).
+    pub(crate) fn load_initial(paths: Vec<PathBuf>) -> Result<(PolicyState, PolicySet), sluice_policy::LoadErrors> {
+        let (files, mut problems) = read_paths(&paths);
+        let hash = hash_files(&files);
+        let set = match load_sources(&files) {
+            Ok(set) if problems.is_empty() => set,
+            Ok(_) => return Err(sluice_policy::LoadErrors(problems)),
+            Err(e) => {
+                problems.extend(e.0);
+                return Err(sluice_policy::LoadErrors(problems));
+            }
+        };
+        let state = PolicyState {
+            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::compile(&set))),
+            generation: AtomicU64::new(1),
+            last_error: Mutex::new(None),
+            files: Mutex::new(set.files.iter().map(|f| f.to_path_buf()).collect()),
+            paths,
+            hash: AtomicU64::new(hash),
+        };
+        metrics::gauge!(GENERATION).set(1.0);
+        metrics::gauge!(LAST_SUCCESS).set(unix_now());
+        Ok((state, set))
+    }
+
+    /// Re-reads every policy path and swaps the snapshot if it changed and is valid.
+    pub(crate) fn reload(&self, why: &str) -> Outcome {
+        let (files, mut problems) = read_paths(&self.paths);
+        let hash = hash_files(&files);
+        if problems.is_empty() && hash == self.hash.load(Ordering::Relaxed) {
+            metrics::counter!(RELOADS, "result" => "unchanged").increment(1);
+            return Outcome::Unchanged;
+        }
+        let loaded = load_sources(&files);
+        match loaded {
+            Ok(set) if problems.is_empty() => {
+                for w in &set.warnings {
+                    tracing::warn!("{w}");
+                }
+                self.snapshot.store(Arc::new(Snapshot::compile(&set)));
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                self.hash.store(hash, Ordering::Relaxed);
+                if let Ok(mut f) = self.files.lock() {
+                    *f = set.files.iter().map(|f| f.to_path_buf()).collect();
+                }
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                metrics::counter!(RELOADS, "result" => "success").increment(1);
+                metrics::gauge!(GENERATION).set(generation as f64);
+                metrics::gauge!(LAST_SUCCESS).set(unix_now());
+                tracing::info!(why, generation, entries = set.entries.len(), mode = ?set.settings.mode, "policy reloaded");
+                Outcome::Applied
+            }
+            other => {
+                if let Err(e) = other {
+                    problems.extend(e.0);
+                }
+                let text = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
+                for p in &problems {
+                    tracing::error!("{p}");
+                }
+                tracing::error!(
+                    why,
+                    errors = problems.len(),
+                    "policy reload rejected: the last good policy stays in force"
+                );
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(text);
+                }
+                // Remember the bad hash too: the same bad files are not re-reported every minute.
+                self.hash.store(hash, Ordering::Relaxed);
+                metrics::counter!(RELOADS, "result" => "error").increment(1);
+                Outcome::Rejected
+            }
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn hash_files(files: &[sluice_policy::SourceFile]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for f in files {
+        h.write(f.path.as_os_str().as_encoded_bytes());
+        h.write_u64(f.bytes.len() as u64);
+        h.write(&f.bytes);
+    }
+    h.finish()
+}
+
+/// The directories to watch: a directory path itself, a file's parent.
+fn watch_dirs(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = paths
+        .iter()
+        .map(|p| {
+            if p.is_dir() {
+                p.clone()
+            } else {
+                p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Runs until `stop` fires: reloads on directory changes (debounced), on
+/// `hup`, and every `interval`. `on_reload` runs around each applied reload
+/// (systemd RELOADING/READY).
+pub(crate) async fn watch(
+    state: Arc<PolicyState>,
+    interval: Duration,
+    mut hup: mpsc::UnboundedReceiver<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    on_reload: impl Fn(bool),
+) {
+    let (tx, mut changes) = mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        // Reading the files ourselves raises access events: only changes count.
+        if ev.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
+            let _ = tx.send(());
+        }
+    });
+    let _watcher = match watcher {
+        Ok(mut w) => {
+            for dir in watch_dirs(&state.paths) {
+                if let Err(e) = w.watch(&dir, RecursiveMode::Recursive) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
+                }
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no file watcher; relying on SIGHUP and the periodic re-read");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    loop {
+        let why = tokio::select! {
+            _ = stop.changed() => return,
+            Some(()) = changes.recv() => {
+                // Debounce: a ConfigMap swap or an editor's save is several events.
+                tokio::time::sleep(DEBOUNCE).await;
+                while changes.try_recv().is_ok() {}
+                "file change"
+            }
+            Some(()) = hup.recv() => "SIGHUP",
+            _ = tick.tick() => "periodic re-read",
+        };
+        on_reload(true);
+        state.reload(why);
+        on_reload(false);
+    }
+}

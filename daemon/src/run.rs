@@ -1,0 +1,213 @@
+//! `sluice run`: the runtime layout. N forwarder worker threads (monoio,
+//! started by the forwarder) and this thread as the control plane: one
+//! tokio current-thread runtime with the admin API, the policy watcher and
+//! signal handling.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sluice_forwarder::{ConnReport, Shared};
+use sluice_policy::{NameTable, Timestamp};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{self, Admin};
+use crate::config::{Config, LogFormat};
+use crate::reload::{self, PolicyState};
+
+const NAMES_FILE: &str = "names.jsonl";
+
+pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
+    init_logging(&config);
+    let prometheus = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
+    if config.policy.is_empty() {
+        tracing::warn!(
+            "no policy paths (and no {}): running on the built-in default, ALLOW_ANY",
+            crate::config::DEFAULT_POLICY_DIR
+        );
+    }
+    let (state, set) = match PolicyState::load_initial(config.policy.clone()) {
+        Ok(x) => x,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("sluice: the policy has {} error(s); not starting", errors.0.len());
+            return Ok(ExitCode::from(crate::EXIT_USAGE));
+        }
+    };
+    for w in &set.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(entries = set.entries.len(), mode = ?set.settings.mode, files = set.files.len(), "policy loaded");
+    let state = Arc::new(state);
+
+    let names = Arc::new(NameTable::new(config.name_table_capacity));
+    let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
+    if let Some(path) = &names_path {
+        match names.restore(path, now()) {
+            Ok(s) => {
+                tracing::info!(restored = s.entries, skipped = s.skipped, path = %path.display(), "name table restored")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot restore the name table; starting empty")
+            }
+        }
+    }
+    if config.forwarder.mark != 0 && !can_set_mark() {
+        tracing::warn!(
+            mark = config.forwarder.mark,
+            "SO_MARK needs CAP_NET_ADMIN: upstream sockets go unmarked, so interception rules must exclude sluice's user instead"
+        );
+        config.forwarder.mark = 0;
+    }
+    let shared = Shared { policy: state.snapshot.clone(), names: names.clone(), report: Arc::new(refusal_log()) };
+    let forwarder = sluice_forwarder::start(config.forwarder.clone(), shared).context("cannot start the forwarder")?;
+    for (addr, driver) in forwarder.local_addrs.iter().zip(forwarder.drivers.iter().cycle()) {
+        tracing::info!(%addr, driver, workers = forwarder.drivers.len(), "forwarder listening");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("control runtime")?;
+    let result = rt.block_on(control(&config, state, names.clone(), prometheus, &forwarder));
+    tracing::info!(drain = ?config.drain_timeout, "stopping: draining connections");
+    forwarder.shutdown(config.drain_timeout);
+    if let Some(path) = &names_path {
+        match names.save(path, now()) {
+            Ok(s) => tracing::info!(saved = s.entries, path = %path.display(), "name table saved"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot save the name table"),
+        }
+    }
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+/// The control plane: admin API, policy watcher, signals; returns on SIGTERM/SIGINT.
+async fn control(
+    config: &Config,
+    state: Arc<PolicyState>,
+    names: Arc<NameTable>,
+    prometheus: PrometheusHandle,
+    forwarder: &sluice_forwarder::Handle,
+) -> anyhow::Result<()> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = Admin { prometheus, policy: state.clone(), names, ready: ready.clone() };
+    let listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot bind the admin API on {}", config.admin_listen))?;
+    let admin_addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(addr = %admin_addr, "admin API listening (/metrics, /healthz, /readyz, /debug/policy, /debug/names)");
+    let mut admin_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let app = admin::router(admin);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                while !*admin_stop.borrow_and_update() {
+                    if admin_stop.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await
+    });
+
+    let (hup_tx, hup_rx) = mpsc::unbounded_channel();
+    let watcher = tokio::spawn(reload::watch(state, config.reload_interval, hup_rx, stop_rx.clone(), |reloading| {
+        let msg = if reloading { sd_notify::NotifyState::Reloading } else { sd_notify::NotifyState::Ready };
+        let _ = sd_notify::notify(false, &[msg]);
+    }));
+
+    // systemd's watchdog: ping only while every forwarder worker's event loop moves.
+    let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
+    watchdog.tick().await;
+    let mut last_beats = forwarder.beats();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    ready.store(true, Ordering::Relaxed);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!("sluice is ready");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => { let _ = hup_tx.send(()); }
+            _ = watchdog.tick() => {
+                let beats = forwarder.beats();
+                let stuck: Vec<usize> = beats.iter().zip(&last_beats).enumerate().filter(|(_, (a, b))| a <= b).map(|(i, _)| i).collect();
+                if stuck.is_empty() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(?stuck, "forwarder workers made no progress: withholding the systemd watchdog ping");
+                }
+                last_beats = beats;
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = watcher.await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+/// Half of systemd's `WATCHDOG_USEC`, when the watchdog is on for us.
+fn watchdog_period() -> Option<Duration> {
+    let mut usec = 0u64;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2)).filter(|d| !d.is_zero())
+}
+
+fn can_set_mark() -> bool {
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).and_then(|s| s.set_mark(1)).is_ok()
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match config.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// One log line per refused connection — source, destination, names, reason —
+/// at most [`REFUSALS_PER_SECOND`] a second; the rest are counted and the
+/// count is logged with the next line that gets through.
+const REFUSALS_PER_SECOND: u64 = 20;
+
+fn refusal_log() -> impl Fn(&ConnReport) + Send + Sync + 'static {
+    let window = AtomicU64::new(0);
+    let in_window = AtomicU64::new(0);
+    let suppressed = AtomicU64::new(0);
+    move |r: &ConnReport| {
+        let Some(v) = r.verdict.as_ref().filter(|v| !v.allow || v.would_deny) else { return };
+        let sec = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if window.swap(sec, Ordering::Relaxed) != sec {
+            in_window.store(0, Ordering::Relaxed);
+        }
+        if in_window.fetch_add(1, Ordering::Relaxed) >= REFUSALS_PER_SECOND {
+            suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let dst = r.destination.map(|d| d.to_string()).unwrap_or_default();
+        let name = v.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+        let workload = v.workload.as_deref().unwrap_or("unknown");
+        let also = suppressed.swap(0, Ordering::Relaxed);
+        if v.would_deny {
+            tracing::info!(source = %r.source, destination = %dst, name, workload, reason = %v.reason, suppressed = also, "dry-run: would refuse");
+        } else {
+            tracing::info!(source = %r.source, destination = %dst, name, workload, reason = %v.reason, suppressed = also, "refused");
+        }
+    }
+}

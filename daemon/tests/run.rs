@@ -1,0 +1,218 @@
+//! `sluice run`, black-box: the real binary on port 0, its bound addresses
+//! read from its JSON log, its admin API, hot reload, signals, exit codes.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const REGISTRY_ONLY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: node}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
+const HTTPBIN: &str = "apiVersion: networking.istio.io/v1alpha3\nkind: ServiceEntry\nmetadata: {name: httpbin-ext}\nspec:\n  hosts: [httpbin.org]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n";
+
+/// A running `sluice run`, killed on drop.
+struct Sluice {
+    child: Child,
+    admin: SocketAddr,
+    forwarder: Vec<SocketAddr>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Sluice {
+    fn start(policy_dir: &Path, extra: &[&str]) -> Sluice {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--log-json", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "2"])
+            .arg("--policy")
+            .arg(policy_dir)
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut admin, mut forwarder) = (None, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else { continue };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let fields = &v["fields"];
+            match fields["message"].as_str() {
+                Some(m) if m.starts_with("admin API listening") => {
+                    admin = fields["addr"].as_str().and_then(|a| a.parse().ok())
+                }
+                Some("forwarder listening") => {
+                    forwarder.extend(fields["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()))
+                }
+                Some("sluice is ready") => {
+                    return Sluice { child, admin: admin.unwrap(), forwarder, lines };
+                }
+                _ => {}
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("sluice did not become ready");
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    fn policy(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/debug/policy").1).unwrap()
+    }
+
+    /// Polls `/debug/policy` until `f` holds (bounded).
+    fn wait_policy(&self, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        for _ in 0..100 {
+            let p = self.policy();
+            if f(&p) {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("timed out waiting for {what}: {}", self.policy());
+    }
+
+    fn signal(&self, sig: &str) {
+        Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn admin_api_reports_health_policy_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("httpbin.yaml"), HTTPBIN).unwrap();
+    let sluice = Sluice::start(dir.path(), &[]);
+    assert_eq!(sluice.get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(sluice.get("/readyz").0, 200);
+    let p = sluice.policy();
+    assert_eq!(p["generation"], 1);
+    assert_eq!(p["mode"], "ALLOW_ANY");
+    assert_eq!(p["entries"][0]["hosts"][0], "httpbin.org");
+    assert_eq!(sluice.metric("sluice_policy_generation"), Some(1.0));
+    let names: serde_json::Value = serde_json::from_str(&sluice.get("/debug/names?name=httpbin.org").1).unwrap();
+    assert_eq!(names["entries"].as_array().map(Vec::len), Some(0));
+    assert_eq!(sluice.forwarder.len(), 1);
+}
+
+#[test]
+fn hot_reload_applies_good_policy_and_keeps_it_through_a_broken_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("httpbin.yaml"), HTTPBIN).unwrap();
+    let sluice = Sluice::start(dir.path(), &[]);
+    // The mode flips when an EgressPolicy appears in the watched directory.
+    std::fs::write(dir.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
+    let p = sluice.wait_policy("REGISTRY_ONLY", |p| p["mode"] == "REGISTRY_ONLY");
+    assert_eq!(p["generation"], 2);
+    // A broken file: logged, counted, and the last good policy stays.
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  hosts: ['*']\n",
+    )
+    .unwrap();
+    let p = sluice.wait_policy("the reload error", |p| p["lastReloadError"].is_string());
+    assert!(p["lastReloadError"].as_str().unwrap().contains("broken.yaml:4:11: invalid host"), "{p}");
+    assert_eq!((p["generation"].as_u64(), p["mode"].as_str()), (Some(2), Some("REGISTRY_ONLY")));
+    assert!(sluice.metric("sluice_policy_reloads_total{result=\"error\"}").unwrap_or(0.0) >= 1.0);
+    // Fixing it recovers, through an editor-style write-and-rename.
+    std::fs::write(
+        dir.path().join(".broken.yaml.tmp"),
+        HTTPBIN.replace("httpbin-ext", "httpbin-2").replace("httpbin.org", "postman-echo.com"),
+    )
+    .unwrap();
+    std::fs::rename(dir.path().join(".broken.yaml.tmp"), dir.path().join("broken.yaml")).unwrap();
+    let p = sluice.wait_policy("recovery", |p| p["generation"] == 3);
+    assert!(p["lastReloadError"].is_null());
+    assert_eq!(p["entries"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn sighup_rereads_and_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sluice = Sluice::start(dir.path(), &[]);
+    let before = sluice.metric("sluice_policy_reloads_total{result=\"unchanged\"}").unwrap_or(0.0);
+    sluice.signal("HUP");
+    let mut after = before;
+    for _ in 0..50 {
+        after = sluice.metric("sluice_policy_reloads_total{result=\"unchanged\"}").unwrap_or(0.0);
+        if after > before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(after, before + 1.0);
+    sluice.signal("TERM");
+    assert_eq!(sluice.wait_exit(), Some(0));
+    let logged: Vec<String> = sluice.lines.try_iter().collect();
+    assert!(logged.iter().any(|l| l.contains("stopping: draining connections")), "{logged:#?}");
+}
+
+#[test]
+fn bad_config_or_policy_exits_64_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.yaml"), "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  hosts: [a.example]\n  ports: [{number: 0, name: x}]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--policy"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.yaml:5:20: port number 0 must be in the range 1..65535"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let cfg = dir.path().join("sluice.yaml");
+    std::fs::write(&cfg, "forwarder:\n  lisen: []\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `lisen`"));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--io-driver", "kqueue"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}
