@@ -12,6 +12,14 @@ use crate::config::{DriverName, Overrides};
 pub(crate) enum Command {
     Check(CheckArgs),
     Run(Overrides),
+    Rules(RulesAction, crate::rules::Rules),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RulesAction {
+    Print,
+    Apply,
+    Remove,
 }
 
 #[derive(Debug, Clone)]
@@ -92,10 +100,46 @@ fn run() -> OptionParser<Command> {
         )
 }
 
+fn rules() -> OptionParser<Command> {
+    let forwarder_port =
+        long("port").help("The forwarder's port (default 15001)").argument::<u16>("PORT").fallback(15001);
+    let mark = long("mark")
+        .help("SO_MARK of sluice's upstream sockets, excluded (default 0x51ce; 0 for none)")
+        .argument::<String>("MARK")
+        .parse(|s| {
+            let t = s.trim();
+            match t.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => t.parse(),
+            }
+        })
+        .fallback(crate::config::DEFAULT_MARK);
+    let uid = long("uid").help("sluice's user id, excluded").argument::<u32>("UID").optional();
+    let exclude =
+        long("exclude").help("Destination CIDR never intercepted (repeatable)").argument::<ipnet::IpNet>("CIDR").many();
+    let exclude_ports =
+        long("exclude-port").help("Destination TCP port never intercepted (repeatable)").argument::<u16>("PORT").many();
+    let drop_udp =
+        long("drop-udp").help("Drop other outbound UDP (QUIC), for REGISTRY_ONLY nodes; DNS still passes").switch();
+    let rules = construct!(crate::rules::Rules { forwarder_port, mark, uid, exclude, exclude_ports, drop_udp });
+    let action = positional::<String>("ACTION").help("print, apply or remove").parse(|a| match a.as_str() {
+        "print" => Ok(RulesAction::Print),
+        "apply" => Ok(RulesAction::Apply),
+        "remove" => Ok(RulesAction::Remove),
+        _ => Err("expected print, apply or remove"),
+    });
+    construct!(rules, action)
+        .map(|(rules, action)| Command::Rules(action, rules))
+        .to_options()
+        .descr("The nftables ruleset (table inet sluice) that sends the node's outbound TCP to the forwarder")
+        .footer("Examples:\n  sluice rules print --exclude 10.96.0.0/12 --drop-udp\n  sluice rules apply --uid $(id -u sluice)\n  sluice rules remove\n\napply replaces the table atomically; remove succeeds when it is already gone.")
+}
+
 pub(crate) fn parser() -> OptionParser<Command> {
     let check = check().command("check");
     let run = run().command("run");
-    construct!([run, check])
+    let rules = rules().command("rules");
+    construct!([run, check, rules])
         .to_options()
         .version(env!("CARGO_PKG_VERSION"))
         .descr("sluice: a DNS-aware egress daemon for Linux nodes")

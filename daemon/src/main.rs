@@ -6,6 +6,7 @@ mod check;
 mod cli;
 mod config;
 mod reload;
+mod rules;
 mod run;
 
 use std::process::ExitCode;
@@ -24,6 +25,14 @@ fn main() -> ExitCode {
     let result = match cmd {
         cli::Command::Check(args) => check::run(&args),
         cli::Command::Run(overrides) => config::resolve(overrides).and_then(run::run),
+        cli::Command::Rules(action, rules) => match action {
+            cli::RulesAction::Print => {
+                print!("{}", rules.render());
+                Ok(ExitCode::SUCCESS)
+            }
+            cli::RulesAction::Apply => rules::apply(&rules).map(|()| ExitCode::SUCCESS),
+            cli::RulesAction::Remove => rules::remove().map(|()| ExitCode::SUCCESS),
+        },
     };
     match result {
         Ok(code) => code,
