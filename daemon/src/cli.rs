@@ -91,7 +91,10 @@ fn run() -> OptionParser<Command> {
     let state_dir =
         long("state-dir").help("Where the name table is saved across restarts").argument::<PathBuf>("DIR").optional();
     let log_json = long("log-json").help("Log JSON lines instead of text").switch();
-    construct!(Overrides { config, policy, listen, admin_listen, workers, io_driver, state_dir, log_json })
+    let intercept = long("intercept")
+        .help("Install the nftables rules (as `sluice rules apply`) at start and remove them at exit; listeners move to 0.0.0.0/[::]")
+        .switch();
+    construct!(Overrides { config, policy, listen, admin_listen, workers, io_driver, state_dir, log_json, intercept })
         .map(Command::Run)
         .to_options()
         .descr("Run sluice: the forwarder, the admin API and policy hot reload")

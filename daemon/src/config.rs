@@ -24,6 +24,8 @@ pub(crate) struct FileConfig {
     pub(crate) forwarder: FileForwarder,
     #[serde(default)]
     pub(crate) admin: FileAdmin,
+    #[serde(default)]
+    pub(crate) intercept: FileIntercept,
     pub(crate) state_dir: Option<PathBuf>,
     #[serde(default)]
     pub(crate) log: FileLog,
@@ -45,6 +47,18 @@ pub(crate) struct FileForwarder {
     pub(crate) idle_timeout: Option<String>,
     pub(crate) sniff_timeout: Option<String>,
     pub(crate) max_connections_per_worker: Option<usize>,
+}
+
+/// `run --intercept`: what the nftables rules leave alone.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileIntercept {
+    #[serde(default)]
+    pub(crate) exclude: Vec<ipnet::IpNet>,
+    #[serde(default)]
+    pub(crate) exclude_ports: Vec<u16>,
+    #[serde(default)]
+    pub(crate) drop_udp: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +109,8 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Duration,
     pub(crate) reload_interval: Duration,
     pub(crate) name_table_capacity: usize,
+    /// `--intercept`: the rules sluice installs at start and removes at exit.
+    pub(crate) intercept: Option<crate::rules::Rules>,
 }
 
 /// Flags of `sluice run` that override the file.
@@ -108,6 +124,7 @@ pub(crate) struct Overrides {
     pub(crate) io_driver: Option<DriverName>,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) log_json: bool,
+    pub(crate) intercept: bool,
 }
 
 fn duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
@@ -167,6 +184,8 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
         pipe_size: defaults.pipe_size,
     };
+    let mut forwarder = forwarder;
+    let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &file.intercept));
     let mut policy = if o.policy.is_empty() { file.policy.clone() } else { o.policy.clone() };
     if policy.is_empty() && Path::new(DEFAULT_POLICY_DIR).is_dir() {
         policy.push(DEFAULT_POLICY_DIR.into());
@@ -181,7 +200,33 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         drain_timeout: duration("drainTimeout", file.drain_timeout.as_deref(), Duration::from_secs(30))?,
         reload_interval: duration("reloadInterval", file.reload_interval.as_deref(), Duration::from_secs(60))?,
         name_table_capacity: file.name_table_capacity.unwrap_or(1_000_000).max(1024),
+        intercept,
     })
+}
+
+/// With interception on, prerouting redirects land on the inbound
+/// interface's address: loopback listeners move to the wildcard addresses on
+/// the same port, so the listeners and the rules agree.
+fn intercept_rules(forwarder: &mut sluice_forwarder::Config, file: &FileIntercept) -> crate::rules::Rules {
+    let port = forwarder.listen.first().map_or(15001, |l| l.addr.port());
+    if forwarder.listen.iter().all(|l| l.addr.ip().is_loopback()) {
+        let intercept = forwarder.listen.first().map_or(Intercept::Redirect, |l| l.intercept);
+        forwarder.listen = ["0.0.0.0", "::"]
+            .iter()
+            .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| sluice_forwarder::Listen { addr: SocketAddr::new(ip, port), intercept })
+            .collect();
+    }
+    // sluice's own user is excluded, unless it is root (that would exclude every root process).
+    let uid = nix::unistd::getuid().as_raw();
+    crate::rules::Rules {
+        forwarder_port: port,
+        mark: forwarder.mark,
+        uid: (uid != 0).then_some(uid),
+        exclude: file.exclude.clone(),
+        exclude_ports: file.exclude_ports.clone(),
+        drop_udp: file.drop_udp,
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +247,17 @@ mod tests {
         assert_eq!(addrs, ["127.0.0.1:15001", "[::1]:15001"]);
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:15090");
         assert_eq!(c.forwarder.mark, DEFAULT_MARK);
+    }
+
+    #[test]
+    fn intercept_moves_loopback_listeners_to_the_wildcard_on_the_same_port() {
+        let (_d, p) = write("intercept:\n  exclude: [10.96.0.0/12]\n  dropUdp: true\n");
+        let c = resolve(Overrides { config: Some(p), intercept: true, ..Overrides::default() })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addrs: Vec<String> = c.forwarder.listen.iter().map(|l| l.addr.to_string()).collect();
+        assert_eq!(addrs, ["0.0.0.0:15001", "[::]:15001"]);
+        let rules = c.intercept.unwrap_or_else(|| panic!("rules"));
+        assert_eq!((rules.forwarder_port, rules.drop_udp, rules.exclude.len()), (15001, true, 1));
     }
 
     #[test]

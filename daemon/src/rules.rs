@@ -28,7 +28,7 @@ use ipnet::IpNet;
 pub(crate) const TABLE: &str = "sluice";
 
 /// What the ruleset needs to know.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rules {
     pub(crate) forwarder_port: u16,
     pub(crate) mark: u32,

@@ -69,10 +69,23 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     for (addr, driver) in forwarder.local_addrs.iter().zip(forwarder.drivers.iter().cycle()) {
         tracing::info!(%addr, driver, workers = forwarder.drivers.len(), "forwarder listening");
     }
+    if let Some(rules) = &config.intercept {
+        if let Err(e) = crate::rules::apply(rules) {
+            forwarder.shutdown(Duration::ZERO);
+            return Err(e.context("--intercept: cannot install the nftables rules"));
+        }
+        tracing::info!(port = rules.forwarder_port, "interception rules installed (nft table inet sluice)");
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("control runtime")?;
     let result = rt.block_on(control(&config, state, names.clone(), prometheus, &forwarder));
     tracing::info!(drain = ?config.drain_timeout, "stopping: draining connections");
     forwarder.shutdown(config.drain_timeout);
+    if config.intercept.is_some() {
+        match crate::rules::remove() {
+            Ok(()) => tracing::info!("interception rules removed"),
+            Err(e) => tracing::error!(error = %e, "cannot remove the interception rules: run `sluice rules remove`"),
+        }
+    }
     if let Some(path) = &names_path {
         match names.save(path, now()) {
             Ok(s) => tracing::info!(saved = s.entries, path = %path.display(), "name table saved"),
@@ -173,12 +186,29 @@ fn init_logging(config: &Config) {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match config.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// stderr that never fails: if whoever reads our log goes away (a closed
+/// pipe, a restarted journald), lines are dropped instead of the
+/// subscriber reporting the failure with `eprintln!`, which would panic.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// One log line per refused connection — source, destination, names, reason —

@@ -216,3 +216,28 @@ fn bad_config_or_policy_exits_64_with_a_clear_message() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--io-driver", "kqueue"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+/// Whoever reads the log may go away (a closed pipe, a restarted journald):
+/// sluice keeps running and drops the lines.
+#[test]
+fn a_closed_log_pipe_does_not_stop_sluice() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "1", "--policy"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("sluice is ready"));
+    assert!(ready);
+    drop(lines); // the reader is gone
+    for _ in 0..3 {
+        Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap(); // each re-read logs
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "sluice died when its log pipe closed");
+}
