@@ -261,6 +261,14 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/etc/sluice/sluice.yaml");
+        let o = Overrides { config: Some(p), intercept: true, ..Overrides::default() };
+        let c = resolve(o).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(c.intercept.map(|r| r.exclude_ports), Some(vec![22]));
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let (_d, p) = write(
             "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\nadmin: {listen: '127.0.0.1:8'}\n",
