@@ -353,3 +353,40 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
         drop(s);
     }
 }
+
+/// Past `max_connections_per_worker`, accepting pauses: the extra client
+/// waits in the backlog and is served as soon as a slot frees up.
+#[test]
+fn accepting_pauses_at_the_connection_cap() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| {
+            c.workers = 1;
+            c.max_connections_per_worker = 2;
+        });
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(9), 7005);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        l.set_nonblocking(true).unwrap();
+        let clients: Vec<TcpStream> = (0..3).map(|_| ns.within(move || TcpStream::connect(dst).unwrap())).collect();
+        let accept_all = |l: &TcpListener, wait: Duration| {
+            let mut got = Vec::new();
+            let until = std::time::Instant::now() + wait;
+            while std::time::Instant::now() < until {
+                if let Ok((s, _)) = l.accept() {
+                    got.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            got
+        };
+        let first = accept_all(&l, Duration::from_millis(500));
+        assert_eq!(first.len(), 2, "{driver:?}: only two connections forwarded at the cap");
+        // One connection ends (both sides close; a half-closed one still holds its slot)...
+        let mut clients = clients.into_iter();
+        drop(clients.next());
+        drop(first);
+        let more = accept_all(&l, Duration::from_millis(1500));
+        assert_eq!(more.len(), 1, "{driver:?}: ...and the waiting one is served");
+    }
+}

@@ -135,6 +135,7 @@ impl Fwd {
             ..Config::default()
         };
         tweak(&mut config);
+        let workers = config.workers;
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let names = Arc::new(NameTable::new(10_000));
         let policy = Arc::new(ArcSwap::from_pointee(policy(yaml)));
@@ -146,7 +147,7 @@ impl Fwd {
         };
         let handle = ns.within(move || sluice_forwarder::start(config, shared)).unwrap();
         let addr = handle.local_addrs[0];
-        assert_eq!(handle.drivers.len(), 2);
+        assert_eq!(handle.drivers.len(), workers);
         let expect = match driver {
             Driver::Epoll => "epoll",
             _ => "io_uring",
