@@ -73,6 +73,14 @@ fn run() -> OptionParser<Command> {
         .help("Forwarder address (repeatable; default 127.0.0.1:15001 and [::1]:15001)")
         .argument::<std::net::SocketAddr>("ADDR")
         .many();
+    let dns_listen = long("dns-listen")
+        .help("DNS proxy address, UDP and TCP (repeatable; default 127.0.0.1:15053)")
+        .argument::<std::net::SocketAddr>("ADDR")
+        .many();
+    let dns_upstream = long("dns-upstream")
+        .help("Upstream DNS server (repeatable; default: the nameservers of /etc/resolv.conf)")
+        .argument::<std::net::SocketAddr>("ADDR")
+        .many();
     let admin_listen = long("admin-listen")
         .help("Admin API address (default 127.0.0.1:15090)")
         .argument::<std::net::SocketAddr>("ADDR")
@@ -94,10 +102,10 @@ fn run() -> OptionParser<Command> {
     let intercept = long("intercept")
         .help("Install the nftables rules (as `sluice rules apply`) at start and remove them at exit; listeners move to 0.0.0.0/[::]")
         .switch();
-    construct!(Overrides { config, policy, listen, admin_listen, workers, io_driver, state_dir, log_json, intercept })
+    construct!(Overrides { config, policy, listen, dns_listen, dns_upstream, admin_listen, workers, io_driver, state_dir, log_json, intercept })
         .map(Command::Run)
         .to_options()
-        .descr("Run sluice: the forwarder, the admin API and policy hot reload")
+        .descr("Run sluice: the forwarder, the DNS proxy, the admin API and policy hot reload")
         .footer(
             "Examples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll\n\nSignals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy.",
         )
@@ -106,6 +114,11 @@ fn run() -> OptionParser<Command> {
 fn rules() -> OptionParser<Command> {
     let forwarder_port =
         long("port").help("The forwarder's port (default 15001)").argument::<u16>("PORT").fallback(15001);
+    let dns_port = long("dns-port")
+        .help("The DNS proxy's port: UDP/TCP 53 is redirected there (default 15053; 0 leaves DNS alone)")
+        .argument::<u16>("PORT")
+        .fallback(15053)
+        .map(|p| (p != 0).then_some(p));
     let mark = long("mark")
         .help("SO_MARK of sluice's upstream sockets, excluded (default 0x51ce; 0 for none)")
         .argument::<String>("MARK")
@@ -124,7 +137,8 @@ fn rules() -> OptionParser<Command> {
         long("exclude-port").help("Destination TCP port never intercepted (repeatable)").argument::<u16>("PORT").many();
     let drop_udp =
         long("drop-udp").help("Drop other outbound UDP (QUIC), for REGISTRY_ONLY nodes; DNS still passes").switch();
-    let rules = construct!(crate::rules::Rules { forwarder_port, mark, uid, exclude, exclude_ports, drop_udp });
+    let rules =
+        construct!(crate::rules::Rules { forwarder_port, dns_port, mark, uid, exclude, exclude_ports, drop_udp });
     let action = positional::<String>("ACTION").help("print, apply or remove").parse(|a| match a.as_str() {
         "print" => Ok(RulesAction::Print),
         "apply" => Ok(RulesAction::Apply),

@@ -23,6 +23,8 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) forwarder: FileForwarder,
     #[serde(default)]
+    pub(crate) dns: FileDns,
+    #[serde(default)]
     pub(crate) admin: FileAdmin,
     #[serde(default)]
     pub(crate) intercept: FileIntercept,
@@ -47,6 +49,16 @@ pub(crate) struct FileForwarder {
     pub(crate) idle_timeout: Option<String>,
     pub(crate) sniff_timeout: Option<String>,
     pub(crate) max_connections_per_worker: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct FileDns {
+    #[serde(default)]
+    pub(crate) listen: Vec<SocketAddr>,
+    #[serde(default)]
+    pub(crate) upstreams: Vec<SocketAddr>,
+    pub(crate) timeout: Option<String>,
 }
 
 /// `run --intercept`: what the nftables rules leave alone.
@@ -102,6 +114,8 @@ pub(crate) enum LogFormat {
 pub(crate) struct Config {
     pub(crate) policy: Vec<PathBuf>,
     pub(crate) forwarder: sluice_forwarder::Config,
+    pub(crate) dns_listen: Vec<SocketAddr>,
+    pub(crate) dns: sluice_dnsproxy::Config,
     pub(crate) admin_listen: SocketAddr,
     pub(crate) state_dir: Option<PathBuf>,
     pub(crate) log_format: LogFormat,
@@ -119,6 +133,8 @@ pub(crate) struct Overrides {
     pub(crate) config: Option<PathBuf>,
     pub(crate) policy: Vec<PathBuf>,
     pub(crate) listen: Vec<SocketAddr>,
+    pub(crate) dns_listen: Vec<SocketAddr>,
+    pub(crate) dns_upstream: Vec<SocketAddr>,
     pub(crate) admin_listen: Option<SocketAddr>,
     pub(crate) workers: Option<usize>,
     pub(crate) io_driver: Option<DriverName>,
@@ -185,7 +201,22 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         pipe_size: defaults.pipe_size,
     };
     let mut forwarder = forwarder;
-    let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &file.intercept));
+    let mut dns_listen = if !o.dns_listen.is_empty() {
+        o.dns_listen.clone()
+    } else if !file.dns.listen.is_empty() {
+        file.dns.listen.clone()
+    } else {
+        vec!["127.0.0.1:15053".parse()?]
+    };
+    let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &mut dns_listen, &file.intercept));
+    let dns_defaults = sluice_dnsproxy::Config::default();
+    let dns = sluice_dnsproxy::Config {
+        upstreams: if o.dns_upstream.is_empty() { file.dns.upstreams.clone() } else { o.dns_upstream.clone() },
+        listen: dns_listen.clone(),
+        mark: forwarder.mark,
+        timeout: duration("dns.timeout", file.dns.timeout.as_deref(), dns_defaults.timeout)?,
+        ..dns_defaults
+    };
     let mut policy = if o.policy.is_empty() { file.policy.clone() } else { o.policy.clone() };
     if policy.is_empty() && Path::new(DEFAULT_POLICY_DIR).is_dir() {
         policy.push(DEFAULT_POLICY_DIR.into());
@@ -193,6 +224,8 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
     Ok(Config {
         policy,
         forwarder,
+        dns_listen,
+        dns,
         admin_listen: o.admin_listen.or(file.admin.listen).unwrap_or("127.0.0.1:15090".parse()?),
         state_dir: o.state_dir.clone().or(file.state_dir.clone()),
         log_format: if o.log_json { LogFormat::Json } else { file.log.format.unwrap_or_default() },
@@ -207,8 +240,25 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
 /// With interception on, prerouting redirects land on the inbound
 /// interface's address: loopback listeners move to the wildcard addresses on
 /// the same port, so the listeners and the rules agree.
-fn intercept_rules(forwarder: &mut sluice_forwarder::Config, file: &FileIntercept) -> crate::rules::Rules {
+fn intercept_rules(
+    forwarder: &mut sluice_forwarder::Config,
+    dns_listen: &mut Vec<SocketAddr>,
+    file: &FileIntercept,
+) -> crate::rules::Rules {
     let port = forwarder.listen.first().map_or(15001, |l| l.addr.port());
+    let dns_port = dns_listen.first().map_or(15053, SocketAddr::port);
+    if dns_listen.iter().all(|a| a.ip().is_loopback()) {
+        // Wildcards for pods (prerouting lands on the inbound interface's
+        // address) and loopback for local processes (output lands on
+        // 127.0.0.1/::1): hickory answers UDP from the socket's address, so
+        // the loopback sockets make replies to local processes come from
+        // where conntrack expects them.
+        *dns_listen = ["0.0.0.0", "::", "127.0.0.1", "::1"]
+            .iter()
+            .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, dns_port))
+            .collect();
+    }
     if forwarder.listen.iter().all(|l| l.addr.ip().is_loopback()) {
         let intercept = forwarder.listen.first().map_or(Intercept::Redirect, |l| l.intercept);
         forwarder.listen = ["0.0.0.0", "::"]
@@ -221,6 +271,7 @@ fn intercept_rules(forwarder: &mut sluice_forwarder::Config, file: &FileIntercep
     let uid = nix::unistd::getuid().as_raw();
     crate::rules::Rules {
         forwarder_port: port,
+        dns_port: Some(dns_port),
         mark: forwarder.mark,
         uid: (uid != 0).then_some(uid),
         exclude: file.exclude.clone(),
@@ -246,6 +297,7 @@ mod tests {
         let addrs: Vec<String> = c.forwarder.listen.iter().map(|l| l.addr.to_string()).collect();
         assert_eq!(addrs, ["127.0.0.1:15001", "[::1]:15001"]);
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:15090");
+        assert_eq!(c.dns_listen[0].to_string(), "127.0.0.1:15053");
         assert_eq!(c.forwarder.mark, DEFAULT_MARK);
     }
 
@@ -256,6 +308,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let addrs: Vec<String> = c.forwarder.listen.iter().map(|l| l.addr.to_string()).collect();
         assert_eq!(addrs, ["0.0.0.0:15001", "[::]:15001"]);
+        let dns: Vec<String> = c.dns_listen.iter().map(ToString::to_string).collect();
+        assert_eq!(dns, ["0.0.0.0:15053", "[::]:15053", "127.0.0.1:15053", "[::1]:15053"]);
         let rules = c.intercept.unwrap_or_else(|| panic!("rules"));
         assert_eq!((rules.forwarder_port, rules.drop_udp, rules.exclude.len()), (15001, true, 1));
     }

@@ -9,6 +9,7 @@
 //!   connections (`ct status dnat`) and loopback; nobody reaches it directly
 //!   from another host. (The admin API is not touched: its listen address
 //!   decides who can scrape it.)
+//! - DNS (UDP and TCP 53) goes to the DNS proxy, in both chains, when it runs.
 //! - Optional `drop_udp`: other outbound UDP is dropped (QUIC would bypass a
 //!   TCP proxy); DNS (53) still passes.
 //!
@@ -31,6 +32,8 @@ pub(crate) const TABLE: &str = "sluice";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rules {
     pub(crate) forwarder_port: u16,
+    /// The DNS proxy's port: the node's UDP/TCP 53 goes there. `None`: DNS untouched.
+    pub(crate) dns_port: Option<u16>,
     pub(crate) mark: u32,
     /// sluice's own user: its connections are never intercepted.
     pub(crate) uid: Option<u32>,
@@ -49,6 +52,7 @@ impl Rules {
         let set = |nets: &[IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let _ = writeln!(r, "  chain output {{\n    type nat hook output priority -100; policy accept;");
         self.common_returns(&mut r);
+        self.dns_redirect(&mut r);
         let _ = writeln!(r, "    oifname \"lo\" return\n    fib daddr type local return");
         if let Some(uid) = self.uid {
             let _ = writeln!(r, "    meta skuid {uid} return");
@@ -57,13 +61,19 @@ impl Rules {
         let _ = writeln!(r, "    meta l4proto tcp redirect to :{}\n  }}", self.forwarder_port);
         let _ = writeln!(r, "  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;");
         self.common_returns(&mut r);
+        self.dns_redirect(&mut r);
         let _ = writeln!(r, "    fib daddr type local return");
         self.excludes(&mut r, &v4, &v6, &set);
         let _ = writeln!(r, "    meta l4proto tcp redirect to :{}\n  }}", self.forwarder_port);
         let _ = writeln!(r, "  chain input {{\n    type filter hook input priority filter; policy accept;");
         let _ = writeln!(r, "    iifname \"lo\" accept");
         let _ = writeln!(r, "    tcp dport {} ct status dnat accept", self.forwarder_port);
-        let _ = writeln!(r, "    tcp dport {} drop\n  }}", self.forwarder_port);
+        let _ = writeln!(r, "    tcp dport {} drop", self.forwarder_port);
+        if let Some(dns) = self.dns_port {
+            let _ = writeln!(r, "    meta l4proto {{ tcp, udp }} th dport {dns} ct status dnat accept");
+            let _ = writeln!(r, "    meta l4proto {{ tcp, udp }} th dport {dns} drop");
+        }
+        let _ = writeln!(r, "  }}");
         if self.drop_udp {
             for (chain, hook) in [("udp_output", "output"), ("udp_forward", "forward")] {
                 let _ = writeln!(r, "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;");
@@ -88,6 +98,13 @@ impl Rules {
     fn common_returns(&self, r: &mut String) {
         if self.mark != 0 {
             let _ = writeln!(r, "    meta mark {:#x} return", self.mark);
+        }
+    }
+
+    /// DNS first (UDP and TCP 53 to the proxy), then nothing but TCP goes on.
+    fn dns_redirect(&self, r: &mut String) {
+        if let Some(dns) = self.dns_port {
+            let _ = writeln!(r, "    udp dport 53 redirect to :{dns}\n    tcp dport 53 redirect to :{dns}");
         }
         let _ = writeln!(r, "    meta l4proto != tcp return");
     }
@@ -156,6 +173,7 @@ mod tests {
     fn rules() -> Rules {
         Rules {
             forwarder_port: 15001,
+            dns_port: Some(15053),
             mark: 0x51ce,
             uid: Some(990),
             exclude: vec![
@@ -180,11 +198,14 @@ mod tests {
         assert_eq!(text.matches("meta l4proto tcp redirect to :15001").count(), 2, "output and prerouting");
         assert!(text.contains("tcp dport 15001 ct status dnat accept\n    tcp dport 15001 drop"));
         assert_eq!(text.matches("counter drop comment").count(), 2, "UDP dropped in output and forward");
+        assert_eq!(text.matches("udp dport 53 redirect to :15053\n    tcp dport 53 redirect to :15053").count(), 2);
+        assert!(text.contains("th dport 15053 ct status dnat accept"));
     }
 
     #[test]
     fn without_udp_drop_there_is_no_udp_chain() {
-        let text = Rules { drop_udp: false, uid: None, mark: 0, ..rules() }.render();
+        let text = Rules { drop_udp: false, uid: None, mark: 0, dns_port: None, ..rules() }.render();
+        assert!(!text.contains("dport 53"));
         assert!(!text.contains("udp_output"));
         assert!(!text.contains("skuid"));
         assert!(!text.contains("meta mark"));

@@ -21,6 +21,14 @@ use crate::config::{Config, LogFormat};
 use crate::reload::{self, PolicyState};
 
 const NAMES_FILE: &str = "names.jsonl";
+/// How often the name table is written to the state directory (also at exit).
+const SAVE_EVERY: Duration = Duration::from_secs(60);
+/// Whether this process installed the nftables rules (and so must remove them).
+static RULES_INSTALLED: AtomicBool = AtomicBool::new(false);
+
+fn installed_rules() -> bool {
+    RULES_INSTALLED.load(Ordering::Relaxed)
+}
 
 pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     init_logging(&config);
@@ -69,18 +77,11 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     for (addr, driver) in forwarder.local_addrs.iter().zip(forwarder.drivers.iter().cycle()) {
         tracing::info!(%addr, driver, workers = forwarder.drivers.len(), "forwarder listening");
     }
-    if let Some(rules) = &config.intercept {
-        if let Err(e) = crate::rules::apply(rules) {
-            forwarder.shutdown(Duration::ZERO);
-            return Err(e.context("--intercept: cannot install the nftables rules"));
-        }
-        tracing::info!(port = rules.forwarder_port, "interception rules installed (nft table inet sluice)");
-    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("control runtime")?;
-    let result = rt.block_on(control(&config, state, names.clone(), prometheus, &forwarder));
+    let result = rt.block_on(control(&config, state, names.clone(), prometheus, &forwarder, names_path.clone()));
     tracing::info!(drain = ?config.drain_timeout, "stopping: draining connections");
     forwarder.shutdown(config.drain_timeout);
-    if config.intercept.is_some() {
+    if config.intercept.is_some() && installed_rules() {
         match crate::rules::remove() {
             Ok(()) => tracing::info!("interception rules removed"),
             Err(e) => tracing::error!(error = %e, "cannot remove the interception rules: run `sluice rules remove`"),
@@ -106,9 +107,75 @@ async fn control(
     names: Arc<NameTable>,
     prometheus: PrometheusHandle,
     forwarder: &sluice_forwarder::Handle,
+    names_path: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+
+    // The DNS proxy: bound, its upstreams known, serving — before any rule sends the node's DNS to it.
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in &config.dns_listen {
+        let u = bind_dns(*addr, false).and_then(|s| tokio::net::UdpSocket::from_std(s.into()));
+        udp.push(u.with_context(|| format!("cannot bind DNS (UDP) on {addr}"))?);
+        // TCP answers come from the accepted connection's own address: the
+        // wildcard listener covers loopback, and Linux would refuse both.
+        let covered = addr.ip().is_loopback()
+            && config
+                .dns_listen
+                .iter()
+                .any(|w| w.ip().is_unspecified() && w.port() == addr.port() && w.is_ipv6() == addr.is_ipv6());
+        if !covered {
+            let t = bind_dns(*addr, true).and_then(|s| tokio::net::TcpListener::from_std(s.into()));
+            tcp.push(t.with_context(|| format!("cannot bind DNS (TCP) on {addr}"))?);
+        }
+    }
+    let bound: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
+    let upstreams = sluice_dnsproxy::resolve_upstreams(&config.dns, &bound).context("DNS proxy")?;
+    if upstreams.is_empty() {
+        anyhow::bail!("DNS proxy: no usable upstream resolver (give --dns-upstream)");
+    }
+    for addr in &bound {
+        tracing::info!(%addr, ?upstreams, "DNS proxy listening (UDP and TCP)");
+    }
+    let dns_shared = sluice_dnsproxy::Shared { policy: state.snapshot.clone(), names: names.clone() };
+    let dns = tokio::spawn(sluice_dnsproxy::serve(
+        config.dns.clone(),
+        dns_shared.clone(),
+        udp,
+        tcp,
+        stopped(stop_rx.clone()),
+    ));
+    let warm = tokio::spawn(sluice_dnsproxy::warm(config.dns.clone(), dns_shared, stopped(stop_rx.clone())));
+    if let Some(path) = names_path {
+        let (names, mut stop) = (names.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SAVE_EVERY);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = every.tick() => {
+                        if let Err(e) = sluice_dnsproxy::save(names.clone(), path.clone()).await {
+                            tracing::warn!(error = %e, "periodic name table save failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if let Some(rules) = &config.intercept {
+        crate::rules::apply(rules).context("--intercept: cannot install the nftables rules")?;
+        RULES_INSTALLED.store(true, Ordering::Relaxed);
+        tracing::info!(forwarder_port = rules.forwarder_port, dns_port = ?rules.dns_port, "interception rules installed (nft table inet sluice)");
+    }
     let admin = Admin { prometheus, policy: state.clone(), names, ready: ready.clone() };
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -166,8 +233,31 @@ async fn control(
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = watcher.await;
+    match dns.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "DNS proxy stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "DNS proxy task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = warm.await;
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())
+}
+
+/// A DNS socket: non-blocking, `[::]` v6-only so it can sit beside `0.0.0.0`.
+fn bind_dns(addr: SocketAddr, tcp: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let (ty, proto) = if tcp { (Type::STREAM, Protocol::TCP) } else { (Type::DGRAM, Protocol::UDP) };
+    let s = Socket::new(domain, ty.nonblocking().cloexec(), Some(proto))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    if tcp {
+        s.listen(1024)?;
+    }
+    Ok(s)
 }
 
 /// Half of systemd's `WATCHDOG_USEC`, when the watchdog is on for us.
@@ -182,7 +272,10 @@ fn can_set_mark() -> bool {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        // hickory-server logs every query at INFO: that belongs in metrics, not in the log.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{},hickory_server=warn,hickory_proto=warn", config.log_level))
+        });
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -24,6 +24,8 @@ impl Sluice {
     fn start(policy_dir: &Path, extra: &[&str]) -> Sluice {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--log-json", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "2"])
+            // DNS on port 0, and an upstream where nothing listens: no query leaves the machine.
+            .args(["--dns-listen", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
             .arg("--policy")
             .arg(policy_dir)
             .args(extra)
@@ -223,7 +225,8 @@ fn bad_config_or_policy_exits_64_with_a_clear_message() {
 fn a_closed_log_pipe_does_not_stop_sluice() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "1", "--policy"])
+        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(["--dns-listen", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9", "--policy"])
         .arg(dir.path())
         .stderr(Stdio::piped())
         .spawn()

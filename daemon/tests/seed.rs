@@ -1,7 +1,8 @@
 //! The seed post's three options, end to end: the real `sluice run
 //! --intercept` in a "node" namespace, a "pod" namespace routed through it,
-//! a "world" namespace with a real HTTP server, real `curl`, real nftables.
-//! (Names come from the HTTP Host here; DNS-learned names need the DNS proxy.)
+//! a "world" namespace with a real HTTP server and a real authoritative DNS
+//! server (dnsmasq), real `curl`, real nftables. Both the local process and
+//! the pod resolve `httpbin.org` through the node's intercepted DNS.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
@@ -36,8 +37,18 @@ impl Ns {
     }
 }
 
+impl Ns {
+    /// `ip netns exec` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
+    fn resolver(&self, nameserver: &str) {
+        let dir = Path::new("/etc/netns").join(&self.0);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), format!("nameserver {nameserver}\n")).unwrap();
+    }
+}
+
 impl Drop for Ns {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.0));
         let _ = sh(&format!("ip netns del {}", self.0));
     }
 }
@@ -144,8 +155,28 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     node.ok(&format!("ip link set {x_if} up && ip addr add 198.18.2.1/24 dev {x_if}"));
     node.ok("sysctl -qw net.ipv4.ip_forward=1");
     world.ok(&format!(
-        "ip link set {w_if} up && ip addr add 198.18.2.20/24 dev {w_if} && ip route add default via 198.18.2.1"
+        "ip link set {w_if} up && ip addr add 198.18.2.20/24 dev {w_if} && ip addr add 198.18.2.53/24 dev {w_if} && ip route add default via 198.18.2.1"
     ));
+    // The world's authoritative DNS: httpbin.org and an unregistered name share the server's IP (a CDN).
+    let dns = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &world.0,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--listen-address=198.18.2.53", "--local=/httpbin.org/", "--local=/example.com/"])
+        .args(["--host-record=httpbin.org,198.18.2.20", "--host-record=exfil.example.com,198.18.2.20"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _dns = Daemon(dns);
+    node.resolver("198.18.2.53");
+    pod.resolver("198.18.2.53");
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("uuid"), "{\"uuid\": \"9f1c\"}\n").unwrap();
     let server = Command::new("ip")
@@ -165,23 +196,20 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
 
     let policy = tempfile::tempdir().unwrap();
     let sluice = start(&node, policy.path());
-    let curl = |ns: &Ns, host: &str| {
-        ns.exec(&format!("curl -s -m 5 -o - -w \"\\n%{{http_code}}\" -H \"Host: {host}\" http://198.18.2.20/uuid")).1
-    };
+    let curl =
+        |ns: &Ns, host: &str| ns.exec(&format!("curl -s -m 5 -o - -w \"\\n%{{http_code}}\" http://{host}/uuid")).1;
 
     // 1. ALLOW_ANY: everything passes, as PassthroughCluster.
     for ns in [&node, &pod] {
         let out = curl(ns, "httpbin.org");
         assert!(out.ends_with("\n200") && out.contains("9f1c"), "{}: {out}", ns.0);
     }
-    assert_eq!(
-        metric(
-            &node,
-            "istio_tcp_connections_opened_total",
-            &[("destination_service_name", "PassthroughCluster"), ("destination_port", "80")]
-        ),
-        2.0
-    );
+    let pass = [("destination_service_name", "PassthroughCluster"), ("destination_service", "httpbin.org")];
+    assert_eq!(metric(&node, "istio_tcp_connections_opened_total", &pass), 2.0, "named from what DNS answered");
+    let names = node.ok("curl -s 127.0.0.1:15090/debug/names?name=httpbin.org");
+    assert!(names.contains("198.18.2.20"), "{names}");
+    let answer = pod.ok("dig +short +time=2 +tries=1 exfil.example.com");
+    assert_eq!(answer.trim(), "198.18.2.20", "the pod's DNS goes through sluice too");
 
     // 2. REGISTRY_ONLY without a ServiceEntry: 502, BlackHoleCluster, with source and destination.
     std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();

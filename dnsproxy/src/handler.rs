@@ -1,0 +1,252 @@
+//! The request handler hickory-server calls for every query: block or
+//! forward, learn from the answer, then reply.
+//!
+//! Order matters: the name table is updated before the reply is handed to
+//! the server, so an app that connects the instant it reads the answer is
+//! judged with the names that answer carried.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::{LowerName, Name, Record, RecordType};
+use hickory_server::net::runtime::Time;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use metrics::Gauge;
+use sluice_policy::model::{Enforcement, Mode};
+use sluice_policy::{Hostname, Retention, Snapshot, Timestamp};
+use tokio::sync::Semaphore;
+
+use crate::Shared;
+use crate::learn::learn;
+use crate::metrics::{self as m, Action};
+use crate::upstream::{Transport, Upstreams};
+
+/// The UDP payload size the proxy advertises in answers it makes itself.
+const LOCAL_PAYLOAD: u16 = 1232;
+
+/// What the policy says about a query name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gate {
+    Forward,
+    /// NXDOMAIN: REGISTRY_ONLY with `dns.blockUnregistered`, and no
+    /// ServiceEntry host covers the name.
+    Block,
+}
+
+/// Decides whether a query for `name` may go upstream. Names that are not
+/// valid host names (the root, escaped bytes) cannot be registered, so they
+/// are blocked too when blocking is on. Dry-run never blocks.
+pub(crate) fn gate(snapshot: &Snapshot, name: &LowerName) -> Gate {
+    let settings = snapshot.settings();
+    if settings.mode != Mode::RegistryOnly
+        || !settings.dns.block_unregistered
+        || settings.enforcement == Enforcement::DryRun
+    {
+        return Gate::Forward;
+    }
+    match Hostname::parse(&name.to_string()) {
+        Ok(host) if snapshot.covers_name(&host) => Gate::Forward,
+        _ => Gate::Block,
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    shared: Shared,
+    upstreams: Upstreams,
+    in_flight: Arc<Semaphore>,
+    ips: Gauge,
+}
+
+impl Proxy {
+    pub(crate) fn new(shared: Shared, upstreams: Upstreams, max_in_flight: usize) -> Self {
+        Proxy {
+            shared,
+            upstreams,
+            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            ips: metrics::gauge!(m::IPS_TRACKED),
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+/// What to report when even the reply could not be sent.
+fn unsent(request: &Request, rcode: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = rcode;
+    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+}
+
+/// A reply made here (blocked, malformed, failed): the client's question,
+/// no records, and EDNS if the client used it.
+async fn local_reply<R: ResponseHandler>(request: &Request, mut response: R, rcode: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = rcode;
+    metadata.recursion_available = true;
+    let edns = request.edns.as_ref().map(|theirs| {
+        let mut ours = Edns::new();
+        ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
+        ours
+    });
+    let reply = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build_no_records(metadata);
+    match response.send_response(reply).await {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::debug!(%error, "could not send a DNS reply");
+            unsent(request, rcode)
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Proxy {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
+        let query = match request.queries.queries() {
+            [q] if request.metadata.op_code == OpCode::Query => q,
+            [q] => {
+                m::request(q.query_type(), ResponseCode::NotImp, Action::Failed);
+                return local_reply(request, response, ResponseCode::NotImp).await;
+            }
+            _ => {
+                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
+                return local_reply(request, response, ResponseCode::FormErr).await;
+            }
+        };
+        let qtype = query.query_type();
+        let (gate, keep) = {
+            let snapshot = self.shared.policy.load();
+            (gate(&snapshot, query.name()), Retention::from(&snapshot.settings().dns))
+        };
+        if gate == Gate::Block {
+            m::request(qtype, ResponseCode::NXDomain, Action::Blocked);
+            return local_reply(request, response, ResponseCode::NXDomain).await;
+        }
+        let Ok(permit) = self.in_flight.try_acquire() else {
+            tracing::debug!("in-flight cap reached: SERVFAIL");
+            m::request(qtype, ResponseCode::ServFail, Action::Failed);
+            return local_reply(request, response, ResponseCode::ServFail).await;
+        };
+        let transport = if matches!(request.protocol(), Protocol::Udp) { Transport::Udp } else { Transport::Tcp };
+        let exchanged = self
+            .upstreams
+            .exchange(request.as_slice(), request.queries.as_bytes(), transport, request.max_payload())
+            .await;
+        drop(permit);
+        let answer = match exchanged.map(|bytes| Message::from_vec(&bytes)) {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
+                m::request(qtype, ResponseCode::ServFail, Action::Failed);
+                return local_reply(request, response, ResponseCode::ServFail).await;
+            }
+            Err(error) => {
+                tracing::debug!(%error, "every upstream failed: SERVFAIL");
+                m::request(qtype, ResponseCode::ServFail, Action::Failed);
+                return local_reply(request, response, ResponseCode::ServFail).await;
+            }
+        };
+        if answer.metadata.response_code == ResponseCode::NoError {
+            let learned = learn(&self.shared.names, &Name::from(query.name()), &answer.answers, now(), keep);
+            if learned.ips > 0 {
+                self.ips.set(self.shared.names.len() as f64);
+            }
+        }
+        m::request(qtype, answer.metadata.response_code, Action::Forwarded);
+        relay(request, response, answer).await
+    }
+}
+
+/// Sends the upstream's answer back: its header flags, records, TTLs and
+/// EDNS as they came; the question is the client's own bytes. Re-encoding
+/// may change name compression, and TC is set if it no longer fits.
+async fn relay<R: ResponseHandler>(request: &Request, mut response: R, mut answer: Message) -> ResponseInfo {
+    let signature = answer.signature.take();
+    let rcode = answer.metadata.response_code;
+    let mut reply = MessageResponseBuilder::new(&request.queries, answer.edns.as_ref()).build(
+        answer.metadata,
+        &answer.answers,
+        &answer.authorities,
+        std::iter::empty::<&Record>(),
+        &answer.additionals,
+    );
+    if let Some(signature) = signature {
+        reply.set_signature(signature);
+    }
+    match response.send_response(reply).await {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::debug!(%error, "could not send a DNS reply");
+            unsent(request, rcode)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::str::FromStr;
+
+    use sluice_policy::{SourceFile, load_sources};
+
+    use super::*;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let file = SourceFile { path: std::path::Path::new("test.yaml").into(), bytes: yaml.as_bytes().to_vec() };
+        let set = load_sources(&[file]).unwrap();
+        Snapshot::compile(&set)
+    }
+
+    fn gate_for(snap: &Snapshot, name: &str) -> Gate {
+        gate(snap, &LowerName::from(Name::from_str(name).unwrap()))
+    }
+
+    const ENTRIES: &str = "\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: svc}
+spec:
+  hosts: [\"*.svc.example.net\"]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: NONE
+";
+
+    fn policy(mode: &str, block: bool, enforcement: &str) -> String {
+        format!(
+            "{ENTRIES}---\napiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: node}}\n\
+             spec:\n  outboundTrafficPolicy: {{mode: {mode}}}\n  enforcement: {enforcement}\n  dns: {{blockUnregistered: {block}}}\n"
+        )
+    }
+
+    #[test]
+    fn blocks_only_unregistered_names_in_registry_only_with_block_on() {
+        let snap = snapshot(&policy("REGISTRY_ONLY", true, "enforce"));
+        assert_eq!(gate_for(&snap, "api.example.com."), Gate::Forward);
+        assert_eq!(gate_for(&snap, "API.Example.Com."), Gate::Forward);
+        assert_eq!(gate_for(&snap, "a.svc.example.net."), Gate::Forward);
+        assert_eq!(gate_for(&snap, "a.b.svc.example.net."), Gate::Forward);
+        assert_eq!(gate_for(&snap, "svc.example.net."), Gate::Block);
+        assert_eq!(gate_for(&snap, "evil.example.org."), Gate::Block);
+        assert_eq!(gate_for(&snap, "."), Gate::Block);
+
+        for (mode, block, enforcement) in
+            [("ALLOW_ANY", true, "enforce"), ("REGISTRY_ONLY", false, "enforce"), ("REGISTRY_ONLY", true, "dry-run")]
+        {
+            let snap = snapshot(&policy(mode, block, enforcement));
+            assert_eq!(gate_for(&snap, "evil.example.org."), Gate::Forward, "{mode} {block} {enforcement}");
+        }
+    }
+}

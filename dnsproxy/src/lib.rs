@@ -1,0 +1,139 @@
+//! sluice's DNS proxy: the node's queries (redirected here by nftables) go
+//! to the real upstream resolvers unchanged, and every answer teaches the
+//! [`NameTable`] which IPs belong to which names before the app sees it.
+//!
+//! Three tasks, all on the control plane's tokio current-thread runtime:
+//! - [`serve`]: hickory-server on the given UDP sockets and TCP listeners;
+//!   raw exchange upstream ([`upstream`](crate::resolve_upstreams)), CNAME
+//!   walk and learning, NXDOMAIN for unregistered names when the policy
+//!   asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
+//! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`
+//!   hosts and refreshes them at their TTL, for apps that bypass the proxy.
+//! - [`persist`]: the name table survives restarts (restore, periodic and
+//!   final save) so REGISTRY_ONLY does not blackhole connections whose
+//!   answers were given before a restart.
+//!
+//! Never depends on the forwarder: the two planes meet only in
+//! `sluice-policy` types (the snapshot and the NameTable).
+#![forbid(unsafe_code)]
+
+mod handler;
+pub mod learn;
+pub mod metrics;
+mod persist;
+mod sys;
+mod upstream;
+mod warm;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sluice_policy::{NameTable, Snapshot};
+
+pub use persist::{persist, restore, save};
+pub use upstream::resolve_upstreams;
+pub use warm::{registered_hosts, warm};
+
+/// DNS proxy settings, with production defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Upstream resolvers, in order of preference. Empty: the nameservers
+    /// of [`resolv_conf`](Self::resolv_conf).
+    pub upstreams: Vec<SocketAddr>,
+    /// Read with hickory-resolver's reader when `upstreams` is empty. If it
+    /// lists only systemd-resolved's stub (127.0.0.53), resolved's own
+    /// upstream file is read instead (forwarding to the stub would loop).
+    pub resolv_conf: PathBuf,
+    /// Where the proxy itself answers (besides the sockets handed to
+    /// [`serve`]); such addresses are never used as upstreams.
+    pub listen: Vec<SocketAddr>,
+    /// `SO_MARK` on upstream sockets, so the node's redirect rules let them
+    /// out (loop guard). 0 leaves the mark unset.
+    pub mark: u32,
+    /// How long one upstream gets to answer before the next is tried.
+    pub timeout: Duration,
+    /// Queries waiting on an upstream at once; past this, SERVFAIL at once.
+    pub max_in_flight: usize,
+    /// A client TCP connection with no query this long is closed.
+    pub tcp_idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            upstreams: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            listen: Vec::new(),
+            mark: 0,
+            timeout: Duration::from_millis(1_500),
+            max_in_flight: 4_096,
+            tcp_idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the control plane shares with the DNS proxy.
+#[derive(Clone)]
+pub struct Shared {
+    /// The current policy; a reload swaps it.
+    pub policy: Arc<ArcSwap<Snapshot>>,
+    pub names: Arc<NameTable>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("names", &self.names.len()).finish_non_exhaustive()
+    }
+}
+
+/// Why the DNS proxy could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("no upstream DNS resolvers (none configured, and none usable in resolv.conf)")]
+    NoUpstreams,
+    #[error("reading {path}: {source}")]
+    ResolvConf { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("DNS server: {0}")]
+    Server(#[source] hickory_server::net::NetError),
+    #[error("socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("name table file {path}: {source}")]
+    Persist { path: PathBuf, source: std::io::Error },
+}
+
+/// Answers DNS on `udp` and `tcp` until `shutdown` completes, then stops
+/// accepting and returns. Sockets are bound by the caller (port 0 in tests).
+pub async fn serve(
+    config: Config,
+    shared: Shared,
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
+    let mut ours = config.listen.clone();
+    ours.extend(udp.iter().filter_map(|s| s.local_addr().ok()));
+    ours.extend(tcp.iter().filter_map(|s| s.local_addr().ok()));
+    let addrs = resolve_upstreams(&config, &ours)?;
+    tracing::info!(upstreams = ?addrs, listen = ?ours, "DNS proxy starting");
+    let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout);
+    let proxy = handler::Proxy::new(shared, upstreams, config.max_in_flight);
+    if udp.is_empty() && tcp.is_empty() {
+        shutdown.await;
+        return Ok(());
+    }
+    let mut server = hickory_server::Server::new(proxy);
+    for socket in udp {
+        server.register_socket(socket);
+    }
+    for listener in tcp {
+        server.register_listener(listener, config.tcp_idle_timeout, 64);
+    }
+    tokio::select! {
+        done = server.block_until_done() => done.map_err(DnsError::Server),
+        () = shutdown => server.shutdown_gracefully().await.map_err(DnsError::Server),
+    }
+}

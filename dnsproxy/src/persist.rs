@@ -1,0 +1,95 @@
+//! The name table across restarts.
+//!
+//! In REGISTRY_ONLY, a restart that forgot every name would blackhole the
+//! connections apps open with answers they got before it (their resolver
+//! caches them; no new query reaches the proxy). So the table is restored at
+//! start, saved periodically (a crash loses at most one interval), and saved
+//! at shutdown. Saves run on tokio's blocking pool: writing a large table
+//! must not stall DNS answers on the control thread.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sluice_policy::names::PersistStats;
+use sluice_policy::{NameTable, Timestamp};
+
+use crate::DnsError;
+use crate::metrics as m;
+
+fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+fn persist_error(path: &Path, source: std::io::Error) -> DnsError {
+    DnsError::Persist { path: path.to_path_buf(), source }
+}
+
+/// Loads a table saved by [`save`]; expired entries are skipped, a missing
+/// file is an empty table.
+pub fn restore(names: &NameTable, path: &Path) -> Result<PersistStats, DnsError> {
+    let stats = names.restore(path, now()).map_err(|e| persist_error(path, e))?;
+    metrics::gauge!(m::IPS_TRACKED).set(names.len() as f64);
+    Ok(stats)
+}
+
+/// Drops expired entries, then writes the alive ones to `path` atomically.
+pub async fn save(names: Arc<NameTable>, path: PathBuf) -> Result<PersistStats, DnsError> {
+    let job = tokio::task::spawn_blocking(move || {
+        let now = now();
+        names.purge_expired(now);
+        let saved = names.save(&path, now).map_err(|e| persist_error(&path, e));
+        (saved, names.len())
+    });
+    let (saved, ips) =
+        job.await.map_err(|e| DnsError::Persist { path: PathBuf::new(), source: std::io::Error::other(e) })?;
+    metrics::gauge!(m::IPS_TRACKED).set(ips as f64);
+    match &saved {
+        Ok(stats) => {
+            metrics::gauge!(m::NAMES_TRACKED).set(stats.entries as f64);
+            metrics::counter!(m::SAVES, "result" => "ok").increment(1);
+        }
+        Err(_) => metrics::counter!(m::SAVES, "result" => "error").increment(1),
+    }
+    saved
+}
+
+/// Restores the table from `path`, saves it every `interval` and once more
+/// when `shutdown` completes. A table that cannot be restored is logged and
+/// the proxy starts empty; a failed periodic save is logged and counted and
+/// the loop goes on; a failed final save is returned.
+///
+/// Spawn it before [`serve`](crate::serve) starts answering (the restore
+/// runs at its first poll), or call [`restore`] first yourself.
+pub async fn persist(
+    names: Arc<NameTable>,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
+    match restore(&names, &path) {
+        Ok(stats) => {
+            tracing::info!(path = %path.display(), restored = stats.entries, skipped = stats.skipped, "name table restored")
+        }
+        // A corrupt or unreadable file must not keep DNS down: start empty, and overwrite it at the next save.
+        Err(error) => tracing::warn!(%error, "name table not restored; starting empty"),
+    }
+    let interval = interval.max(Duration::from_secs(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = ticks.tick() => {
+                if let Err(error) = save(names.clone(), path.clone()).await {
+                    tracing::warn!(%error, "periodic name table save failed");
+                }
+            }
+        }
+    }
+    let stats = save(names, path.clone()).await?;
+    tracing::info!(path = %path.display(), saved = stats.entries, "name table saved");
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Transparent forwarding: through the proxy, `dig` and `kdig` see what
+//! they see straight from the upstream — flags, TTLs, EDNS options, DNSSEC
+//! records, TC on truncated UDP answers, full answers over TCP — and the
+//! bytes are the upstream's apart from what re-encoding must change.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proxy, Upstream, dig, flags, kdig, normalize, query, shared, status, tcp_exchange, udp_exchange};
+use hickory_proto::op::Message;
+use hickory_proto::rr::RecordType;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+
+/// The message itself: hickory's encoder leaves the bytes of the record it
+/// could not fit after a truncated message's last counted record; they are
+/// no part of the message, and re-encoding drops them.
+fn wire(bytes: &[u8]) -> &[u8] {
+    let mut decoder = BinDecoder::new(bytes);
+    Message::read(&mut decoder).unwrap();
+    &bytes[..decoder.index()]
+}
+
+const CASES: &[(&str, &str)] = &[
+    ("api.sluice.test", "A"),
+    ("api.sluice.test", "AAAA"),
+    ("www.sluice.test", "A"),
+    ("www.sluice.test", "AAAA"),
+    ("edge.cdn.sluice.test", "CNAME"),
+    ("many.sluice.test", "A"),
+    ("one.sluice.test", "A"),
+    ("x.wild.sluice.test", "A"),
+    ("mx.sluice.test", "MX"),
+    ("one.sluice.test", "AAAA"),
+    ("missing.sluice.test", "A"),
+    ("sluice.test", "SOA"),
+    ("sluice.test", "NS"),
+    ("outside.example", "A"),
+];
+
+#[test]
+fn dig_sees_the_upstreams_answers() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    for (name, rtype) in CASES {
+        for extra in [&[][..], &["+bufsize=4096"][..], &["+noedns"][..], &["+dnssec"][..]] {
+            let mut args = vec![*name, *rtype];
+            args.extend_from_slice(extra);
+            let direct = dig(up.addr, &args);
+            let via = dig(proxy.addr, &args);
+            assert!(direct.contains("status:"), "{direct}");
+            assert_eq!(normalize(&via), normalize(&direct), "{name} {rtype} {extra:?}");
+        }
+    }
+}
+
+#[test]
+fn answers_are_the_upstreams_bytes() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    let wait = Duration::from_secs(3);
+    let types = [RecordType::A, RecordType::AAAA, RecordType::CNAME, RecordType::MX, RecordType::TXT];
+    for (i, name) in
+        ["api.sluice.test.", "www.sluice.test.", "many.sluice.test.", "big.sluice.test.", "nope.sluice.test."]
+            .iter()
+            .enumerate()
+    {
+        for (j, rtype) in types.iter().enumerate() {
+            for payload in [None, Some(1232), Some(4096)] {
+                let q = query((i * 100 + j) as u16, name, *rtype, payload);
+                let direct = udp_exchange(up.addr, &q, wait).unwrap();
+                let via = udp_exchange(proxy.addr, &q, wait).unwrap();
+                assert_eq!(via, wire(&direct), "UDP {name} {rtype} {payload:?}");
+                let direct = tcp_exchange(up.addr, &q);
+                assert_eq!(tcp_exchange(proxy.addr, &q), wire(&direct), "TCP {name} {rtype} {payload:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn truncated_udp_keeps_tc_and_tcp_gets_everything() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    // 30 TXT records of 200 bytes: too big for 1232 bytes of UDP.
+    let direct = dig(up.addr, &["big.sluice.test", "TXT", "+ignore", "+bufsize=1232"]);
+    let via = dig(proxy.addr, &["big.sluice.test", "TXT", "+ignore", "+bufsize=1232"]);
+    assert!(flags(&via).split(' ').any(|f| f == "tc"), "{via}");
+    assert_eq!(normalize(&via), normalize(&direct));
+    // Without EDNS, 40 A records do not fit 512 bytes either.
+    let via = dig(proxy.addr, &["many.sluice.test", "A", "+ignore", "+noedns"]);
+    assert!(flags(&via).split(' ').any(|f| f == "tc"), "{via}");
+
+    // dig retries over TCP by itself; kdig asks over TCP from the start.
+    let via = dig(proxy.addr, &["big.sluice.test", "TXT", "+bufsize=1232"]);
+    assert_eq!(via.matches("\tTXT\t").count(), 30, "{via}");
+    let direct = kdig(up.addr, &["+tcp", "big.sluice.test", "TXT"]);
+    let via = kdig(proxy.addr, &["+tcp", "big.sluice.test", "TXT"]);
+    assert!(via.contains("(TCP)"), "{via}");
+    assert_eq!(normalize(&via), normalize(&direct));
+    assert_eq!(via.matches("\tTXT\t").count(), 30, "{via}");
+}
+
+#[test]
+fn flags_ttls_edns_options_and_dnssec_records_pass_through() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    for client in ["dig", "kdig"] {
+        let args = ["signed.special.test", "A", "+dnssec", "+nsid"];
+        let (direct, via) = match client {
+            "dig" => (dig(up.addr, &args), dig(proxy.addr, &args)),
+            _ => (kdig(up.addr, &args), kdig(proxy.addr, &args)),
+        };
+        assert_eq!(normalize(&via), normalize(&direct), "{client}");
+        assert!(via.contains("RRSIG"), "{via}");
+        assert!(via.contains("1234"), "TTL kept: {via}");
+        assert!(via.contains("upstream-1"), "NSID kept: {via}");
+        assert!(via.contains("65001"), "unknown EDNS option kept: {via}");
+    }
+    let via = dig(proxy.addr, &["signed.special.test", "A", "+dnssec"]);
+    assert_eq!(flags(&via), "qr rd ra ad");
+    assert_eq!(status(&via), "NOERROR");
+
+    let q = query(7, "signed.special.test.", RecordType::A, Some(1232));
+    let direct = udp_exchange(up.addr, &q, Duration::from_secs(3)).unwrap();
+    let via = udp_exchange(proxy.addr, &q, Duration::from_secs(3)).unwrap();
+    assert_eq!(Message::from_vec(&via).unwrap(), Message::from_vec(&direct).unwrap());
+}

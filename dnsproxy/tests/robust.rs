@@ -1,0 +1,174 @@
+//! Bad input and bad upstreams: garbage never takes the proxy down,
+//! malformed queries get FORMERR (or nothing), a dead upstream fails over to
+//! the next, all dead gives SERVFAIL quickly, and a flood stays bounded.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use common::{Proxy, Upstream, config, dig, kdig, query, shared, status, udp_exchange};
+use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use sluice_dnsproxy::Config;
+
+/// Deterministic junk.
+fn junk(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+fn rcode(answer: &[u8]) -> ResponseCode {
+    Message::from_vec(answer).unwrap().metadata.response_code
+}
+
+#[test]
+fn garbage_never_takes_the_proxy_down() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (i, len) in [0, 1, 11, 12, 13, 40, 100, 512, 1500, 4096, 9000, 65_000].into_iter().enumerate() {
+        for seed in 0..20 {
+            let mut bytes = junk(len, seed * 31 + i as u32);
+            if let Some(b) = bytes.get_mut(2) {
+                *b &= 0x7f; // a "query", so it is parsed further
+            }
+            s.send_to(&bytes, proxy.addr).unwrap();
+        }
+    }
+    for seed in 0..20 {
+        let mut tcp = TcpStream::connect(proxy.addr).unwrap();
+        let mut frame = vec![0x01, 0x2c]; // promises 300 bytes...
+        frame.extend(junk(10 + seed, seed as u32)); // ...sends fewer, then goes away
+        let _ = tcp.write_all(&frame);
+        let mut tcp = TcpStream::connect(proxy.addr).unwrap();
+        let body = junk(200, seed as u32 + 99);
+        let _ = tcp.write_all(&[&[0, 200][..], &body].concat());
+    }
+
+    // A header that promises a question it does not carry: FORMERR, same id.
+    let truncated = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 3, b'a', b'b'];
+    let answer = udp_exchange(proxy.addr, &truncated, Duration::from_secs(3)).unwrap();
+    assert_eq!(answer[..2], [0xab, 0xcd]);
+    assert_eq!(answer[3] & 0x0f, 1, "FORMERR");
+
+    // Two questions: FORMERR. Another opcode: NOTIMP.
+    let mut two = Message::query();
+    two.metadata.id = 9;
+    two.add_query(Query::query(Name::from_ascii("api.sluice.test.").unwrap(), RecordType::A));
+    two.add_query(Query::query(Name::from_ascii("www.sluice.test.").unwrap(), RecordType::A));
+    let answer = udp_exchange(proxy.addr, &two.to_vec().unwrap(), Duration::from_secs(3)).unwrap();
+    assert_eq!(rcode(&answer), ResponseCode::FormErr);
+    let mut notify = Message::query();
+    notify.metadata.op_code = OpCode::Notify;
+    notify.add_query(Query::query(Name::from_ascii("sluice.test.").unwrap(), RecordType::SOA));
+    let answer = udp_exchange(proxy.addr, &notify.to_vec().unwrap(), Duration::from_secs(3)).unwrap();
+    assert_eq!(rcode(&answer), ResponseCode::NotImp);
+
+    // Still answering, on both transports.
+    assert_eq!(status(&dig(proxy.addr, &["api.sluice.test", "A"])), "NOERROR");
+    assert!(kdig(proxy.addr, &["+tcp", "api.sluice.test", "A"]).contains("status: NOERROR"));
+}
+
+/// A UDP port that swallows queries and never answers (kept open while held).
+fn silent() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
+}
+
+/// A port nobody listens on: ICMP port unreachable, connection refused.
+fn refused() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn timed(f: impl FnOnce() -> String) -> (String, Duration) {
+    let t = Instant::now();
+    let out = f();
+    (out, t.elapsed())
+}
+
+#[test]
+fn failover_to_the_next_upstream_and_servfail_when_all_fail() {
+    let up = Upstream::start();
+    let (_hold, quiet) = silent();
+    let timeout = Duration::from_millis(300);
+
+    let proxy = Proxy::start(Config { timeout, ..config(vec![quiet, up.addr]) }, shared(None));
+    let (out, took) = timed(|| dig(proxy.addr, &["api.sluice.test", "A"]));
+    assert_eq!(status(&out), "NOERROR", "{out}");
+    assert!(took >= timeout && took < Duration::from_secs(2), "first query waits one timeout: {took:?}");
+    // The upstream that answered is tried first from now on.
+    let (out, took) = timed(|| dig(proxy.addr, &["www.sluice.test", "A"]));
+    assert_eq!(status(&out), "NOERROR");
+    assert!(took < timeout, "{took:?}");
+
+    let proxy = Proxy::start(Config { timeout, ..config(vec![refused(), up.addr]) }, shared(None));
+    let (out, took) = timed(|| dig(proxy.addr, &["api.sluice.test", "A"]));
+    assert_eq!(status(&out), "NOERROR");
+    assert!(took < timeout, "a refused upstream fails over at once: {took:?}");
+    assert!(kdig(proxy.addr, &["+tcp", "api.sluice.test", "A"]).contains("status: NOERROR"));
+
+    let proxy = Proxy::start(Config { timeout, ..config(vec![quiet, refused()]) }, shared(None));
+    let (out, took) = timed(|| dig(proxy.addr, &["api.sluice.test", "A"]));
+    assert_eq!(status(&out), "SERVFAIL", "{out}");
+    assert!(took < Duration::from_millis(1_000), "{took:?}");
+    assert!(kdig(proxy.addr, &["+tcp", "api.sluice.test", "A"]).contains("status: SERVFAIL"));
+}
+
+#[test]
+fn the_in_flight_cap_answers_servfail_at_once() {
+    let (_hold, quiet) = silent();
+    let config = Config { timeout: Duration::from_secs(2), max_in_flight: 2, ..config(vec![quiet]) };
+    let proxy = Proxy::start(config, shared(None));
+    let waiting: Vec<UdpSocket> = (0..2)
+        .map(|i| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.send_to(&query(i, "api.sluice.test.", RecordType::A, None), proxy.addr).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let answer = udp_exchange(proxy.addr, &query(3, "api.sluice.test.", RecordType::A, None), Duration::from_secs(1));
+    assert_eq!(rcode(&answer.unwrap()), ResponseCode::ServFail);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    for s in waiting {
+        s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_flood_against_a_dead_upstream_stays_bounded() {
+    let (_hold, quiet) = silent();
+    let config = Config { timeout: Duration::from_secs(1), max_in_flight: 64, ..config(vec![quiet]) };
+    let proxy = Proxy::start(config, shared(None));
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let before = rss_kib();
+    for i in 0..50_000u32 {
+        let _ = s.send_to(&query(i as u16, &format!("n{i}.flood.test."), RecordType::A, Some(1232)), proxy.addr);
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "memory grew {grown} KiB under the flood");
+    let answer = udp_exchange(proxy.addr, &query(1, "after.flood.test.", RecordType::A, None), Duration::from_secs(3));
+    assert_eq!(rcode(&answer.unwrap()), ResponseCode::ServFail);
+}

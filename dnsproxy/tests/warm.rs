@@ -1,0 +1,75 @@
+//! Keeping registered names warm: hosts of `resolution: DNS` ServiceEntries
+//! are in the table without any client asking, are refreshed at their TTL,
+//! and a policy reload adds new ones.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Background, Upstream, config, shared, snapshot};
+use sluice_dnsproxy::{Shared, registered_hosts, warm};
+use sluice_policy::Timestamp;
+
+fn entry(name: &str, host: &str, resolution: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  \
+         hosts: [\"{host}\"]\n  ports: [{{number: 443, name: https, protocol: HTTPS}}]\n  resolution: {resolution}\n"
+    )
+}
+
+fn policy(extra: &[(&str, &str, &str)]) -> String {
+    let mut docs = vec![
+        entry("api", "api.sluice.test", "DNS"),
+        entry("www", "www.sluice.test", "DNS_ROUND_ROBIN"),
+        entry("short", "short.sluice.test", "DNS"),
+        entry("wild", "*.wild.sluice.test", "NONE"),
+        entry("static", "mx.sluice.test", "NONE"),
+    ];
+    docs.extend(extra.iter().map(|(n, h, r)| entry(n, h, r)));
+    docs.join("---\n")
+}
+
+fn names(shared: &Shared, ip: &str) -> Vec<String> {
+    let now = Timestamp::from_system(SystemTime::now());
+    let mut v: Vec<String> = shared.names.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn registered_hosts_are_dns_resolved_exact_hosts() {
+    let hosts: Vec<String> = registered_hosts(&snapshot(&policy(&[]))).iter().map(ToString::to_string).collect();
+    assert_eq!(hosts, ["api.sluice.test", "short.sluice.test", "www.sluice.test"]);
+}
+
+#[test]
+fn registered_hosts_are_resolved_refreshed_and_follow_reloads() {
+    let up = Upstream::start();
+    let sh = shared(Some(&policy(&[])));
+    let s = sh.clone();
+    let upstream = up.addr;
+    let _warmer = Background::spawn(move |shutdown| warm(config(vec![upstream]), s, shutdown));
+
+    wait_for("api", || names(&sh, "192.0.2.10") == ["api.sluice.test"]);
+    wait_for("api AAAA", || names(&sh, "2001:db8::10") == ["api.sluice.test"]);
+    wait_for("the www chain", || names(&sh, "198.51.100.7").len() == 3);
+    wait_for("short", || names(&sh, "192.0.2.60") == ["short.sluice.test"]);
+    assert!(names(&sh, "192.0.2.50").is_empty(), "wildcards are not resolved");
+
+    // short.sluice.test has a 2 s TTL: it is asked again within a few seconds.
+    let asked = up.seen();
+    wait_for("a refresh", || up.seen() > asked);
+
+    sh.policy.store(Arc::new(snapshot(&policy(&[("one", "one.sluice.test", "DNS")]))));
+    wait_for("the reloaded entry", || names(&sh, "203.0.113.99") == ["one.sluice.test"]);
+}
