@@ -179,6 +179,17 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     pod.resolver("198.18.2.53");
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("uuid"), "{\"uuid\": \"9f1c\"}\n").unwrap();
+    // A large file for the long transfers: 24 MiB of pseudo-random bytes.
+    let mut big = vec![0u8; 24 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in big.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(site.path().join("big"), &big).unwrap();
+    let want = sh(&format!("sha256sum {}", site.path().join("big").display())).1.split(' ').next().unwrap().to_owned();
     let server = Command::new("ip")
         .args(["netns", "exec", &world.0, "python3", "-m", "http.server", "80", "--bind", "198.18.2.20", "--directory"])
         .arg(site.path())
@@ -211,13 +222,32 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     let answer = pod.ok("dig +short +time=2 +tries=1 exfil.example.com");
     assert_eq!(answer.trim(), "198.18.2.20", "the pod's DNS goes through sluice too");
 
-    // 2. REGISTRY_ONLY without a ServiceEntry: 502, BlackHoleCluster, with source and destination.
-    std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
-    wait_generation(&node, 2);
-    for ns in [&node, &pod] {
-        let out = curl(ns, "httpbin.org");
-        assert!(out.ends_with("\n502") && out.contains("httpbin.org"), "{}: {out}", ns.0);
-    }
+    // A long download in flight while the mode flips to REGISTRY_ONLY: it keeps its verdict and completes intact.
+    let download = |ns: &Ns, out: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sh", "-c"])
+            .arg(format!("curl -s -m 30 --limit-rate 12M -o {out} http://httpbin.org/big && sha256sum {out}"))
+            .output()
+            .unwrap()
+    };
+    let first_out = site.path().join("during-reload").display().to_string();
+    let during_reload = std::thread::scope(|scope| {
+        let job = scope.spawn(|| download(&node, &first_out));
+        std::thread::sleep(Duration::from_millis(500));
+
+        // 2. REGISTRY_ONLY without a ServiceEntry: 502, BlackHoleCluster, with source and destination.
+        std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
+        wait_generation(&node, 2);
+        for ns in [&node, &pod] {
+            let out = curl(ns, "httpbin.org");
+            assert!(out.ends_with("\n502") && out.contains("httpbin.org"), "{}: {out}", ns.0);
+        }
+        job.join().unwrap()
+    });
+    assert!(
+        String::from_utf8_lossy(&during_reload.stdout).starts_with(&want),
+        "the transfer across the reload arrived intact"
+    );
     let bh = [
         ("destination_service_name", "BlackHoleCluster"),
         ("destination_service", "httpbin.org"),
@@ -242,10 +272,17 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     let se = [("destination_service_name", "httpbin.org"), ("destination_service", "httpbin.org")];
     assert_eq!(metric(&node, "istio_tcp_connections_opened_total", &se), 2.0);
 
-    // SIGTERM: exit 0, rules gone.
+    // SIGTERM drains: a download in flight completes intact, then sluice exits 0 and its rules are gone.
     let mut sluice = sluice;
-    assert!(sh(&format!("kill -TERM {}", sluice.0.id())).0);
-    let status = sluice.0.wait().unwrap();
+    let last_out = site.path().join("during-drain").display().to_string();
+    let (drained, status) = std::thread::scope(|scope| {
+        let job = scope.spawn(|| download(&pod, &last_out));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(sh(&format!("kill -TERM {}", sluice.0.id())).0);
+        let out = job.join().unwrap();
+        (out, sluice.0.wait().unwrap())
+    });
+    assert!(String::from_utf8_lossy(&drained.stdout).starts_with(&want), "the transfer across SIGTERM arrived intact");
     assert_eq!(status.code(), Some(0));
     assert_eq!(node.ok("nft list ruleset").trim(), "", "--intercept removes its rules at exit");
 }
