@@ -113,3 +113,16 @@ fn a_missing_path_is_an_error_not_an_empty_policy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/policy.d:1:1: cannot read"));
 }
+
+#[test]
+fn shell_completions_are_generated() {
+    for (style, marker) in [("bash", "_bpaf_dynamic_completion"), ("zsh", "#compdef sluice"), ("fish", "_bpaf_dynamic_completion")] {
+        let out = sluice(&[&format!("--bpaf-complete-style-{style}")]);
+        assert!(out.status.success(), "{style}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(marker),
+            "{style}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
