@@ -116,7 +116,9 @@ fn a_missing_path_is_an_error_not_an_empty_policy() {
 
 #[test]
 fn shell_completions_are_generated() {
-    for (style, marker) in [("bash", "_bpaf_dynamic_completion"), ("zsh", "#compdef sluice"), ("fish", "_bpaf_dynamic_completion")] {
+    for (style, marker) in
+        [("bash", "_bpaf_dynamic_completion"), ("zsh", "#compdef sluice"), ("fish", "_bpaf_dynamic_completion")]
+    {
         let out = sluice(&[&format!("--bpaf-complete-style-{style}")]);
         assert!(out.status.success(), "{style}");
         assert!(

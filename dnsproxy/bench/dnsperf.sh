@@ -32,6 +32,8 @@ else
     CPU_LOAD=${CPU_LOAD-} CPU_UPSTREAM=${CPU_UPSTREAM-} CPU_PROXY=${CPU_PROXY-}
 fi
 pin() { local cpus=$1; shift; if [[ -n $cpus ]]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+# For background servers: `$!` is then the server itself, not a subshell.
+pin_exec() { local cpus=$1; shift; if [[ -n $cpus ]]; then exec taskset -c "$cpus" "$@"; else exec "$@"; fi; }
 
 cargo build --release --quiet -p sluice-dnsproxy --example forward
 SLUICE=target/release/examples/forward
@@ -78,9 +80,9 @@ setACL({"127.0.0.0/8"})
 newServer({address="127.0.0.1:$P_UP", checkName="bench.test.", checkInterval=60})
 EOF
 
-pin "$CPU_UPSTREAM" nsd -d -c "$WORK/nsd.conf" 2>"$WORK/nsd.err" & PIDS+=($!)
-pin "$CPU_PROXY" "$SLUICE" "127.0.0.1:$P_SLUICE" "127.0.0.1:$P_UP" 2>"$WORK/sluice.err" & SLUICE_PID=$!; PIDS+=($SLUICE_PID)
-pin "$CPU_PROXY" dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" >"$WORK/dnsdist.out" 2>&1 & DNSDIST_PID=$!; PIDS+=($DNSDIST_PID)
+pin_exec "$CPU_UPSTREAM" nsd -d -c "$WORK/nsd.conf" 2>"$WORK/nsd.err" & PIDS+=($!)
+pin_exec "$CPU_PROXY" "$SLUICE" "127.0.0.1:$P_SLUICE" "127.0.0.1:$P_UP" 2>"$WORK/sluice.err" & SLUICE_PID=$!; PIDS+=($SLUICE_PID)
+pin_exec "$CPU_PROXY" dnsdist --supervised --disable-syslog -C "$WORK/dnsdist.conf" >"$WORK/dnsdist.out" 2>&1 & DNSDIST_PID=$!; PIDS+=($DNSDIST_PID)
 sleep 2
 for port in $P_UP $P_SLUICE $P_DNSDIST; do
     dig @127.0.0.1 -p "$port" +time=2 +tries=2 +short n1.bench.test A | grep -q 10.0.1.1 \

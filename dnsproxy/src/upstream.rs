@@ -146,6 +146,8 @@ fn failure_counter(addr: SocketAddr, e: &UpstreamError) -> Counter {
 }
 
 impl Upstream {
+    /// One query on a pooled socket. The socket is pooled again only once
+    /// its answer is in, so at most one query is ever outstanding on it.
     async fn udp(&self, query: &[u8], question: &[u8], max_udp: u16, mark: u32) -> Result<Vec<u8>, UpstreamError> {
         let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         let socket = match pooled {
@@ -157,16 +159,19 @@ impl Upstream {
         let mut buf = vec![0u8; usize::from(max_udp.max(512)) + 1];
         loop {
             let n = socket.recv(&mut buf).await?;
-            if n < buf.len() && answers(query, question, &buf[..n]) {
-                buf.truncate(n);
-                if let Ok(mut idle) = self.idle.lock()
-                    && idle.len() < POOL_MAX
-                {
-                    idle.push(socket);
-                }
-                return Ok(buf);
+            if !answers(query, question, &buf[..n]) {
+                continue; // a stray or forged datagram: keep waiting (the caller's timeout bounds this)
             }
-            // A stray or forged datagram: keep waiting (the caller's timeout bounds this).
+            if n == buf.len() {
+                return Err(UpstreamError::Mismatch); // larger than the client accepts
+            }
+            buf.truncate(n);
+            if let Ok(mut idle) = self.idle.lock()
+                && idle.len() < POOL_MAX
+            {
+                idle.push(socket);
+            }
+            return Ok(buf);
         }
     }
 
