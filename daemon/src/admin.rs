@@ -44,7 +44,8 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
 
 /// Gauges read at scrape time.
 fn gauges(a: &Admin) {
-    metrics::gauge!("sluice_name_table_ips").set(a.names.len() as f64);
+    metrics::gauge!(sluice_dnsproxy::metrics::IPS_TRACKED).set(a.names.len() as f64);
+    metrics::gauge!(sluice_dnsproxy::metrics::NAMES_TRACKED).set(a.names.name_count() as f64);
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {

@@ -32,7 +32,14 @@ fn installed_rules() -> bool {
 
 pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     init_logging(&config);
-    let prometheus = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(sluice_dnsproxy::metrics::UPSTREAM_DURATION.into()),
+            sluice_dnsproxy::metrics::UPSTREAM_BUCKETS,
+        )
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
     if config.policy.is_empty() {
         tracing::warn!(
             "no policy paths (and no {}): running on the built-in default, ALLOW_ANY",

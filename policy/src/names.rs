@@ -160,6 +160,12 @@ impl NameTable {
         self.map.is_empty()
     }
 
+    /// Number of (IP, name) pairs held, alive or not yet purged. Walks the
+    /// table: for gauges read at scrape time, not for the hot path.
+    pub fn name_count(&self) -> usize {
+        self.map.pin().iter().map(|(_, v)| v.leases.len()).sum()
+    }
+
     /// Records that DNS answered `name` with `ip` and this TTL.
     pub fn record(&self, ip: IpAddr, name: &Hostname, ttl: Duration, now: Timestamp, keep: Retention) {
         let expires = now.plus(ttl.max(keep.min_ttl)).plus(keep.grace).unix_millis();
@@ -168,6 +174,15 @@ impl NameTable {
 
     fn record_until(&self, ip: IpAddr, name: &Hostname, expires: u64, used_until: u64, now_ms: u64) {
         let map = self.map.pin();
+        // The same answer again (a popular name re-resolved): when it would
+        // move the expiry by less than the slack, skip the copy-on-write.
+        if let Some(old) = map.get(&ip) {
+            let fresh = old.leases.iter().any(|l| &l.name == name && l.expires + TOUCH_SLACK_MS >= expires);
+            if fresh && old.used_until.load(Ordering::Relaxed) >= used_until {
+                old.last_touch.fetch_max(now_ms, Ordering::Relaxed);
+                return;
+            }
+        }
         let is_new = !map.contains_key(&ip);
         map.update_or_insert_with(
             ip,

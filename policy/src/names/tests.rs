@@ -157,3 +157,17 @@ fn save_and_restore_round_trip_skipping_expired_and_garbage() {
     assert_eq!(stats.entries, 0, "everything expired by then");
     assert_eq!(later.restore(&dir.path().join("missing"), T0).ok(), Some(PersistStats::default()));
 }
+
+#[test]
+fn recording_the_same_answer_again_keeps_one_lease_and_counts_names() {
+    let t = NameTable::new(100);
+    for second in 0..5 {
+        t.record(ip(1), &host("a.example"), Duration::from_secs(30), at(second), KEEP);
+    }
+    t.record(ip(1), &host("b.example"), Duration::from_secs(30), T0, KEEP);
+    t.record(ip(2), &host("a.example"), Duration::from_secs(30), T0, KEEP);
+    assert_eq!(t.name_count(), 3);
+    // A re-record that extends the life by more than the slack does move it.
+    t.record(ip(1), &host("a.example"), Duration::from_secs(30), at(600), KEEP);
+    assert_eq!(t.names(ip(1), at(600 + 90 - 1)).len(), 1, "a.example alive until 600 + 30 + 60");
+}
