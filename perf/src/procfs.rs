@@ -1,0 +1,81 @@
+//! CPU time, memory, threads and descriptors, read from `/proc`.
+//! Times are in clock ticks (`USER_HZ`, 100 per second on Linux).
+
+use std::fs;
+
+pub(crate) const TICKS_PER_SEC: f64 = 100.0;
+
+/// utime + stime from a `/proc/.../stat` file.
+fn stat_ticks(path: &str) -> Option<u64> {
+    let s = fs::read_to_string(path).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let mut f = s.rsplit_once(')')?.1.split_whitespace();
+    // After ')': state is field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// This process's threads: (tid, name).
+pub(crate) fn tasks() -> Vec<(u32, String)> {
+    let Ok(dir) = fs::read_dir("/proc/self/task") else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let tid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+        Some((tid, comm.trim_end().to_owned()))
+    })
+    .collect()
+}
+
+/// CPU ticks of this process's threads whose name starts with `prefix`.
+pub(crate) fn task_ticks(prefix: &str) -> u64 {
+    tasks()
+        .into_iter()
+        .filter(|(_, name)| name.starts_with(prefix))
+        .filter_map(|(tid, _)| stat_ticks(&format!("/proc/self/task/{tid}/stat")))
+        .sum()
+}
+
+/// CPU ticks of a whole process (all its threads).
+pub(crate) fn pid_ticks(pid: u32) -> u64 {
+    stat_ticks(&format!("/proc/{pid}/stat")).unwrap_or(0)
+}
+
+/// CPU ticks of this whole process.
+pub(crate) fn self_ticks() -> u64 {
+    stat_ticks("/proc/self/stat").unwrap_or(0)
+}
+
+/// Machine-wide busy ticks (all CPUs, everything but idle and iowait).
+pub(crate) fn machine_busy() -> u64 {
+    let Ok(s) = fs::read_to_string("/proc/stat") else { return 0 };
+    let Some(line) = s.lines().next() else { return 0 };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    v.iter().take(8).sum::<u64>() - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}
+
+/// VmRSS of `/proc/<pid>` ("self" for this process), KiB.
+pub(crate) fn rss_kib(pid: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Open descriptors of `/proc/<pid>` ("self" for this process).
+pub(crate) fn fds(pid: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// io_uring's kernel workers (io-wq) in this process: (all of them, those
+/// serving rings of threads whose name starts with `owner_prefix`). A worker
+/// is named `iou-wrk-<tid>` after the thread whose ring it serves.
+pub(crate) fn iowq_workers(owner_prefix: &str) -> (usize, usize) {
+    let tasks = tasks();
+    let owners: Vec<String> =
+        tasks.iter().filter(|(_, n)| n.starts_with(owner_prefix)).map(|(tid, _)| tid.to_string()).collect();
+    let workers: Vec<&str> = tasks.iter().filter_map(|(_, n)| n.strip_prefix("iou-wrk-")).collect();
+    let owned = workers.iter().filter(|w| owners.iter().any(|o| o == *w)).count();
+    (workers.len(), owned)
+}
