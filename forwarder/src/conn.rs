@@ -174,19 +174,10 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         }
         report.sent = n;
     }
-    match splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size).await {
-        Ok(o) => {
-            report.sent += o.sent;
-            report.received = o.received;
-            report.outcome = Outcome::Spliced(o.end);
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot set up splice pipes: resetting both sides");
-            sys::reset_on_close(&client);
-            sys::reset_on_close(&upstream);
-            report.outcome = Outcome::Spliced(End::ClientError);
-        }
-    }
+    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size).await;
+    report.sent += o.sent;
+    report.received = o.received;
+    report.outcome = Outcome::Spliced(o.end);
 }
 
 fn now() -> Timestamp {

@@ -78,6 +78,7 @@ fn response_flags(outcome: Outcome) -> &'static str {
         Outcome::Spliced(End::ClientError) => "DC",
         Outcome::Spliced(End::UpstreamError) => "UC",
         Outcome::Spliced(End::Idle) => "SI",
+        Outcome::Spliced(End::Internal) => "UO",
         Outcome::ConnectFailed => "UF",
         Outcome::Refused502 | Outcome::RefusedReset | Outcome::NotIntercepted => "NR",
     }

@@ -4,6 +4,13 @@
 //! per-direction pipe. No `IORING_OP_SPLICE` (punted to io-wq threads), no
 //! user-space copy. A splice is tried first; readiness is awaited only on
 //! EAGAIN, so a busy stream costs no poll round trip per chunk.
+//!
+//! Pipes are held only while bytes are in flight: a direction takes one from
+//! a small per-worker pool when it has something to move and gives it back,
+//! empty, before waiting. Idle connections hold no pipe (no fds, no pipe
+//! pages: unprivileged users' pipe pages are capped by
+//! `fs.pipe-user-pages-soft`, past which new pipes shrink to 8 KiB), and
+//! short connections create none once the pool is warm.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -26,6 +33,8 @@ pub enum End {
     UpstreamError,
     /// No byte moved either way for the idle timeout.
     Idle,
+    /// sluice itself ran out of a resource (no pipe could be made): both reset.
+    Internal,
 }
 
 /// Bytes moved and how it ended.
@@ -59,14 +68,7 @@ struct Link<'a> {
 /// Splices until both directions are done. Half-closes propagate (EOF from
 /// one side becomes `shutdown(SHUT_WR)` on the other); a reset or error on
 /// either side resets both; idleness past `idle` ends both.
-pub async fn splice_both(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    idle: Duration,
-    pipe_size: usize,
-) -> io::Result<Outcome> {
-    let up_pipe = Pipe::new(pipe_size)?;
-    let down_pipe = Pipe::new(pipe_size)?;
+pub async fn splice_both(client: &TcpStream, upstream: &TcpStream, idle: Duration, pipe_size: usize) -> Outcome {
     let link = Link {
         client,
         upstream,
@@ -76,8 +78,8 @@ pub async fn splice_both(
         waker: RefCell::new(None),
         pipe_size,
     };
-    let (sent, received) = monoio::join!(link.pump(Side::Client, &up_pipe), link.pump(Side::Upstream, &down_pipe));
-    Ok(Outcome { sent, received, end: link.failed.get().unwrap_or(End::Closed) })
+    let (sent, received) = monoio::join!(link.pump(Side::Client), link.pump(Side::Upstream));
+    Outcome { sent, received, end: link.failed.get().unwrap_or(End::Closed) }
 }
 
 impl Link<'_> {
@@ -89,21 +91,38 @@ impl Link<'_> {
     }
 
     /// One direction: `from` → the other side. Returns the bytes delivered.
-    async fn pump(&self, from: Side, pipe: &Pipe) -> u64 {
+    async fn pump(&self, from: Side) -> u64 {
         let (src, dst) = self.ends(from);
         let mut moved = 0u64;
         let mut in_pipe = 0usize;
+        let mut pipe: Option<Pipe> = None;
         let mut eof = false;
         loop {
             if self.failed.get().is_some() {
+                discard(pipe, in_pipe);
                 return moved;
             }
             // Fill the pipe from the source, unless it still holds bytes.
             if in_pipe == 0 && !eof {
-                match pipe.fill(src, self.pipe_size) {
-                    Ok(0) => eof = true,
-                    Ok(n) => in_pipe = n,
+                let p = match pipe.take().map_or_else(|| take_pipe(self.pipe_size), Ok) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
+                        self.fail(End::Internal);
+                        return moved;
+                    }
+                };
+                match p.fill(src, self.pipe_size) {
+                    Ok(0) => {
+                        eof = true;
+                        give_back(p);
+                    }
+                    Ok(n) => {
+                        in_pipe = n;
+                        pipe = Some(p);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        give_back(p); // empty: idle directions hold no pipe
                         if let Err(end) = self.wait(src, true, from).await {
                             self.fail(end);
                             return moved;
@@ -111,6 +130,7 @@ impl Link<'_> {
                         continue;
                     }
                     Err(_) => {
+                        give_back(p);
                         self.fail(error_end(from));
                         return moved;
                     }
@@ -121,7 +141,8 @@ impl Link<'_> {
                 let _ = sys::shutdown(dst, Shutdown::Write);
                 return moved;
             }
-            match pipe.drain(dst, in_pipe) {
+            let Some(p) = pipe.as_ref() else { continue };
+            match p.drain(dst, in_pipe) {
                 Ok(n) => {
                     in_pipe -= n;
                     moved += n as u64;
@@ -130,11 +151,13 @@ impl Link<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(end) = self.wait(dst, false, from).await {
                         self.fail(end);
+                        discard(pipe, in_pipe);
                         return moved;
                     }
                 }
                 Err(_) => {
                     self.fail(error_end(other(from)));
+                    discard(pipe, in_pipe);
                     return moved;
                 }
             }
@@ -185,7 +208,7 @@ impl Link<'_> {
         match end {
             End::ClientError => sys::reset_on_close(self.upstream),
             End::UpstreamError => sys::reset_on_close(self.client),
-            End::Idle => {
+            End::Idle | End::Internal => {
                 sys::reset_on_close(self.client);
                 sys::reset_on_close(self.upstream);
             }
@@ -194,6 +217,40 @@ impl Link<'_> {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
+    }
+}
+
+/// Spare empty pipes per worker thread. Small: pooled pipes still count
+/// against the user's pipe pages.
+const POOL_MAX: usize = 32;
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_pipe(size: usize) -> io::Result<Pipe> {
+    match POOL.with(|p| p.borrow_mut().pop()) {
+        Some(p) => Ok(p),
+        None => Pipe::new(size),
+    }
+}
+
+/// Returns an empty pipe to the pool (or closes it when the pool is full).
+fn give_back(p: Pipe) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_MAX {
+            pool.push(p);
+        }
+    });
+}
+
+/// A pipe that may still hold bytes is closed, never pooled.
+fn discard(p: Option<Pipe>, in_pipe: usize) {
+    if let Some(p) = p
+        && in_pipe == 0
+    {
+        give_back(p);
     }
 }
 
