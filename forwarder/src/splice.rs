@@ -97,6 +97,15 @@ impl Link<'_> {
         let mut in_pipe = 0usize;
         let mut pipe: Option<Pipe> = None;
         let mut eof = false;
+        // The upstream speaks after it has heard the client (or, for
+        // server-first protocols, at once — readiness says so): a first
+        // splice would only come back EAGAIN.
+        if from == Side::Upstream
+            && let Err(end) = self.wait(src, true, from).await
+        {
+            self.fail(end);
+            return moved;
+        }
         loop {
             if self.failed.get().is_some() {
                 discard(pipe, in_pipe);
