@@ -49,6 +49,8 @@ pub(crate) struct FileForwarder {
     pub(crate) idle_timeout: Option<String>,
     pub(crate) sniff_timeout: Option<String>,
     pub(crate) max_connections_per_worker: Option<usize>,
+    /// Bytes per splice pipe (per direction, only while bytes are in flight).
+    pub(crate) pipe_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,7 +200,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         idle_timeout: duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
         sniff_timeout: duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
         max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
-        pipe_size: defaults.pipe_size,
+        pipe_size: f.pipe_size.unwrap_or(defaults.pipe_size).clamp(4096, 16 << 20),
     };
     let mut forwarder = forwarder;
     let mut dns_listen = if !o.dns_listen.is_empty() {
