@@ -14,10 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{KEEP, Rng, T0, host, table_ip};
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice_policy::{
-    Cluster, Connection, Hostname, NameTable, Reason, Retention, Snapshot, SniffSource, Sniffed, SourceFile, Timestamp,
-    decide, load_sources,
+    Cluster, Connection, NameTable, Reason, Snapshot, SniffSource, Sniffed, SourceFile, decide, load_sources,
 };
 
 const ENTRIES: u32 = 10_000;
@@ -28,9 +30,6 @@ const WORKLOADS: u32 = 16;
 const CONNS: usize = 1 << 16;
 /// Distinct destinations in the hot-working-set case.
 const HOT: usize = 1 << 10;
-
-const T0: Timestamp = Timestamp::from_unix_millis(1_700_000_000_000);
-const KEEP: Retention = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(600) };
 
 /// Entry `e`: even = exact host, odd = wildcard; `e % 4` in {0, 1} = TLS 443,
 /// in {2, 3} = TCP `5000 + e % 1000`.
@@ -74,21 +73,6 @@ fn build_snapshot() -> Snapshot {
     Snapshot::compile(&set)
 }
 
-/// The `k`-th address of the name table: 198.18.0.0/15 first, then 10.0.0.0/8.
-fn table_ip(k: u32) -> IpAddr {
-    const BENCHMARK_NET: u32 = 131_072;
-    let v4 = if k < BENCHMARK_NET {
-        u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k
-    } else {
-        u32::from(Ipv4Addr::new(10, 0, 0, 0)) + k
-    };
-    IpAddr::V4(Ipv4Addr::from(v4))
-}
-
-fn host(s: &str) -> Hostname {
-    Hostname::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
 /// The registered entry an IP's name points at (see [`ip_name`]).
 fn ip_entry(k: u32) -> u32 {
     let slot = 4 * ((k / 4) % (ENTRIES / 4));
@@ -125,22 +109,7 @@ fn build_names() -> NameTable {
     table
 }
 
-/// splitmix64: a small, deterministic generator (no extra dependency).
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
-    }
-
     /// A random table index `k` with `k % 4 == rem`.
     fn ip_index(&mut self, rem: u32) -> u32 {
         self.below(IPS / 4) * 4 + rem

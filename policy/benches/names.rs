@@ -11,8 +11,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{KEEP, Rng, T0, host, table_ip};
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice_policy::{Hostname, NameTable, Retention, Timestamp};
+use sluice_policy::{Hostname, NameTable};
 
 const IPS: u32 = 1_000_000;
 /// IPs the writer may add on top of the table (so it inserts as well as
@@ -21,41 +24,6 @@ const EXTRA_IPS: u32 = 100_000;
 const MAX_WRITES: u64 = 50_000_000;
 /// Lookups per case (a power of two).
 const LOOKUPS: usize = 1 << 16;
-
-const T0: Timestamp = Timestamp::from_unix_millis(1_700_000_000_000);
-const KEEP: Retention = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(600) };
-
-/// The `k`-th address: 198.18.0.0/15 first, then 10.0.0.0/8.
-fn table_ip(k: u32) -> IpAddr {
-    const BENCHMARK_NET: u32 = 131_072;
-    let v4 = if k < BENCHMARK_NET {
-        u32::from(Ipv4Addr::new(198, 18, 0, 0)) + k
-    } else {
-        u32::from(Ipv4Addr::new(10, 0, 0, 0)) + k
-    };
-    IpAddr::V4(Ipv4Addr::from(v4))
-}
-
-fn host(s: &str) -> Hostname {
-    Hostname::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// splitmix64: a small, deterministic generator (no extra dependency).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next() % u64::from(n)) as u32
-    }
-}
 
 fn bench_names(c: &mut Criterion) {
     // The names DNS gives for each IP (also what the writer re-records).
