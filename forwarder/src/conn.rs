@@ -25,12 +25,7 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    pub(crate) fn new(
-        config: Config,
-        shared: Shared,
-        _listens: &[crate::Listen],
-        socks: &[std::net::TcpListener],
-    ) -> Ctx {
+    pub(crate) fn new(config: Config, shared: Shared, socks: &[std::net::TcpListener]) -> Ctx {
         let own = socks.iter().filter_map(|s| s.local_addr().ok()).collect();
         Ctx { config, shared, own, stopping: Cell::new(false) }
     }

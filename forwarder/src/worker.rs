@@ -139,7 +139,7 @@ async fn worker(
     shared: Shared,
     beat: Arc<AtomicU64>,
 ) {
-    let ctx = Rc::new(conn::Ctx::new(config, shared, &listens, &socks));
+    let ctx = Rc::new(conn::Ctx::new(config, shared, &socks));
     let active = Rc::new(Cell::new(0usize));
     let mut accepters = Vec::new();
     for (listen, sock) in listens.into_iter().zip(socks) {
