@@ -142,7 +142,7 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         }
     }
     report.http = seen.is_http();
-    crate::metrics::opened(&verdict, &snapshot, dst);
+    let meter = crate::metrics::opened(&verdict, &snapshot, dst);
     report.verdict = Some(verdict.clone());
     report.snapshot = Some(snapshot.clone());
     if !verdict.allow {
@@ -168,8 +168,9 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
             return;
         }
         report.sent = n;
+        meter.upstream.increment(n);
     }
-    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size).await;
+    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size, &meter).await;
     report.sent += o.sent;
     report.received = o.received;
     report.outcome = Outcome::Spliced(o.end);

@@ -6,6 +6,10 @@
 //! distinct `destination_service` values per process; past that, new names
 //! fold into `other`.
 //!
+//! Bytes are counted as they move (per spliced chunk), so a long-lived
+//! connection shows its traffic while it is open; they carry
+//! `response_flags="-"`, and the closed counter carries how it ended.
+//!
 //! Istio's byte counters are from the server side's point of view:
 //! `istio_tcp_received_bytes_total` counts what the client sent (the
 //! request), `istio_tcp_sent_bytes_total` what it got back (the response).
@@ -43,17 +47,26 @@ struct Labels {
     flags: &'static str,
 }
 
-/// The counters a closing connection bumps (its flags are part of the key).
+/// The counters an open connection bumps: opened once, bytes as they move.
 #[derive(Debug, Clone)]
-struct Closing {
-    closed: Counter,
+struct Live {
+    opened: Counter,
     sent: Counter,
     received: Counter,
 }
 
+/// Byte counters of one connection, bumped by the splice loop per chunk.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    /// Client → upstream (Istio's `received`: the request side).
+    pub(crate) upstream: Counter,
+    /// Upstream → client (Istio's `sent`: the response side).
+    pub(crate) client: Counter,
+}
+
 thread_local! {
-    static OPENED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
-    static CLOSED: RefCell<HashMap<Labels, Closing>> = RefCell::new(HashMap::new());
+    static LIVE: RefCell<HashMap<Labels, Live>> = RefCell::new(HashMap::new());
+    static CLOSED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
 }
 
 /// The process-wide set of destination names given their own series.
@@ -119,17 +132,26 @@ fn label_list(l: &Labels, protocol: &'static str) -> Vec<Label> {
     ]
 }
 
-/// A connection was judged and is about to be forwarded or refused.
-pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::SocketAddr) {
+/// A connection was judged and is about to be forwarded or refused; returns
+/// the byte counters its splice loop bumps.
+pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::SocketAddr) -> Meter {
     let l = labels(verdict, snapshot, dst.port(), dst.ip(), "-");
-    OPENED.with(|cache| {
+    LIVE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let c = cache.entry(l).or_insert_with_key(|l| metrics::counter!(TCP_OPENED, label_list(l, "tcp")));
-        c.increment(1);
-    });
+        let h = cache.entry(l).or_insert_with_key(|l| {
+            let ls = label_list(l, "tcp");
+            Live {
+                opened: metrics::counter!(TCP_OPENED, ls.clone()),
+                sent: metrics::counter!(TCP_SENT_BYTES, ls.clone()),
+                received: metrics::counter!(TCP_RECEIVED_BYTES, ls),
+            }
+        });
+        h.opened.increment(1);
+        Meter { upstream: h.received.clone(), client: h.sent.clone() }
+    })
 }
 
-/// A connection ended: closed with its response flags, and its bytes.
+/// A connection ended: closed, with its response flags.
 pub(crate) fn closed(r: &ConnReport) {
     let (Some(verdict), Some(snapshot), Some(dst)) = (&r.verdict, &r.snapshot, r.destination) else {
         metrics::counter!(NOT_INTERCEPTED).increment(1);
@@ -143,16 +165,7 @@ pub(crate) fn closed(r: &ConnReport) {
     }
     CLOSED.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let h = cache.entry(l).or_insert_with_key(|l| {
-            let ls = label_list(l, "tcp");
-            Closing {
-                closed: metrics::counter!(TCP_CLOSED, ls.clone()),
-                sent: metrics::counter!(TCP_SENT_BYTES, ls.clone()),
-                received: metrics::counter!(TCP_RECEIVED_BYTES, ls),
-            }
-        });
-        h.closed.increment(1);
-        h.sent.increment(r.received);
-        h.received.increment(r.sent);
+        let c = cache.entry(l).or_insert_with_key(|l| metrics::counter!(TCP_CLOSED, label_list(l, "tcp")));
+        c.increment(1);
     });
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use monoio::net::TcpStream;
 use nix::sys::socket::Shutdown;
 
+use crate::metrics::Meter;
 use crate::sys::{self, Pipe};
 
 /// How a spliced connection ended.
@@ -55,6 +56,7 @@ enum Side {
 
 /// Shared between the two directions of one connection.
 struct Link<'a> {
+    meter: &'a Meter,
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     idle: Duration,
@@ -68,8 +70,15 @@ struct Link<'a> {
 /// Splices until both directions are done. Half-closes propagate (EOF from
 /// one side becomes `shutdown(SHUT_WR)` on the other); a reset or error on
 /// either side resets both; idleness past `idle` ends both.
-pub async fn splice_both(client: &TcpStream, upstream: &TcpStream, idle: Duration, pipe_size: usize) -> Outcome {
+pub(crate) async fn splice_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+    pipe_size: usize,
+    meter: &Meter,
+) -> Outcome {
     let link = Link {
+        meter,
         client,
         upstream,
         idle,
@@ -156,6 +165,10 @@ impl Link<'_> {
                     in_pipe -= n;
                     moved += n as u64;
                     self.last_activity.set(Instant::now());
+                    match from {
+                        Side::Client => self.meter.upstream.increment(n as u64),
+                        Side::Upstream => self.meter.client.increment(n as u64),
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(end) = self.wait(dst, false, from).await {

@@ -262,3 +262,43 @@ fn a_reload_leaves_open_connections_alone() {
         drop(c);
     }
 }
+
+/// A long-lived connection's bytes show in the metrics while it is open.
+#[test]
+fn bytes_are_counted_while_the_connection_is_open() {
+    prometheus();
+    for (i, driver) in DRIVERS.into_iter().enumerate() {
+        let port = 8300 + i as u16;
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, "", |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(5), port);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        let (mut s, _) = l.accept().unwrap();
+        (&c).write_all(&[3u8; 100_000]).unwrap();
+        let mut got = vec![0u8; 100_000];
+        s.read_exact(&mut got).unwrap();
+        s.write_all(&[4u8; 7_000]).unwrap();
+        let mut back = vec![0u8; 7_000];
+        (&c).read_exact(&mut back).unwrap();
+        let p = port.to_string();
+        let labels = [("destination_port", p.as_str()), ("destination_service_name", "PassthroughCluster")];
+        // The forwarder counts right after each splice; the client may read first. Poll, bounded.
+        let eventually = |metric: &str, want: f64| {
+            let mut v = 0.0;
+            for _ in 0..200 {
+                v = series(metric, &labels);
+                if v == want {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            v
+        };
+        assert_eq!(eventually("istio_tcp_received_bytes_total", 100_000.0), 100_000.0, "{driver:?}: request bytes");
+        assert_eq!(eventually("istio_tcp_sent_bytes_total", 7_000.0), 7_000.0, "{driver:?}: response bytes");
+        assert_eq!(series("istio_tcp_connections_closed_total", &labels), 0.0, "still open");
+        drop((c, s));
+    }
+}
