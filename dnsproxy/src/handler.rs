@@ -83,8 +83,22 @@ fn unsent(request: &Request, rcode: ResponseCode) -> ResponseInfo {
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
+/// How long clients may cache a blocked name's NXDOMAIN (the SOA's TTL and
+/// minimum, RFC 2308): without an SOA they would not cache it at all.
+const BLOCKED_NEGATIVE_TTL: u32 = 60;
+
+/// The SOA that makes a blocked NXDOMAIN cacheable: owned by the query name,
+/// served by "sluice.invalid" (a name that cannot exist, RFC 6761).
+fn blocked_soa(request: &Request) -> Option<Record> {
+    let owner = Name::from(request.queries.queries().first()?.name().clone());
+    let mname = Name::from_ascii("blocked.sluice.invalid.").ok()?;
+    let rname = Name::from_ascii("hostmaster.sluice.invalid.").ok()?;
+    let soa = hickory_proto::rr::rdata::SOA::new(mname, rname, 1, 3600, 600, 86400, BLOCKED_NEGATIVE_TTL);
+    Some(Record::from_rdata(owner, BLOCKED_NEGATIVE_TTL, hickory_proto::rr::RData::SOA(soa)))
+}
+
 /// A reply made here (blocked, malformed, failed): the client's question,
-/// no records, and EDNS if the client used it.
+/// no records (but an SOA for a blocked NXDOMAIN), and EDNS if the client used it.
 async fn local_reply<R: ResponseHandler>(request: &Request, mut response: R, rcode: ResponseCode) -> ResponseInfo {
     let mut metadata = Metadata::response_from_request(&request.metadata);
     metadata.response_code = rcode;
@@ -94,7 +108,9 @@ async fn local_reply<R: ResponseHandler>(request: &Request, mut response: R, rco
         ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
         ours
     });
-    let reply = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build_no_records(metadata);
+    let soa = if rcode == ResponseCode::NXDomain { blocked_soa(request) } else { None };
+    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
+    let reply = builder.build(metadata, None.iter(), None.iter(), soa.iter(), None.iter());
     match response.send_response(reply).await {
         Ok(info) => info,
         Err(error) => {

@@ -55,6 +55,9 @@ fn unregistered_names_get_nxdomain_registered_ones_are_forwarded() {
     ] {
         let out = dig(proxy.addr, &[name, rtype]);
         assert_eq!(status(&out), "NXDOMAIN", "{name}: {out}");
+        // An SOA in the authority section lets clients cache the negative answer (RFC 2308).
+        let soa = out.lines().find(|l| !l.starts_with(';') && l.contains("SOA")).unwrap_or_default();
+        assert!(soa.contains("blocked.sluice.invalid.") && soa.contains("60"), "{name}: {out}");
         assert_eq!(flags(&out), "qr rd ra", "{name}: {out}");
         assert!(out.contains("QUERY: 1, ANSWER: 0"), "{out}");
     }
