@@ -163,7 +163,7 @@ pub(crate) struct Ctl {
 #[derive(Debug)]
 pub(crate) struct Gen {
     pub(crate) ctl: Arc<Ctl>,
-    /// Latency samples (µs) of short connections, nothing for the others.
+    /// Latency samples: µs for short connections, ns for keepalive round trips, nothing for the others.
     rx: mpsc::Receiver<Vec<u32>>,
 }
 
@@ -175,6 +175,8 @@ pub(crate) enum Load {
     Short { clients: usize },
     /// Connections opened to the hold sink and left idle.
     Idle { conns: usize },
+    /// One persistent connection to an echo sink: 64 bytes each way, in a loop.
+    Keepalive,
 }
 
 impl Gen {
@@ -232,6 +234,7 @@ async fn generate(load: Load, ctl: Arc<Ctl>, deadline: Instant) -> Vec<u32> {
             }
             all
         }
+        Load::Keepalive => keepalive(ctl, live).await,
         Load::Idle { conns } => {
             let conns = idle(conns, &ctl, live).await;
             while live(&ctl) {
@@ -289,6 +292,50 @@ async fn short(k: usize, ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) -> Vec<u32>
         } else {
             ctl.errors.fetch_add(1, Relaxed);
             sleep(Duration::from_millis(1)).await; // a broken target must not make this spin
+        }
+    }
+    samples
+}
+
+/// One connection to an echo sink, kept open: write 64 bytes, read the 64-byte
+/// echo, repeat; a round-trip time (ns) per exchange while measuring. A broken
+/// connection counts an error and is replaced (after 1 ms).
+async fn keepalive(ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) -> Vec<u32> {
+    let mut samples = Vec::with_capacity(256 * 1024);
+    let mut buf = vec![0x5au8; MSG];
+    'conn: while live(&ctl) && samples.len() < MAX_SAMPLES {
+        let Ok(s) = connect(sink_addr(PORT_ECHO)).await else {
+            ctl.errors.fetch_add(1, Relaxed);
+            sleep(Duration::from_millis(1)).await;
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        ctl.ready.fetch_add(1, Relaxed);
+        while live(&ctl) && samples.len() < MAX_SAMPLES {
+            let t0 = Instant::now();
+            let res = timeout(OP_TIMEOUT, async {
+                let (r, b) = s.write_all(buf).await;
+                r?;
+                let echoed = read_exact(&s, MSG).await?;
+                Ok::<_, io::Error>((b, echoed))
+            })
+            .await;
+            let took = t0.elapsed();
+            match res {
+                Ok(Ok((b, _))) => {
+                    buf = b;
+                    ctl.done.fetch_add(1, Relaxed);
+                    if ctl.measuring.load(Relaxed) {
+                        samples.push(took.as_nanos().min(u128::from(u32::MAX)) as u32);
+                    }
+                }
+                _ => {
+                    ctl.errors.fetch_add(1, Relaxed);
+                    buf = vec![0x5au8; MSG];
+                    sleep(Duration::from_millis(1)).await;
+                    continue 'conn;
+                }
+            }
         }
     }
     samples

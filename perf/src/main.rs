@@ -56,13 +56,13 @@ fn opts() -> OptionParser<Opts> {
         .argument::<usize>("BYTES")
         .fallback(65536);
     let scenarios = long("scenarios")
-        .help("Comma-separated: bulk-1, bulk-4, short")
+        .help("Comma-separated: bulk-1, bulk-4, short, keepalive")
         .argument::<String>("LIST")
         .fallback("bulk-1,bulk-4,short".into());
     let targets = long("targets")
-        .help("Comma-separated: direct, sluice-uring, sluice-epoll, haproxy")
+        .help("Comma-separated: direct, sluice-uring, sluice-epoll, haproxy, nginx (nginx: a port-forward)")
         .argument::<String>("LIST")
-        .fallback("direct,sluice-uring,sluice-epoll,haproxy".into());
+        .fallback("direct,sluice-uring,sluice-epoll,haproxy,nginx".into());
     let json = long("json").help("Also write every run as JSON to this file").argument::<PathBuf>("FILE").optional();
     construct!(Opts {
         quick,
@@ -87,6 +87,7 @@ struct Machine {
     cpus: usize,
     kernel: String,
     haproxy: String,
+    nginx: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,11 +104,14 @@ fn machine() -> Machine {
         cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
     let haproxy = std::process::Command::new("haproxy").arg("-v").output().ok();
     let haproxy = haproxy.map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned());
+    let nginx = std::process::Command::new("nginx").arg("-v").output().ok();
+    let nginx = nginx.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned());
     Machine {
         cpu: model.unwrap_or("?").to_owned(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
         haproxy: haproxy.unwrap_or_else(|| "not installed".into()),
+        nginx: nginx.unwrap_or_else(|| "nginx not installed".into()),
     }
 }
 
@@ -136,6 +140,17 @@ fn bench(o: Opts) -> Result<()> {
     for name in o.targets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         targets.push(Target::parse(name).with_context(|| format!("unknown target {name:?}"))?);
     }
+    let mut skipped = Vec::new();
+    targets.retain(|t| match t.unavailable() {
+        Some(why) => {
+            skipped.push(format!("{}: {why}", t.name()));
+            false
+        }
+        None => true,
+    });
+    for s in &skipped {
+        eprintln!("skipping {s}");
+    }
     let (rounds, secs, hold) = if o.quick { (1, 1.0, 1.0) } else { (o.rounds.clamp(1, 20), o.duration, 2.0) };
     let p = Params {
         warmup: Duration::from_secs_f64(o.warmup.clamp(0.0, 5.0)),
@@ -151,7 +166,7 @@ fn bench(o: Opts) -> Result<()> {
         scenarios.push(Scenario::parse(name).with_context(|| format!("unknown scenario {name:?}"))?);
     }
     let m = machine();
-    println!("machine: {} × {}, kernel {}, {}", m.cpus, m.cpu, m.kernel, m.haproxy);
+    println!("machine: {} × {}, kernel {}, {}, {}", m.cpus, m.cpu, m.kernel, m.haproxy, m.nginx);
     let (warm, secs) = (p.warmup.as_secs_f64(), p.duration.as_secs_f64());
     println!("params: {rounds} round(s) alternating targets, {secs:.1} s measured after {warm:.1} s warm-up,");
     println!(
@@ -181,6 +196,7 @@ fn bench(o: Opts) -> Result<()> {
                 }
                 Err(e) => {
                     eprintln!("  {} failed, dropped from this run: {e:#}", t.name());
+                    skipped.push(format!("{}: failed: {e:#}", t.name()));
                     failed.push(t);
                 }
             }
@@ -193,6 +209,9 @@ fn bench(o: Opts) -> Result<()> {
     print!("{}", report::tables(&runs, &targets));
     print!("{}", report::idle_table(&idle, &targets));
     print!("{}", report::checks(&runs, &idle, &targets));
+    for s in &skipped {
+        println!("skipped {s}");
+    }
     if let Some(path) = o.json {
         let command = std::env::args().collect::<Vec<_>>().join(" ");
         let out = Output { machine: &m, command, runs: &runs, idle: &idle };
@@ -212,11 +231,11 @@ fn one_target(
     p: &Params,
 ) -> Result<(Vec<Run>, Option<Idle>)> {
     let mut idle = None;
-    if p.idle_conns > 0 && t != Target::Haproxy {
+    if p.idle_conns > 0 && !t.is_foreign() {
         idle = Some(child::run(netns, t, round, p)?);
     }
     let up = Up::start(netns, t, p, Some(scratch))?;
-    if p.idle_conns > 0 && t == Target::Haproxy {
+    if p.idle_conns > 0 && t.is_foreign() {
         idle = Some(scenario::idle(netns, &up, round, p)?);
     }
     let mut runs = Vec::new();
@@ -225,6 +244,7 @@ fn one_target(
             Scenario::Bulk1 => scenario::bulk(netns, &up, sink, round, 1, p)?,
             Scenario::Bulk4 => scenario::bulk(netns, &up, sink, round, 4, p)?,
             Scenario::Short => scenario::short(netns, &up, round, p)?,
+            Scenario::Keepalive => scenario::keepalive(netns, &up, round, p)?,
         });
     }
     let vals: Vec<String> = runs.iter().map(|r| format!("{:.2} {}", r.value, r.scenario.unit())).collect();

@@ -130,12 +130,21 @@ impl Drop for ScratchDir {
 pub(crate) struct ChildGuard {
     pub(crate) child: std::process::Child,
     id: u64,
+    /// The child leads its own process group (started with `process_group(0)`): kill the whole group.
+    group: bool,
 }
 
 impl ChildGuard {
     pub(crate) fn new(child: std::process::Child) -> ChildGuard {
         let id = register(Cleanup::Kill(child.id() as i32));
-        ChildGuard { child, id }
+        ChildGuard { child, id, group: false }
+    }
+
+    /// A child that leads its own process group, killed with the processes it
+    /// forked (nginx's workers would outlive a killed master).
+    pub(crate) fn new_group(child: std::process::Child) -> ChildGuard {
+        let id = register(Cleanup::Kill(-(child.id() as i32)));
+        ChildGuard { child, id, group: true }
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -145,6 +154,9 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        if self.group {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         unregister(self.id);
@@ -217,6 +229,17 @@ impl Netns {
     /// except the forwarder's (marked) and HAProxy's (by uid) own upstream
     /// connections. The rule counts what it redirects.
     pub(crate) fn redirect_to(&self, port: u16) -> Result<()> {
+        self.redirect(&format!(":{port}"))
+    }
+
+    /// Like [`Netns::redirect_to`], but each sink port P goes to P + `offset`
+    /// (for a proxy that cannot read the original destination: one listener per sink port).
+    pub(crate) fn redirect_offset(&self, offset: u16) -> Result<()> {
+        let map: Vec<String> = (PORT_BULK..=PORT_HOLD).map(|p| format!("{p} : {}", p + offset)).collect();
+        self.redirect(&format!("tcp dport map {{ {} }}", map.join(", ")))
+    }
+
+    fn redirect(&self, to: &str) -> Result<()> {
         let (lo, hi) = (PORT_BULK, PORT_HOLD);
         let rules = format!(
             "table ip sluice_perf {{
@@ -224,7 +247,7 @@ impl Netns {
     type nat hook output priority -100; policy accept;
     meta mark {MARK} return
     meta skuid {HAPROXY_UID} return
-    ip daddr {SINK_IP} tcp dport {lo}-{hi} counter redirect to :{port}
+    ip daddr {SINK_IP} tcp dport {lo}-{hi} counter redirect to {to}
   }}
 }}
 "

@@ -42,6 +42,27 @@ pub(crate) fn pid_ticks(pid: u32) -> u64 {
     stat_ticks(&format!("/proc/{pid}/stat")).unwrap_or(0)
 }
 
+/// `pid` and its child processes (one level: nginx's master and workers).
+pub(crate) fn tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(dir) = fs::read_dir("/proc") else { return pids };
+    for e in dir.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
+        // After ')': state, then ppid.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+/// CPU ticks of `pid` and its child processes.
+pub(crate) fn tree_ticks(pid: u32) -> u64 {
+    tree(pid).into_iter().map(pid_ticks).sum()
+}
+
 /// CPU ticks of this whole process.
 pub(crate) fn self_ticks() -> u64 {
     stat_ticks("/proc/self/stat").unwrap_or(0)

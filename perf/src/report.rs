@@ -51,10 +51,14 @@ pub(crate) fn tables(runs: &[Run], targets: &[Target]) -> String {
             continue;
         }
         let _ = writeln!(o, "\n{} — {} (median of {rounds} [min – max]); CPU in cores", s.title(), s.unit());
-        let lat = if s == Scenario::Short { "  p50 µs  p99 µs" } else { "" };
+        let lat = match s {
+            Scenario::Short => "  p50 µs  p99 µs",
+            Scenario::Keepalive => "  p50 µs  p99 µs p99.9 µs  +p99 µs",
+            _ => "",
+        };
         let _ = writeln!(
             o,
-            "{:<13} {:>9}  {:<19} {:>7} {:>8}{lat}  {:>5} {:>5} {:>5} {:>5}  {:>9}  {:>6}",
+            "{:<20} {:>9}  {:<19} {:>7} {:>8}{lat}  {:>5} {:>5} {:>5} {:>5}  {:>9}  {:>6}",
             "target",
             "median",
             "[min – max]",
@@ -67,24 +71,28 @@ pub(crate) fn tables(runs: &[Run], targets: &[Target]) -> String {
             "per-core",
             "errors"
         );
-        let prec = if s == Scenario::Short { 0 } else { 2 };
+        let prec = if matches!(s, Scenario::Short | Scenario::Keepalive) { 0 } else { 2 };
         for &t in targets {
             let Some(sp) = spread(of(runs, t, s).map(|r| r.value).collect()) else { continue };
             let cpu = |f: fn(&Run) -> f64| median_of(runs, t, s, |r| Some(f(r)));
             let proxy = cpu(|r| r.cpu.proxy).filter(|_| t != Target::Direct);
             let per_core = proxy.filter(|p| *p > 0.0).map(|p| sp.median / p);
-            let lat = if s == Scenario::Short {
-                let p50 = median_of(runs, t, s, |r| r.p50_us.map(f64::from));
-                let p99 = median_of(runs, t, s, |r| r.p99_us.map(f64::from));
-                format!("  {:>6} {:>7}", opt(p50, 0), opt(p99, 0))
-            } else {
-                String::new()
+            let p50 = median_of(runs, t, s, |r| r.p50_us);
+            let p99 = median_of(runs, t, s, |r| r.p99_us);
+            let lat = match s {
+                Scenario::Short => format!("  {:>6} {:>7}", opt(p50, 0), opt(p99, 0)),
+                Scenario::Keepalive => {
+                    let p999 = median_of(runs, t, s, |r| r.p999_us);
+                    let added = added_p99(runs, t).filter(|_| t != Target::Direct);
+                    format!("  {:>6} {:>7} {:>8} {:>8}", opt(p50, 1), opt(p99, 1), opt(p999, 1), opt(added, 1))
+                }
+                _ => String::new(),
             };
             let errors: u64 = of(runs, t, s).map(|r| r.errors).sum();
             let _ = writeln!(
                 o,
-                "{:<13} {:>9.prec$}  {:<19} {:>7} {:>8}{lat}  {:>5} {:>5} {:>5} {:>5}  {:>9}  {:>6}",
-                t.name(),
+                "{:<20} {:>9.prec$}  {:<19} {:>7} {:>8}{lat}  {:>5} {:>5} {:>5} {:>5}  {:>9}  {:>6}",
+                t.label(),
                 sp.median,
                 format!("[{:.prec$} – {:.prec$}]", sp.min, sp.max),
                 opt(ratio(runs, t, s, Target::Direct), 2),
@@ -110,6 +118,12 @@ pub(crate) fn tables(runs: &[Run], targets: &[Target]) -> String {
     o
 }
 
+/// Keepalive: median p99 round trip through `t` less direct's, µs.
+fn added_p99(runs: &[Run], t: Target) -> Option<f64> {
+    let p99 = |t| median_of(runs, t, Scenario::Keepalive, |r| r.p99_us);
+    Some(p99(t)? - p99(Target::Direct)?)
+}
+
 /// Per-connection figures of the idle scenario.
 fn idle_row(idle: &[Idle], t: Target) -> Option<(usize, usize, f64, Option<f64>, f64)> {
     let mine: Vec<&Idle> = idle.iter().filter(|i| i.target == t).collect();
@@ -129,7 +143,7 @@ pub(crate) fn idle_table(idle: &[Idle], targets: &[Target]) -> String {
     let _ = writeln!(o, "\nidle — {} connections held open (medians; max for io-wq)", first.conns);
     let _ = writeln!(
         o,
-        "{:<13} {:>15} {:>13} {:>13} {:>14}",
+        "{:<20} {:>15} {:>13} {:>13} {:>14}",
         "target", "io-wq fwd/all", "RSS KiB/conn", "proxy KiB/c", "proxy fds/conn"
     );
     for &t in targets {
@@ -141,7 +155,7 @@ pub(crate) fn idle_table(idle: &[Idle], targets: &[Target]) -> String {
             _ => None,
         };
         let iowq = if t.is_sluice() { format!("{fwd}/{all}") } else { format!("-/{all}") };
-        let _ = writeln!(o, "{:<13} {:>15} {:>13.1} {:>13} {:>14.1}", t.name(), iowq, rss, opt(proxy, 1), fds);
+        let _ = writeln!(o, "{:<20} {:>15} {:>13.1} {:>13} {:>14.1}", t.label(), iowq, rss, opt(proxy, 1), fds);
     }
     o
 }
@@ -155,11 +169,17 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
             Some(g) if g >= want => "MET",
             Some(_) => "MISSED",
         };
-        let _ = writeln!(o, "  {what:<44} {:>6}  {verdict}", opt(got, 2));
+        let _ = writeln!(o, "  {what:<50} {:>6}  {verdict}", opt(got, 2));
     };
     if targets.contains(&Target::Haproxy) {
         let got = ratio(runs, Target::Haproxy, Scenario::Bulk1, Target::Direct);
-        let _ = writeln!(o, "  {:<44} {:>6}  (reference: about 0.63)", "haproxy 1-stream × direct", opt(got, 2));
+        let _ = writeln!(o, "  {:<50} {:>6}  (reference: about 0.63)", "haproxy 1-stream × direct", opt(got, 2));
+    }
+    for &t in targets.iter().filter(|t| **t != Target::Direct) {
+        let Some(added) = added_p99(runs, t) else { continue };
+        let verdict = if added <= 30.0 { "MET" } else { "MISSED" };
+        let what = format!("{} keepalive p99 added ≤ 30 µs", t.label());
+        let _ = writeln!(o, "  {what:<50} {added:>6.1}  {verdict}");
     }
     for &t in targets.iter().filter(|t| t.is_sluice()) {
         let n = t.name();
@@ -172,7 +192,7 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
         {
             let verdict = if fwd == 0 { "MET" } else { "MISSED" };
             let conns = idle.first().map_or(0, |i| i.conns);
-            let _ = writeln!(o, "  {:<44} {:>6}  {verdict}", format!("{n} io-wq threads with {conns} idle = 0"), fwd);
+            let _ = writeln!(o, "  {:<50} {:>6}  {verdict}", format!("{n} io-wq threads with {conns} idle = 0"), fwd);
         }
     }
     o

@@ -1,5 +1,6 @@
-//! The three scenarios, each measured between two snapshots taken after a
-//! warm-up: bulk throughput, short-connection rate, idle connections.
+//! The scenarios, each measured between two snapshots taken after a warm-up:
+//! bulk throughput, short-connection rate, keep-alive round-trip latency, idle
+//! connections.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,10 +22,12 @@ pub(crate) enum Scenario {
     Bulk4,
     #[serde(rename = "short")]
     Short,
+    #[serde(rename = "keepalive")]
+    Keepalive,
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 3] = [Scenario::Bulk1, Scenario::Bulk4, Scenario::Short];
+    pub(crate) const ALL: [Scenario; 4] = [Scenario::Bulk1, Scenario::Bulk4, Scenario::Short, Scenario::Keepalive];
 
     pub(crate) fn parse(s: &str) -> Option<Scenario> {
         Scenario::ALL.into_iter().find(|x| x.name() == s)
@@ -35,6 +38,7 @@ impl Scenario {
             Scenario::Bulk1 => "bulk-1",
             Scenario::Bulk4 => "bulk-4",
             Scenario::Short => "short",
+            Scenario::Keepalive => "keepalive",
         }
     }
 
@@ -43,6 +47,7 @@ impl Scenario {
             Scenario::Bulk1 => "bulk, 1 stream",
             Scenario::Bulk4 => "bulk, 4 streams",
             Scenario::Short => "short connections (connect, 64 B each way, close)",
+            Scenario::Keepalive => "keepalive (1 connection, 64 B ping-pong)",
         }
     }
 
@@ -50,6 +55,7 @@ impl Scenario {
         match self {
             Scenario::Bulk1 | Scenario::Bulk4 => "Gbit/s",
             Scenario::Short => "conn/s",
+            Scenario::Keepalive => "round trips/s",
         }
     }
 }
@@ -86,10 +92,12 @@ pub(crate) struct Run {
     pub(crate) target: Target,
     pub(crate) round: usize,
     pub(crate) scenario: Scenario,
-    /// Gbit/s (bulk) or connections/s (short).
+    /// Gbit/s (bulk), connections/s (short) or round trips/s (keepalive).
     pub(crate) value: f64,
-    pub(crate) p50_us: Option<u32>,
-    pub(crate) p99_us: Option<u32>,
+    /// Latency percentiles (short: a whole connection; keepalive: one round trip), µs.
+    pub(crate) p50_us: Option<f64>,
+    pub(crate) p99_us: Option<f64>,
+    pub(crate) p999_us: Option<f64>,
     pub(crate) errors: u64,
     /// Connections the client made, and how many of them the redirect rule sent to the proxy.
     pub(crate) connections: u64,
@@ -108,7 +116,7 @@ struct Snap {
 
 impl Snap {
     fn take(up: &Up<'_>) -> Snap {
-        let foreign = if up.target == Target::Haproxy { up.proxy_ticks() } else { 0 };
+        let foreign = if up.target.is_foreign() { up.proxy_ticks() } else { 0 };
         Snap {
             t: Instant::now(),
             generator: procfs::task_ticks("perf-gen"),
@@ -160,6 +168,7 @@ fn run(up: &Up<'_>, round: usize, scenario: Scenario, value: f64, cpu: Cpu) -> R
         value,
         p50_us: None,
         p99_us: None,
+        p999_us: None,
         errors: 0,
         connections: 0,
         redirected: 0,
@@ -204,10 +213,41 @@ pub(crate) fn short(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result
     let (cpu, secs) = a.cpu(&b);
     let mut r = run(up, round, Scenario::Short, (done_b - done_a) as f64 / secs, cpu);
     samples.sort_unstable();
-    let pct = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied();
+    let pct = |q: f64| percentile(&samples, q).map(f64::from);
     (r.p50_us, r.p99_us) = (pct(0.50), pct(0.99));
     r.errors = ctl.errors.load(Relaxed);
     r.connections = ctl.done.load(Relaxed) + r.errors;
+    r.redirected = ns.redirected().saturating_sub(redirected);
+    Ok(r)
+}
+
+/// The `q` quantile of sorted samples (nearest rank).
+fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
+}
+
+/// One connection kept open through the target, 64 bytes each way in a loop:
+/// round trips per second and their latency percentiles.
+pub(crate) fn keepalive(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result<Run> {
+    settle(up);
+    let redirected = ns.redirected();
+    let generator = Gen::start(ns, Load::Keepalive, p.warmup + p.duration + Duration::from_secs(5))?;
+    generator.wait_ready(1, Duration::from_secs(3))?;
+    std::thread::sleep(p.warmup);
+    let ctl = generator.ctl.clone();
+    let (a, done_a) = (Snap::take(up), ctl.done.load(Relaxed));
+    ctl.measuring.store(true, Relaxed);
+    std::thread::sleep(p.duration);
+    ctl.measuring.store(false, Relaxed);
+    let (b, done_b) = (Snap::take(up), ctl.done.load(Relaxed));
+    let mut samples = generator.finish(Duration::from_secs(5))?;
+    let (cpu, secs) = a.cpu(&b);
+    let mut r = run(up, round, Scenario::Keepalive, (done_b - done_a) as f64 / secs, cpu);
+    samples.sort_unstable();
+    let pct = |q: f64| percentile(&samples, q).map(|ns| f64::from(ns) / 1000.0);
+    (r.p50_us, r.p99_us, r.p999_us) = (pct(0.50), pct(0.99), pct(0.999));
+    r.errors = ctl.errors.load(Relaxed);
+    r.connections = ctl.ready.load(Relaxed);
     r.redirected = ns.redirected().saturating_sub(redirected);
     Ok(r)
 }

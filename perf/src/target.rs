@@ -1,8 +1,11 @@
 //! What the client's connections go through: nothing (direct), the sluice
-//! forwarder in this process (io_uring or epoll driver), or HAProxy in
-//! transparent mode with splice forced. Each proxy gets the same nftables
-//! REDIRECT rule; the client always dials the sink's real address.
+//! forwarder in this process (io_uring or epoll driver), HAProxy in
+//! transparent mode with splice forced, or nginx's stream proxy as a plain
+//! port-forward. Each proxy gets the same nftables REDIRECT rule (nginx: the
+//! same rule with one listening port per sink port); the client always dials
+//! the sink's real address.
 
+use std::os::unix::process::CommandExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,12 +16,17 @@ use sluice_forwarder::{Config, ConnReport, Driver, Handle, Intercept, Listen, Sh
 use sluice_policy::{NameTable, Snapshot};
 
 use crate::load;
-use crate::ns::{ChildGuard, HAPROXY_UID, MARK, Netns, ScratchDir};
+use crate::ns::{ChildGuard, HAPROXY_UID, MARK, Netns, PORT_BULK, PORT_HOLD, SINK_IP, ScratchDir};
 use crate::procfs;
 use crate::scenario::Params;
 
 /// HAProxy's listening port inside the namespace.
 const HAPROXY_PORT: u16 = 15001;
+/// nginx listens on sink port + this (one `server` per sink port: it cannot
+/// read the original destination of a REDIRECTed connection).
+const NGINX_PORT_OFFSET: u16 = 10100;
+/// nginx's stream module, as Debian's `libnginx-mod-stream` installs it.
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Target {
@@ -30,10 +38,13 @@ pub(crate) enum Target {
     SluiceEpoll,
     #[serde(rename = "haproxy")]
     Haproxy,
+    #[serde(rename = "nginx")]
+    Nginx,
 }
 
 impl Target {
-    pub(crate) const ALL: [Target; 4] = [Target::Direct, Target::SluiceUring, Target::SluiceEpoll, Target::Haproxy];
+    pub(crate) const ALL: [Target; 5] =
+        [Target::Direct, Target::SluiceUring, Target::SluiceEpoll, Target::Haproxy, Target::Nginx];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -41,6 +52,15 @@ impl Target {
             Target::SluiceUring => "sluice-uring",
             Target::SluiceEpoll => "sluice-epoll",
             Target::Haproxy => "haproxy",
+            Target::Nginx => "nginx",
+        }
+    }
+
+    /// The name in the tables: says what kind of proxying it is when that is not transparent.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Target::Nginx => "nginx (port-forward)",
+            t => t.name(),
         }
     }
 
@@ -51,12 +71,27 @@ impl Target {
     pub(crate) fn is_sluice(self) -> bool {
         matches!(self, Target::SluiceUring | Target::SluiceEpoll)
     }
+
+    /// A proxy running as its own process(es) (measured from outside, not re-executed for idle).
+    pub(crate) fn is_foreign(self) -> bool {
+        matches!(self, Target::Haproxy | Target::Nginx)
+    }
+
+    /// Why this target cannot run on this machine, if it cannot.
+    pub(crate) fn unavailable(self) -> Option<String> {
+        match self {
+            Target::Nginx => nginx_unavailable(),
+            _ => None,
+        }
+    }
 }
 
 enum Proxy {
     None,
     Sluice(Option<Handle>),
     Haproxy(ChildGuard),
+    /// nginx's master process (its workers are its children).
+    Nginx(ChildGuard),
 }
 
 /// A target set up in the namespace; torn down (proxy stopped, rule removed) on drop.
@@ -88,9 +123,14 @@ impl<'a> Up<'a> {
                 let scratch = scratch.context("haproxy needs a scratch directory")?;
                 (Proxy::Haproxy(start_haproxy(ns, p, scratch)?), Some(HAPROXY_PORT))
             }
+            Target::Nginx => {
+                let scratch = scratch.context("nginx needs a scratch directory")?;
+                (Proxy::Nginx(start_nginx(ns, p, scratch)?), Some(0))
+            }
         };
         let mut up = Up { target, ns, proxy };
         match port {
+            Some(_) if target == Target::Nginx => ns.redirect_offset(NGINX_PORT_OFFSET)?,
             Some(p) => ns.redirect_to(p)?,
             None => drop(ns.clear_redirect()),
         }
@@ -105,12 +145,13 @@ impl<'a> Up<'a> {
     fn probe(&mut self, scratch: Option<&ScratchDir>) -> Result<()> {
         let until = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Proxy::Haproxy(c) = &mut self.proxy
+            if let Proxy::Haproxy(c) | Proxy::Nginx(c) = &mut self.proxy
                 && let Ok(Some(st)) = c.child.try_wait()
             {
-                let log = scratch.and_then(|s| std::fs::read_to_string(s.path.join("haproxy.log")).ok());
+                let name = self.target.name();
+                let log = scratch.and_then(|s| std::fs::read_to_string(s.path.join(format!("{name}.log"))).ok());
                 let log = log.unwrap_or_default();
-                bail!("haproxy exited ({st}): {log}");
+                bail!("{name} exited ({st}): {log}");
             }
             match load::probe(self.ns) {
                 Ok(()) => return Ok(()),
@@ -126,13 +167,20 @@ impl<'a> Up<'a> {
             Proxy::None => 0,
             Proxy::Sluice(_) => procfs::task_ticks("sluice-fwd-"),
             Proxy::Haproxy(c) => procfs::pid_ticks(c.pid()),
+            Proxy::Nginx(c) => procfs::tree_ticks(c.pid()),
         }
     }
 
-    /// Resident memory (KiB) and open descriptors of the proxy process when it is not this one (HAProxy).
+    /// Resident memory (KiB) and open descriptors of the proxy process(es)
+    /// when they are not this one (HAProxy; nginx: master and workers).
     pub(crate) fn foreign_mem(&self) -> Option<(u64, usize)> {
         match &self.proxy {
             Proxy::Haproxy(c) => Some((procfs::rss_kib(&c.pid().to_string())?, procfs::fds(&c.pid().to_string()))),
+            Proxy::Nginx(c) => {
+                let pids = procfs::tree(c.pid());
+                let rss = pids.iter().map(|p| procfs::rss_kib(&p.to_string())).sum::<Option<u64>>()?;
+                Some((rss, pids.iter().map(|p| procfs::fds(&p.to_string())).sum()))
+            }
             _ => None,
         }
     }
@@ -149,7 +197,7 @@ impl Drop for Up<'_> {
                     h.shutdown(Duration::ZERO);
                 }
             }
-            Proxy::Haproxy(_) | Proxy::None => {}
+            Proxy::Haproxy(_) | Proxy::Nginx(_) | Proxy::None => {}
         }
     }
 }
@@ -221,4 +269,77 @@ listen transparent
         .spawn()
         .context("starting haproxy")?;
     Ok(ChildGuard::new(child))
+}
+
+/// Why the nginx target cannot run here (no nginx, or no stream module), if it cannot.
+fn nginx_unavailable() -> Option<String> {
+    const HINT: &str = "apt-get install -y nginx-light libnginx-mod-stream";
+    let Ok(out) = std::process::Command::new("nginx").arg("-V").output() else {
+        return Some(format!("nginx is not installed ({HINT})"));
+    };
+    let flags = String::from_utf8_lossy(&out.stderr);
+    let static_stream = flags.split_whitespace().any(|f| f == "--with-stream");
+    if !static_stream && !std::path::Path::new(NGINX_STREAM_MODULE).exists() {
+        return Some(format!("nginx has no stream module ({HINT})"));
+    }
+    None
+}
+
+/// nginx's stream proxy, `worker_processes` = forwarder workers, workers
+/// running as `HAPROXY_UID` (the redirect rule lets them out). nginx cannot
+/// read a REDIRECTed connection's original destination (`SO_ORIGINAL_DST`),
+/// so it is a plain port-forward: sink port P is redirected to
+/// P + `NGINX_PORT_OFFSET`, where a `server` forwards to the sink's P.
+fn start_nginx(ns: &Netns, p: &Params, scratch: &ScratchDir) -> Result<ChildGuard> {
+    let dir = scratch.path.join("nginx");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.to_string_lossy();
+    let load = if std::path::Path::new(NGINX_STREAM_MODULE).exists() {
+        format!("load_module {NGINX_STREAM_MODULE};\n")
+    } else {
+        String::new()
+    };
+    let mut servers = String::new();
+    for port in PORT_BULK..=PORT_HOLD {
+        let listen = port + NGINX_PORT_OFFSET;
+        servers.push_str(&format!(
+            "    server {{\n        listen 127.0.0.1:{listen} backlog=4096;\n        proxy_pass {SINK_IP}:{port};\n    }}\n"
+        ));
+    }
+    let workers = p.workers;
+    let cfg = format!(
+        "{load}daemon off;
+master_process on;
+worker_processes {workers};
+user nobody nogroup;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{
+    worker_connections 10000;
+    multi_accept on;
+}}
+stream {{
+    access_log off;
+    proxy_connect_timeout 5s;
+    proxy_timeout 60s;
+    tcp_nodelay on;
+{servers}}}
+"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, cfg)?;
+    let c = path.to_string_lossy();
+    let check = ns.exec(&["nginx", "-t", "-q", "-p", &d, "-e", &format!("{d}/error.log"), "-c", &c]);
+    check.context("nginx -t")?;
+    let log = std::fs::File::create(scratch.path.join("nginx.log"))?;
+    let child = ns
+        .command(&["nginx", "-p", &d, "-e", &format!("{d}/error.log"), "-c", &c])
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting nginx")?;
+    Ok(ChildGuard::new_group(child))
 }
