@@ -93,13 +93,16 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
         sys::reset_on_close(&client);
         return;
     }
+    let local = client.local_addr().ok().map(unmap_v4);
     let dst = match l.intercept {
-        Intercept::Redirect => sys::original_dst(&client, l.v6).ok(),
-        Intercept::Tproxy => client.local_addr().ok(),
+        // Not NATed: conntrack's original destination is where the socket
+        // was accepted, i.e. the client dialed sluice itself.
+        Intercept::Redirect => sys::original_dst(&client, l.v6).ok().map(unmap_v4).filter(|d| Some(*d) != local),
+        // The local address is the destination; one of ours means nobody tproxied it.
+        Intercept::Tproxy => local.filter(|d| !ctx.is_own(*d)),
     };
-    let dst = dst.map(unmap_v4);
     match dst {
-        Some(dst) if !ctx.is_own(dst) => {
+        Some(dst) => {
             report.destination = Some(dst);
             forward(client, dst, ctx, &mut report).await;
         }
