@@ -57,11 +57,6 @@ impl Hostname {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// The name without its leftmost label (`a.b.c` → `b.c`), if any.
-    pub fn parent(&self) -> Option<&str> {
-        self.0.split_once('.').map(|(_, rest)| rest)
-    }
 }
 
 fn check_labels(ascii: &str, original: &str) -> Result<(), HostError> {
@@ -105,7 +100,7 @@ impl std::str::FromStr for Hostname {
 /// A ServiceEntry host: an exact name, or `*.suffix` which matches any name
 /// with at least one more label in front of `suffix` (Istio semantics:
 /// `*.example.com` matches `a.example.com` and `a.b.example.com`, not
-/// `example.com`).
+/// `example.com`). Matching lives in [`Snapshot::match_name`](crate::Snapshot::match_name).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum HostPattern {
     Exact(Hostname),
@@ -124,21 +119,9 @@ impl HostPattern {
         }
     }
 
-    pub fn matches(&self, name: &Hostname) -> bool {
-        match self {
-            HostPattern::Exact(host) => host == name,
-            HostPattern::Wildcard(suffix) => is_strict_subdomain(name.as_str(), suffix.as_str()),
-        }
-    }
-
     pub fn is_wildcard(&self) -> bool {
         matches!(self, HostPattern::Wildcard(_))
     }
-}
-
-/// `name` ends with `.suffix` and has at least one label before it.
-pub(crate) fn is_strict_subdomain(name: &str, suffix: &str) -> bool {
-    name.len() > suffix.len() + 1 && name.ends_with(suffix) && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
 }
 
 impl fmt::Display for HostPattern {
@@ -185,12 +168,10 @@ mod tests {
     }
 
     #[test]
-    fn wildcard_matches_strict_subdomains_only() {
+    fn wildcards_parse_to_their_normalised_suffix() {
         let p = HostPattern::parse("*.S3.example").unwrap_or_else(|e| panic!("{e}"));
-        assert!(p.matches(&host("bucket.s3.example")));
-        assert!(p.matches(&host("a.b.s3.example")));
-        assert!(!p.matches(&host("s3.example")));
-        assert!(!p.matches(&host("evils3.example")));
+        assert_eq!(p, HostPattern::Wildcard(host("s3.example")));
+        assert!(p.is_wildcard());
         assert_eq!(p.to_string(), "*.s3.example");
     }
 

@@ -147,10 +147,6 @@ impl NameTable {
         NameTable { map, capacity: capacity.max(1), evicting: Mutex::new(()) }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Number of IPs tracked (alive or not yet purged).
     pub fn len(&self) -> usize {
         self.map.len()

@@ -193,9 +193,4 @@ impl Snapshot {
     pub fn is_name_port(&self, port: u16) -> bool {
         self.name_ports[usize::from(port / 64)] & (1 << (port % 64)) != 0
     }
-
-    /// Every distinct ServiceEntry host, for summaries.
-    pub fn host_count(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
-    }
 }

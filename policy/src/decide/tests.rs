@@ -150,6 +150,8 @@ fn rule2_wildcards_match_subdomains_most_specific_first() {
     assert_eq!(se_host(&s, &eu), "*.eu.s3.example");
     let apex = decide(&s, &names, &conn("198.18.9.2:443", Some(("s3.example", SNI))), T0);
     assert!(!apex.allow, "a wildcard does not cover its own apex");
+    let lookalike = decide(&s, &names, &conn("198.18.9.2:443", Some(("evils3.example", SNI))), T0);
+    assert!(!lookalike.allow, "a suffix match must end at a label boundary");
 }
 
 #[test]
