@@ -16,10 +16,10 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 
 use metrics::{Counter, Label};
-use sluice_policy::{Cluster, Snapshot, Verdict};
+use sluice_policy::{Cluster, HostPattern, Hostname, Snapshot, Verdict};
 
 use crate::conn::{ConnReport, Outcome};
 use crate::splice::End;
@@ -69,19 +69,37 @@ thread_local! {
     static CLOSED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
 }
 
-/// The process-wide set of destination names given their own series.
-fn admit(name: &Arc<str>) -> Arc<str> {
+/// The name itself if it may have its own series, else `other`. At most
+/// [`MAX_DESTINATIONS`] names per process; each worker remembers the names it
+/// has seen admitted, so the shared set's lock is taken once per name per
+/// worker, not per connection.
+fn admit(name: Arc<str>) -> Arc<str> {
     static SEEN: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    thread_local! {
+        static LOCAL: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+    }
+    if LOCAL.with(|l| l.borrow().contains(&name)) {
+        return name;
+    }
     let seen = SEEN.get_or_init(|| Mutex::new(HashSet::new()));
-    let Ok(mut seen) = seen.lock() else { return Arc::from("other") };
-    if seen.contains(name) {
-        return name.clone();
+    let Ok(mut seen) = seen.lock() else { return fixed(&OTHER) };
+    if !seen.contains(&name) {
+        if seen.len() >= MAX_DESTINATIONS {
+            return fixed(&OTHER);
+        }
+        seen.insert(name.clone());
     }
-    if seen.len() >= MAX_DESTINATIONS {
-        return Arc::from("other");
-    }
-    seen.insert(name.clone());
-    name.clone()
+    LOCAL.with(|l| l.borrow_mut().insert(name.clone()));
+    name
+}
+
+static OTHER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("other"));
+static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("unknown"));
+static PASSTHROUGH_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(PASSTHROUGH));
+static BLACKHOLE_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(BLACKHOLE));
+
+fn fixed(s: &LazyLock<Arc<str>>) -> Arc<str> {
+    Arc::clone(s)
 }
 
 /// Envoy's response flags, as Istio reports them.
@@ -104,17 +122,19 @@ fn labels(
     dst_ip: std::net::IpAddr,
     flags: &'static str,
 ) -> Labels {
-    let service_name: Arc<str> = match verdict.cluster {
-        Cluster::ServiceEntry(r) => Arc::from(snapshot.host(r).to_string()),
-        Cluster::Passthrough => Arc::from(PASSTHROUGH),
-        Cluster::BlackHole => Arc::from(BLACKHOLE),
+    let service_name = match verdict.cluster {
+        Cluster::ServiceEntry(r) => match snapshot.host(r) {
+            HostPattern::Exact(host) => admit(host.shared()),
+            wildcard => admit(Arc::from(wildcard.to_string())),
+        },
+        Cluster::Passthrough => fixed(&PASSTHROUGH_NAME),
+        Cluster::BlackHole => fixed(&BLACKHOLE_NAME),
     };
-    let service: Arc<str> =
-        verdict.name.as_ref().map_or_else(|| Arc::from(dst_ip.to_string()), |n| Arc::from(n.as_str()));
+    let service = verdict.name.as_ref().map_or_else(|| Arc::from(dst_ip.to_string()), Hostname::shared);
     Labels {
-        workload: verdict.workload.clone().unwrap_or_else(|| Arc::from("unknown")),
-        service: admit(&service),
-        service_name: admit(&service_name),
+        workload: verdict.workload.clone().unwrap_or_else(|| fixed(&UNKNOWN)),
+        service: admit(service),
+        service_name,
         port: dst_port,
         flags,
     }
@@ -168,4 +188,19 @@ pub(crate) fn closed(r: &ConnReport) {
         let c = cache.entry(l).or_insert_with_key(|l| metrics::counter!(TCP_CLOSED, label_list(l, "tcp")));
         c.increment(1);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_names_past_the_cap_fold_into_other() {
+        for i in 0..MAX_DESTINATIONS {
+            let name: Arc<str> = Arc::from(format!("n{i}.example"));
+            assert_eq!(admit(name.clone()), name);
+        }
+        assert_eq!(&*admit(Arc::from("one-too-many.example")), "other");
+        assert_eq!(&*admit(Arc::from("n7.example")), "n7.example", "admitted names keep their series");
+    }
 }

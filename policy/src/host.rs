@@ -57,6 +57,11 @@ impl Hostname {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as a shared string (no copy: metric labels, logs).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 fn check_labels(ascii: &str, original: &str) -> Result<(), HostError> {
