@@ -202,6 +202,20 @@ pub(crate) fn short(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result
     let redirected = ns.redirected();
     let load = Load::Short { clients: p.clients };
     let generator = Gen::start(ns, load, p.warmup + p.duration + Duration::from_secs(5))?;
+    let ctl = generator.ctl.clone();
+    let (samples, rate, cpu) = measure(up, generator, p)?;
+    let mut r = run(up, round, Scenario::Short, rate, cpu);
+    let pct = |q: f64| percentile(&samples, q).map(f64::from);
+    (r.p50_us, r.p99_us) = (pct(0.50), pct(0.99));
+    r.errors = ctl.errors.load(Relaxed);
+    r.connections = ctl.done.load(Relaxed) + r.errors;
+    r.redirected = ns.redirected().saturating_sub(redirected);
+    Ok(r)
+}
+
+/// Warm-up, then one measured window: the generator's sorted latency
+/// samples, the completions per second inside the window, and the CPU spent.
+fn measure(up: &Up<'_>, generator: Gen, p: &Params) -> Result<(Vec<u32>, f64, Cpu)> {
     std::thread::sleep(p.warmup);
     let ctl = generator.ctl.clone();
     let (a, done_a) = (Snap::take(up), ctl.done.load(Relaxed));
@@ -210,15 +224,9 @@ pub(crate) fn short(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result
     ctl.measuring.store(false, Relaxed);
     let (b, done_b) = (Snap::take(up), ctl.done.load(Relaxed));
     let mut samples = generator.finish(Duration::from_secs(5))?;
-    let (cpu, secs) = a.cpu(&b);
-    let mut r = run(up, round, Scenario::Short, (done_b - done_a) as f64 / secs, cpu);
     samples.sort_unstable();
-    let pct = |q: f64| percentile(&samples, q).map(f64::from);
-    (r.p50_us, r.p99_us) = (pct(0.50), pct(0.99));
-    r.errors = ctl.errors.load(Relaxed);
-    r.connections = ctl.done.load(Relaxed) + r.errors;
-    r.redirected = ns.redirected().saturating_sub(redirected);
-    Ok(r)
+    let (cpu, secs) = a.cpu(&b);
+    Ok((samples, (done_b - done_a) as f64 / secs, cpu))
 }
 
 /// The `q` quantile of sorted samples (nearest rank).
@@ -233,17 +241,9 @@ pub(crate) fn keepalive(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Re
     let redirected = ns.redirected();
     let generator = Gen::start(ns, Load::Keepalive, p.warmup + p.duration + Duration::from_secs(5))?;
     generator.wait_ready(1, Duration::from_secs(3))?;
-    std::thread::sleep(p.warmup);
     let ctl = generator.ctl.clone();
-    let (a, done_a) = (Snap::take(up), ctl.done.load(Relaxed));
-    ctl.measuring.store(true, Relaxed);
-    std::thread::sleep(p.duration);
-    ctl.measuring.store(false, Relaxed);
-    let (b, done_b) = (Snap::take(up), ctl.done.load(Relaxed));
-    let mut samples = generator.finish(Duration::from_secs(5))?;
-    let (cpu, secs) = a.cpu(&b);
-    let mut r = run(up, round, Scenario::Keepalive, (done_b - done_a) as f64 / secs, cpu);
-    samples.sort_unstable();
+    let (samples, rate, cpu) = measure(up, generator, p)?;
+    let mut r = run(up, round, Scenario::Keepalive, rate, cpu);
     let pct = |q: f64| percentile(&samples, q).map(|ns| f64::from(ns) / 1000.0);
     (r.p50_us, r.p99_us, r.p999_us) = (pct(0.50), pct(0.99), pct(0.999));
     r.errors = ctl.errors.load(Relaxed);

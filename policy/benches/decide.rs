@@ -244,10 +244,7 @@ fn bench_decide(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4))
-        .sample_size(30);
+    config = common::criterion();
     targets = bench_decide
 }
 criterion_main!(benches);

@@ -102,10 +102,7 @@ fn bench_names(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(4))
-        .sample_size(30);
+    config = common::criterion();
     targets = bench_names
 }
 criterion_main!(benches);

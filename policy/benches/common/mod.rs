@@ -42,3 +42,11 @@ impl Rng {
         (self.next() % u64::from(n)) as u32
     }
 }
+
+/// Short runs: the machine is shared, the figures are compared within a run.
+pub fn criterion() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(30)
+}
