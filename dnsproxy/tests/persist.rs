@@ -7,29 +7,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{Background, Proxy, Upstream, dig, shared};
+use common::{Background, Proxy, Upstream, dig, names, shared, wait_for};
 use sluice_dnsproxy::{DnsError, persist};
 use sluice_policy::{NameTable, Timestamp};
 
 fn run_persist(names: Arc<NameTable>, path: PathBuf, interval: Duration) -> Background<Result<(), DnsError>> {
     Background::spawn(move |shutdown| persist(names, path, interval, shutdown))
-}
-
-fn names(table: &NameTable, ip: &str) -> Vec<String> {
-    let now = Timestamp::from_system(SystemTime::now());
-    let mut v: Vec<String> = table.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
-    v.sort();
-    v
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn file_has(path: &Path, needle: &str) -> bool {

@@ -6,11 +6,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
 
-use common::{Background, Upstream, config, shared, snapshot};
-use sluice_dnsproxy::{Shared, registered_hosts, warm};
-use sluice_policy::Timestamp;
+use common::{Background, Upstream, config, names, shared, snapshot, wait_for};
+use sluice_dnsproxy::{registered_hosts, warm};
 
 fn entry(name: &str, host: &str, resolution: &str) -> String {
     format!(
@@ -31,21 +29,6 @@ fn policy(extra: &[(&str, &str, &str)]) -> String {
     docs.join("---\n")
 }
 
-fn names(shared: &Shared, ip: &str) -> Vec<String> {
-    let now = Timestamp::from_system(SystemTime::now());
-    let mut v: Vec<String> = shared.names.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
-    v.sort();
-    v
-}
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn registered_hosts_are_dns_resolved_exact_hosts() {
     let hosts: Vec<String> = registered_hosts(&snapshot(&policy(&[]))).iter().map(ToString::to_string).collect();
@@ -60,16 +43,16 @@ fn registered_hosts_are_resolved_refreshed_and_follow_reloads() {
     let upstream = up.addr;
     let _warmer = Background::spawn(move |shutdown| warm(config(vec![upstream]), s, shutdown));
 
-    wait_for("api", || names(&sh, "192.0.2.10") == ["api.sluice.test"]);
-    wait_for("api AAAA", || names(&sh, "2001:db8::10") == ["api.sluice.test"]);
-    wait_for("the www chain", || names(&sh, "198.51.100.7").len() == 3);
-    wait_for("short", || names(&sh, "192.0.2.60") == ["short.sluice.test"]);
-    assert!(names(&sh, "192.0.2.50").is_empty(), "wildcards are not resolved");
+    wait_for("api", || names(&sh.names, "192.0.2.10") == ["api.sluice.test"]);
+    wait_for("api AAAA", || names(&sh.names, "2001:db8::10") == ["api.sluice.test"]);
+    wait_for("the www chain", || names(&sh.names, "198.51.100.7").len() == 3);
+    wait_for("short", || names(&sh.names, "192.0.2.60") == ["short.sluice.test"]);
+    assert!(names(&sh.names, "192.0.2.50").is_empty(), "wildcards are not resolved");
 
     // short.sluice.test has a 2 s TTL: it is asked again within a few seconds.
     let asked = up.seen();
     wait_for("a refresh", || up.seen() > asked);
 
     sh.policy.store(Arc::new(snapshot(&policy(&[("one", "one.sluice.test", "DNS")]))));
-    wait_for("the reloaded entry", || names(&sh, "203.0.113.99") == ["one.sluice.test"]);
+    wait_for("the reloaded entry", || names(&sh.names, "203.0.113.99") == ["one.sluice.test"]);
 }

@@ -249,3 +249,20 @@ pub fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     s.read_exact(&mut buf).unwrap();
     buf
 }
+
+/// The alive names of `ip` in the table, sorted.
+pub fn names(table: &NameTable, ip: &str) -> Vec<String> {
+    let now = Timestamp::from_system(std::time::SystemTime::now());
+    let mut v: Vec<String> = table.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Polls `cond` every 20 ms for up to 5 s.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
