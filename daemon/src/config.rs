@@ -250,12 +250,10 @@ fn intercept_rules(
     let port = forwarder.listen.first().map_or(15001, |l| l.addr.port());
     let dns_port = dns_listen.first().map_or(15053, SocketAddr::port);
     if dns_listen.iter().all(|a| a.ip().is_loopback()) {
-        // Wildcards for pods (prerouting lands on the inbound interface's
-        // address) and loopback for local processes (output lands on
-        // 127.0.0.1/::1): hickory answers UDP from the socket's address, so
-        // the loopback sockets make replies to local processes come from
-        // where conntrack expects them.
-        *dns_listen = ["0.0.0.0", "::", "127.0.0.1", "::1"]
+        // Wildcards: redirects from pods land on the inbound interface's
+        // address, those from local processes on 127.0.0.1/::1; the proxy
+        // answers each UDP query from the address it was sent to.
+        *dns_listen = ["0.0.0.0", "::"]
             .iter()
             .filter_map(|ip| ip.parse::<std::net::IpAddr>().ok())
             .map(|ip| SocketAddr::new(ip, dns_port))
@@ -311,7 +309,7 @@ mod tests {
         let addrs: Vec<String> = c.forwarder.listen.iter().map(|l| l.addr.to_string()).collect();
         assert_eq!(addrs, ["0.0.0.0:15001", "[::]:15001"]);
         let dns: Vec<String> = c.dns_listen.iter().map(ToString::to_string).collect();
-        assert_eq!(dns, ["0.0.0.0:15053", "[::]:15053", "127.0.0.1:15053", "[::1]:15053"]);
+        assert_eq!(dns, ["0.0.0.0:15053", "[::]:15053"]);
         let rules = c.intercept.unwrap_or_else(|| panic!("rules"));
         assert_eq!((rules.forwarder_port, rules.drop_udp, rules.exclude.len()), (15001, true, 1));
     }

@@ -132,17 +132,8 @@ async fn control(
     for addr in &config.dns_listen {
         let u = bind_dns(*addr, false).and_then(|s| tokio::net::UdpSocket::from_std(s.into()));
         udp.push(u.with_context(|| format!("cannot bind DNS (UDP) on {addr}"))?);
-        // TCP answers come from the accepted connection's own address: the
-        // wildcard listener covers loopback, and Linux would refuse both.
-        let covered = addr.ip().is_loopback()
-            && config
-                .dns_listen
-                .iter()
-                .any(|w| w.ip().is_unspecified() && w.port() == addr.port() && w.is_ipv6() == addr.is_ipv6());
-        if !covered {
-            let t = bind_dns(*addr, true).and_then(|s| tokio::net::TcpListener::from_std(s.into()));
-            tcp.push(t.with_context(|| format!("cannot bind DNS (TCP) on {addr}"))?);
-        }
+        let t = bind_dns(*addr, true).and_then(|s| tokio::net::TcpListener::from_std(s.into()));
+        tcp.push(t.with_context(|| format!("cannot bind DNS (TCP) on {addr}"))?);
     }
     let bound: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
     let upstreams = sluice_dnsproxy::resolve_upstreams(&config.dns, &bound).context("DNS proxy")?;

@@ -1,5 +1,7 @@
-//! The request handler hickory-server calls for every query: block or
-//! forward, learn from the answer, then reply.
+//! The request handler hickory-server calls for every query that comes
+//! over TCP (UDP has its own loop, see `udp`): block or forward, learn from
+//! the answer, then reply. The policy gate and the blocked answer's SOA are
+//! shared with the UDP path.
 //!
 //! Order matters: the name table is updated before the reply is handed to
 //! the server, so an app that connects the instant it reads the answer is
@@ -9,9 +11,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::{LowerName, Name, Record, RecordType};
+use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
-use hickory_server::net::xfer::Protocol;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use metrics::Gauge;
@@ -22,7 +23,7 @@ use tokio::sync::Semaphore;
 use crate::Shared;
 use crate::learn::learn;
 use crate::metrics::{self as m, Action};
-use crate::upstream::{Transport, Upstreams};
+use crate::upstream::Upstreams;
 
 /// The UDP payload size the proxy advertises in answers it makes itself.
 const LOCAL_PAYLOAD: u16 = 1232;
@@ -39,7 +40,7 @@ pub(crate) enum Gate {
 /// Decides whether a query for `name` may go upstream. Names that are not
 /// valid host names (the root, escaped bytes) cannot be registered, so they
 /// are blocked too when blocking is on. Dry-run never blocks.
-pub(crate) fn gate(snapshot: &Snapshot, name: &LowerName) -> Gate {
+pub(crate) fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
     let settings = snapshot.settings();
     if settings.mode != Mode::RegistryOnly
         || !settings.dns.block_unregistered
@@ -72,7 +73,7 @@ impl Proxy {
     }
 }
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp::from_system(SystemTime::now())
 }
 
@@ -89,8 +90,7 @@ const BLOCKED_NEGATIVE_TTL: u32 = 60;
 
 /// The SOA that makes a blocked NXDOMAIN cacheable: owned by the query name,
 /// served by "sluice.invalid" (a name that cannot exist, RFC 6761).
-fn blocked_soa(request: &Request) -> Option<Record> {
-    let owner = Name::from(request.queries.queries().first()?.name().clone());
+pub(crate) fn blocked_soa(owner: Name) -> Option<Record> {
     let mname = Name::from_ascii("blocked.sluice.invalid.").ok()?;
     let rname = Name::from_ascii("hostmaster.sluice.invalid.").ok()?;
     let soa = hickory_proto::rr::rdata::SOA::new(mname, rname, 1, 3600, 600, 86400, BLOCKED_NEGATIVE_TTL);
@@ -108,7 +108,8 @@ async fn local_reply<R: ResponseHandler>(request: &Request, mut response: R, rco
         ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
         ours
     });
-    let soa = if rcode == ResponseCode::NXDomain { blocked_soa(request) } else { None };
+    let owner = request.queries.queries().first().map(|q| Name::from(q.name().clone()));
+    let soa = if rcode == ResponseCode::NXDomain { owner.and_then(blocked_soa) } else { None };
     let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
     let reply = builder.build(metadata, None.iter(), None.iter(), soa.iter(), None.iter());
     match response.send_response(reply).await {
@@ -137,7 +138,7 @@ impl RequestHandler for Proxy {
         let qtype = query.query_type();
         let (gate, keep) = {
             let snapshot = self.shared.policy.load();
-            (gate(&snapshot, query.name()), Retention::from(&snapshot.settings().dns))
+            (gate(&snapshot, &Name::from(query.name())), Retention::from(&snapshot.settings().dns))
         };
         if gate == Gate::Block {
             m::request(qtype, ResponseCode::NXDomain, Action::Blocked);
@@ -148,11 +149,7 @@ impl RequestHandler for Proxy {
             m::request(qtype, ResponseCode::ServFail, Action::Failed);
             return local_reply(request, response, ResponseCode::ServFail).await;
         };
-        let transport = if matches!(request.protocol(), Protocol::Udp) { Transport::Udp } else { Transport::Tcp };
-        let exchanged = self
-            .upstreams
-            .exchange(request.as_slice(), request.queries.as_bytes(), transport, request.max_payload())
-            .await;
+        let exchanged = self.upstreams.exchange(request.as_slice(), request.queries.as_bytes()).await;
         drop(permit);
         let answer = match exchanged.map(|bytes| Message::from_vec(&bytes)) {
             Ok(Ok(answer)) => answer,
@@ -219,7 +216,7 @@ mod tests {
     }
 
     fn gate_for(snap: &Snapshot, name: &str) -> Gate {
-        gate(snap, &LowerName::from(Name::from_str(name).unwrap()))
+        gate(snap, &Name::from_str(name).unwrap())
     }
 
     const ENTRIES: &str = "\

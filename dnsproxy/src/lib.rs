@@ -3,10 +3,11 @@
 //! [`NameTable`] which IPs belong to which names before the app sees it.
 //!
 //! Three tasks, all on the control plane's tokio current-thread runtime:
-//! - [`serve`]: hickory-server on the given UDP sockets and TCP listeners;
-//!   raw exchange upstream ([`upstream`](crate::resolve_upstreams)), CNAME
-//!   walk and learning, NXDOMAIN for unregistered names when the policy
-//!   asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
+//! - [`serve`]: UDP on sluice's own batched loop (`udp`: queries
+//!   multiplexed over a few long-lived upstream sockets, answers relayed
+//!   byte for byte), TCP on hickory-server (`handler`); both walk the CNAME
+//!   chain and learn before replying, and answer NXDOMAIN for unregistered
+//!   names when the policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
 //! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`
 //!   hosts and refreshes them at their TTL, for apps that bypass the proxy.
 //! - [`persist`]: the name table survives restarts (restore, periodic and
@@ -22,6 +23,7 @@ pub mod learn;
 pub mod metrics;
 mod persist;
 mod sys;
+mod udp;
 mod upstream;
 mod warm;
 
@@ -56,7 +58,8 @@ pub struct Config {
     pub mark: u32,
     /// How long one upstream gets to answer before the next is tried.
     pub timeout: Duration,
-    /// Queries waiting on an upstream at once; past this, SERVFAIL at once.
+    /// Queries waiting on an upstream at once (per transport; UDP at most
+    /// 16,384); past this, SERVFAIL at once.
     pub max_in_flight: usize,
     /// A client TCP connection with no query this long is closed.
     pub tcp_idle_timeout: Duration,
@@ -120,15 +123,18 @@ pub async fn serve(
     let addrs = resolve_upstreams(&config, &ours)?;
     tracing::info!(upstreams = ?addrs, listen = ?ours, "DNS proxy starting");
     let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout);
-    let proxy = handler::Proxy::new(shared, upstreams, config.max_in_flight);
-    if udp.is_empty() && tcp.is_empty() {
+    let udp = Arc::new(udp::UdpProxy::new(&config, shared.clone(), &addrs, udp).map_err(DnsError::Socket)?);
+    // Dropping the set (on shutdown or error) stops the UDP tasks.
+    let mut udp_tasks = tokio::task::JoinSet::new();
+    for task in udp.tasks() {
+        udp_tasks.spawn(task);
+    }
+    if tcp.is_empty() {
         shutdown.await;
         return Ok(());
     }
+    let proxy = handler::Proxy::new(shared, upstreams, config.max_in_flight);
     let mut server = hickory_server::Server::new(proxy);
-    for socket in udp {
-        server.register_socket(socket);
-    }
     for listener in tcp {
         server.register_listener(listener, config.tcp_idle_timeout, 64);
     }

@@ -1,17 +1,27 @@
-//! Every upstream socket the proxy opens, in one place.
+//! Every socket operation of the proxy that is not plain tokio, in one place.
 //!
-//! Sockets are made with socket2 so that `SO_MARK` is set before the first
-//! packet leaves (the node's nftables rules return on that mark instead of
-//! redirecting the proxy's own queries back to itself), then handed to tokio.
-//! No `unsafe` is needed: socket2 wraps the option safely.
+//! Upstream sockets are made with socket2 so that `SO_MARK` is set before the
+//! first packet leaves (the node's nftables rules return on that mark instead
+//! of redirecting the proxy's own queries back to itself), then handed to
+//! tokio. The client-facing UDP path receives in batches (`recvmmsg`) with
+//! the address each datagram was sent to (`IP_PKTINFO`/`IPV6_PKTINFO`), and
+//! answers from that same address, so a socket bound to the wildcard address
+//! answers from the address the client asked. All through nix and socket2's
+//! safe wrappers: no `unsafe` here.
 //!
 //! Kernel minimums: `SO_MARK` 2.6.25 and CAP_NET_ADMIN (a mark of 0 leaves
-//! the option unset and needs no capability).
+//! the option unset and needs no capability); `recvmmsg` 2.6.33.
 
-use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrStorage, recvmmsg,
+    sendmsg, setsockopt, sockopt,
+};
+use smallvec::SmallVec;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 fn new_socket(peer: SocketAddr, ty: Type, proto: Protocol, mark: u32) -> io::Result<Socket> {
@@ -46,6 +56,209 @@ pub(crate) fn udp_bound(local: SocketAddr, mark: u32) -> io::Result<tokio::net::
     let socket = new_socket(local, Type::DGRAM, Protocol::UDP, mark)?;
     socket.bind(&SockAddr::from(local))?;
     tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// Where a datagram arrived: the local address the client sent it to and the
+/// interface, so that the answer leaves from that address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    pub(crate) ip: IpAddr,
+    ifindex: u32,
+}
+
+/// Asks the kernel to tell, for every datagram `socket` receives, which
+/// local address it was sent to (read by [`Batch::recv`]).
+pub(crate) fn want_arrival(socket: &tokio::net::UdpSocket) -> io::Result<()> {
+    let done = if socket.local_addr()?.is_ipv4() {
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &true)
+    } else {
+        // On a dual-stack socket this covers IPv4 too (as v4-mapped addresses).
+        setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)
+    };
+    done.map_err(io::Error::from)
+}
+
+/// One received datagram of a [`Batch`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Datagram {
+    pub(crate) len: usize,
+    pub(crate) from: SocketAddr,
+    pub(crate) to: Option<Arrival>,
+    /// Longer than the slot: only the first `len` bytes are here.
+    pub(crate) truncated: bool,
+}
+
+/// Most datagrams one [`Batch::recv`] takes in one system call.
+pub(crate) const BATCH: usize = 32;
+
+/// Receive buffers for up to [`BATCH`] datagrams of up to `slot` bytes each,
+/// filled by one `recvmmsg` call. Reused: nothing is allocated per receive.
+pub(crate) struct Batch {
+    headers: MultiHeaders<SockaddrStorage>,
+    slot: usize,
+    bufs: Box<[u8]>,
+    got: SmallVec<[Datagram; BATCH]>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").field("slot", &self.slot).field("got", &self.got.len()).finish_non_exhaustive()
+    }
+}
+
+impl Batch {
+    pub(crate) fn new(slot: usize) -> Self {
+        let cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+        Batch {
+            headers: MultiHeaders::preallocate(BATCH, Some(cmsg)),
+            slot,
+            bufs: vec![0; slot * BATCH].into_boxed_slice(),
+            got: SmallVec::new(),
+        }
+    }
+
+    /// Takes what is waiting on `socket` (at most [`BATCH`] datagrams) without
+    /// blocking: `WouldBlock` when there was nothing.
+    pub(crate) fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+        self.got.clear();
+        // An array (no Drop), as recvmmsg borrows the slices for as long as the headers.
+        let mut chunks = self.bufs.chunks_mut(self.slot);
+        let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
+            std::array::from_fn(|_| [IoSliceMut::new(chunks.next().unwrap_or_default())]);
+        let received = recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC,
+            None,
+        )
+        .map_err(io::Error::from)?;
+        for msg in received {
+            let Some(from) = msg.address.as_ref().and_then(socket_addr) else { continue };
+            let to = msg.cmsgs().ok().and_then(|mut cmsgs| {
+                cmsgs.find_map(|c| match c {
+                    ControlMessageOwned::Ipv4PacketInfo(i) => Some(Arrival {
+                        ip: IpAddr::V4(Ipv4Addr::from(u32::from_be(i.ipi_addr.s_addr))),
+                        ifindex: u32::try_from(i.ipi_ifindex).unwrap_or(0),
+                    }),
+                    ControlMessageOwned::Ipv6PacketInfo(i) => {
+                        Some(Arrival { ip: IpAddr::V6(Ipv6Addr::from(i.ipi6_addr.s6_addr)), ifindex: i.ipi6_ifindex })
+                    }
+                    _ => None,
+                })
+            });
+            // With MSG_TRUNC, `bytes` is the datagram's real length.
+            let truncated = msg.bytes > self.slot || msg.flags.contains(MsgFlags::MSG_TRUNC);
+            self.got.push(Datagram { len: msg.bytes.min(self.slot), from, to, truncated });
+        }
+        Ok(self.got.len())
+    }
+
+    /// The `i`th datagram of the last [`recv`](Self::recv).
+    pub(crate) fn get(&self, i: usize) -> Option<(&[u8], Datagram)> {
+        let d = *self.got.get(i)?;
+        let start = i * self.slot;
+        Some((self.bufs.get(start..start + d.len)?, d))
+    }
+}
+
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+/// Sends `bytes` to `to` without blocking, from the address the query
+/// arrived on when the socket is bound to a wildcard address.
+pub(crate) fn send_from(socket: &impl AsRawFd, bytes: &[u8], to: SocketAddr, from: Option<Arrival>) -> io::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let flags = MsgFlags::MSG_DONTWAIT;
+    let fd = socket.as_raw_fd();
+    let sent = match (to, from) {
+        (SocketAddr::V4(to), Some(Arrival { ip: IpAddr::V4(ip), .. })) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            sendmsg(fd, &iov, &[ControlMessage::Ipv4PacketInfo(&info)], flags, Some(&SockaddrIn::from(to)))
+        }
+        (SocketAddr::V6(to), Some(Arrival { ip: IpAddr::V6(ip), ifindex })) => {
+            let info = libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: ip.octets() }, ipi6_ifindex: ifindex };
+            sendmsg(fd, &iov, &[ControlMessage::Ipv6PacketInfo(&info)], flags, Some(&SockaddrIn6::from(to)))
+        }
+        (SocketAddr::V4(to), _) => sendmsg(fd, &iov, &[], flags, Some(&SockaddrIn::from(to))),
+        (SocketAddr::V6(to), _) => sendmsg(fd, &iov, &[], flags, Some(&SockaddrIn6::from(to))),
+    };
+    sent.map(drop).map_err(io::Error::from)
+}
+
+/// Sends every message of `msgs` (bytes, and the destination unless the
+/// socket is connected) with one `sendmmsg` per [`BATCH`], all from
+/// `from` (see [`send_from`]). Returns how many went out: a full socket
+/// buffer or an error stops the batch there (the error only when the very
+/// first message failed), so the caller can tell which were not sent.
+pub(crate) fn send_many(
+    socket: &impl AsRawFd,
+    msgs: &[(&[u8], Option<SocketAddr>)],
+    from: Option<Arrival>,
+) -> io::Result<usize> {
+    let v4;
+    let v6;
+    let cmsg: &[ControlMessage<'_>] = match from {
+        Some(Arrival { ip: IpAddr::V4(ip), .. }) => {
+            v4 = [libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            }];
+            &[ControlMessage::Ipv4PacketInfo(&v4[0])]
+        }
+        Some(Arrival { ip: IpAddr::V6(ip), ifindex }) => {
+            v6 = [libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: ip.octets() }, ipi6_ifindex: ifindex }];
+            &[ControlMessage::Ipv6PacketInfo(&v6[0])]
+        }
+        None => &[],
+    };
+    let mut sent = 0;
+    for chunk in msgs.chunks(BATCH) {
+        // Without a control message there must be no control buffer (an empty one is EINVAL).
+        let space = (!cmsg.is_empty()).then(|| nix::cmsg_space!(libc::in6_pktinfo));
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(chunk.len(), space);
+        // Arrays (no Drop), as sendmmsg borrows them for as long as the headers.
+        let iovs: [[IoSlice<'_>; 1]; BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(chunk.get(i).map_or(&[][..], |m| m.0))]);
+        let addrs: [Option<SockaddrStorage>; BATCH] =
+            std::array::from_fn(|i| chunk.get(i).and_then(|m| m.1).map(storage));
+        let flags = MsgFlags::MSG_DONTWAIT;
+        match nix::sys::socket::sendmmsg(
+            socket.as_raw_fd(),
+            &mut headers,
+            &iovs[..chunk.len()],
+            &addrs[..chunk.len()],
+            cmsg,
+            flags,
+        ) {
+            Ok(results) => {
+                let n = results.count();
+                sent += n;
+                if n < chunk.len() {
+                    break;
+                }
+            }
+            Err(e) if sent == 0 => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(sent)
+}
+
+fn storage(a: SocketAddr) -> SockaddrStorage {
+    match a {
+        SocketAddr::V4(v4) => SockaddrStorage::from(v4),
+        SocketAddr::V6(v6) => SockaddrStorage::from(v6),
+    }
 }
 
 /// A TCP connection to `upstream`, marked before the SYN, within `timeout`.

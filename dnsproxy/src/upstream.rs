@@ -1,17 +1,15 @@
-//! The upstream side: raw exchanges with the node's real resolvers.
+//! The upstream side over TCP, and where the upstreams come from.
 //!
-//! The client's query bytes go upstream unchanged (same ID, same flags, same
-//! EDNS) and the answer's bytes come back. UDP uses a small pool of
-//! connected, marked sockets per upstream (a socket is reused only after its
-//! exchange completed, so a late answer can only land on a dropped socket);
-//! TCP opens one marked connection per query. Each attempt has a timeout;
-//! a failed attempt moves on to the next upstream, and the last one that
-//! answered is tried first next time.
+//! A TCP query (the client asked over TCP, usually after a truncated UDP
+//! answer) goes upstream over its own marked connection, the client's bytes
+//! unchanged; the answer's bytes come back. Each attempt has a timeout; a
+//! failed attempt moves on to the next upstream, and the last one that
+//! answered is tried first next time. UDP has its own multiplexed path
+//! (`udp`).
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,25 +17,6 @@ use metrics::{Counter, Histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Config, DnsError, metrics as m, sys};
-
-/// Idle UDP sockets kept per upstream.
-const POOL_MAX: usize = 256;
-
-/// How the client asked, and so how the upstream is asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transport {
-    Udp,
-    Tcp,
-}
-
-impl Transport {
-    fn label(self) -> &'static str {
-        match self {
-            Transport::Udp => "udp",
-            Transport::Tcp => "tcp",
-        }
-    }
-}
 
 /// Why one upstream attempt failed (the `reason` label).
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +42,7 @@ impl UpstreamError {
 #[derive(Debug)]
 struct Upstream {
     addr: SocketAddr,
-    idle: Mutex<Vec<tokio::net::UdpSocket>>,
-    udp_latency: Histogram,
-    tcp_latency: Histogram,
+    latency: Histogram,
 }
 
 /// The configured upstreams, in order of preference.
@@ -81,29 +58,17 @@ impl Upstreams {
     pub(crate) fn new(addrs: &[SocketAddr], mark: u32, timeout: Duration) -> Self {
         let list = addrs
             .iter()
-            .map(|&addr| {
-                let up = addr.to_string();
-                Upstream {
-                    addr,
-                    idle: Mutex::new(Vec::new()),
-                    udp_latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => up.clone(), "transport" => "udp"),
-                    tcp_latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => up, "transport" => "tcp"),
-                }
+            .map(|&addr| Upstream {
+                addr,
+                latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "tcp"),
             })
             .collect();
         Upstreams { list, preferred: AtomicUsize::new(0), mark, timeout }
     }
 
-    /// Sends `query` to the upstreams in turn until one answers it.
-    /// `question` is the query's question section (to match the answer),
-    /// `max_udp` the client's advertised UDP payload size.
-    pub(crate) async fn exchange(
-        &self,
-        query: &[u8],
-        question: &[u8],
-        transport: Transport,
-        max_udp: u16,
-    ) -> Result<Vec<u8>, UpstreamError> {
+    /// Sends `query` over TCP to the upstreams in turn until one answers it.
+    /// `question` is the query's question section (to match the answer).
+    pub(crate) async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, UpstreamError> {
         let n = self.list.len();
         let start = self.preferred.load(Ordering::Relaxed) % n.max(1);
         let mut last = UpstreamError::Timeout;
@@ -111,26 +76,17 @@ impl Upstreams {
             let idx = (start + i) % n;
             let up = &self.list[idx];
             let began = Instant::now();
-            let attempt = match transport {
-                Transport::Udp => tokio::time::timeout(self.timeout, up.udp(query, question, max_udp, self.mark)).await,
-                Transport::Tcp => {
-                    tokio::time::timeout(self.timeout, up.tcp(query, question, self.mark, self.timeout)).await
-                }
-            };
+            let attempt = tokio::time::timeout(self.timeout, up.tcp(query, question, self.mark, self.timeout)).await;
             match attempt.unwrap_or(Err(UpstreamError::Timeout)) {
                 Ok(answer) => {
-                    let latency = match transport {
-                        Transport::Udp => &up.udp_latency,
-                        Transport::Tcp => &up.tcp_latency,
-                    };
-                    latency.record(began.elapsed().as_secs_f64());
+                    up.latency.record(began.elapsed().as_secs_f64());
                     if idx != start {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
                     return Ok(answer);
                 }
                 Err(e) => {
-                    tracing::debug!(upstream = %up.addr, transport = transport.label(), error = %e, "upstream attempt failed");
+                    tracing::debug!(upstream = %up.addr, transport = "tcp", error = %e, "upstream attempt failed");
                     failure_counter(up.addr, &e).increment(1);
                     last = e;
                 }
@@ -146,35 +102,6 @@ fn failure_counter(addr: SocketAddr, e: &UpstreamError) -> Counter {
 }
 
 impl Upstream {
-    /// One query on a pooled socket. The socket is pooled again only once
-    /// its answer is in, so at most one query is ever outstanding on it.
-    async fn udp(&self, query: &[u8], question: &[u8], max_udp: u16, mark: u32) -> Result<Vec<u8>, UpstreamError> {
-        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let socket = match pooled {
-            Some(s) => s,
-            None => sys::udp_connected(self.addr, mark)?,
-        };
-        socket.send(query).await?;
-        // One byte more than the client allows, so an oversized answer is seen as such.
-        let mut buf = vec![0u8; usize::from(max_udp.max(512)) + 1];
-        loop {
-            let n = socket.recv(&mut buf).await?;
-            if !answers(query, question, &buf[..n]) {
-                continue; // a stray or forged datagram: keep waiting (the caller's timeout bounds this)
-            }
-            if n == buf.len() {
-                return Err(UpstreamError::Mismatch); // larger than the client accepts
-            }
-            buf.truncate(n);
-            if let Ok(mut idle) = self.idle.lock()
-                && idle.len() < POOL_MAX
-            {
-                idle.push(socket);
-            }
-            return Ok(buf);
-        }
-    }
-
     async fn tcp(&self, query: &[u8], question: &[u8], mark: u32, timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
         let mut stream = sys::tcp_connect(self.addr, None, mark, timeout).await?;
         let len = u16::try_from(query.len()).map_err(|_| UpstreamError::Mismatch)?;
@@ -186,18 +113,19 @@ impl Upstream {
         stream.read_exact(&mut len).await?;
         let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut buf).await?;
-        if !answers(query, question, &buf) {
+        if query.len() < 2 || !answers(&query[..2], question, &buf) {
             return Err(UpstreamError::Mismatch);
         }
         Ok(buf)
     }
 }
 
-/// Whether `answer` is the response to `query`: same ID, QR set, and the
-/// same question (the name compared without case, as resolvers using
-/// 0x20 randomisation expect), or no question at all (some error replies).
-pub(crate) fn answers(query: &[u8], question: &[u8], answer: &[u8]) -> bool {
-    if answer.len() < 12 || query.len() < 12 || answer[..2] != query[..2] || answer[2] & 0x80 == 0 {
+/// Whether `answer` is the response to the query with ID `id` and question
+/// section `question`: same ID, QR set, and the same question (the name
+/// compared without case, as resolvers using 0x20 randomisation expect), or
+/// no question at all (some error replies).
+pub(crate) fn answers(id: &[u8], question: &[u8], answer: &[u8]) -> bool {
+    if answer.len() < 12 || answer[..2] != *id || answer[2] & 0x80 == 0 {
         return false;
     }
     let qdcount = u16::from_be_bytes([answer[4], answer[5]]);
@@ -276,22 +204,23 @@ mod tests {
         let question = &q[12..];
         let mut a = q.to_vec();
         a[2] |= 0x80;
-        assert!(answers(&q, question, &a));
+        let id = &q[..2];
+        assert!(answers(id, question, &a));
         a[13] = b'a'; // 0x20 case change is fine
-        assert!(answers(&q, question, &a));
+        assert!(answers(id, question, &a));
         a[17] = 28; // different type
-        assert!(!answers(&q, question, &a));
+        assert!(!answers(id, question, &a));
         a[17] = 1;
         a[1] = 0x35; // different id
-        assert!(!answers(&q, question, &a));
+        assert!(!answers(id, question, &a));
         a[1] = 0x34;
         a[2] &= 0x7f; // a query, not an answer
-        assert!(!answers(&q, question, &a));
-        assert!(!answers(&q, question, &a[..5]));
+        assert!(!answers(id, question, &a));
+        assert!(!answers(id, question, &a[..5]));
         let mut no_question = a[..12].to_vec();
         no_question[2] |= 0x80;
         no_question[5] = 0;
-        assert!(answers(&q, question, &no_question));
+        assert!(answers(id, question, &no_question));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use common::{Proxy, Upstream, dig, flags, kdig, normalize, query, shared, status, tcp_exchange, udp_exchange};
@@ -13,9 +14,10 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
-/// The message itself: hickory's encoder leaves the bytes of the record it
-/// could not fit after a truncated message's last counted record; they are
-/// no part of the message, and re-encoding drops them.
+/// The message itself: hickory's encoder (the test upstream) leaves the
+/// bytes of the record it could not fit after a truncated message's last
+/// counted record; they are no part of the message, and re-encoding (the
+/// TCP path) drops them.
 fn wire(bytes: &[u8]) -> &[u8] {
     let mut decoder = BinDecoder::new(bytes);
     Message::read(&mut decoder).unwrap();
@@ -71,7 +73,9 @@ fn answers_are_the_upstreams_bytes() {
                 let q = query((i * 100 + j) as u16, name, *rtype, payload);
                 let direct = udp_exchange(up.addr, &q, wait).unwrap();
                 let via = udp_exchange(proxy.addr, &q, wait).unwrap();
-                assert_eq!(via, wire(&direct), "UDP {name} {rtype} {payload:?}");
+                // UDP relays the upstream's datagram as it came (the client's ID restored);
+                // TCP goes through hickory-server, which re-encodes.
+                assert_eq!(via, direct, "UDP {name} {rtype} {payload:?}");
                 let direct = tcp_exchange(up.addr, &q);
                 assert_eq!(tcp_exchange(proxy.addr, &q), wire(&direct), "TCP {name} {rtype} {payload:?}");
             }
@@ -126,4 +130,26 @@ fn flags_ttls_edns_options_and_dnssec_records_pass_through() {
     let direct = udp_exchange(up.addr, &q, Duration::from_secs(3)).unwrap();
     let via = udp_exchange(proxy.addr, &q, Duration::from_secs(3)).unwrap();
     assert_eq!(Message::from_vec(&via).unwrap(), Message::from_vec(&direct).unwrap());
+}
+
+/// A socket bound to the wildcard address answers each query from the
+/// address it was sent to: a connected client (as every stub resolver is)
+/// drops datagrams from any other address.
+#[test]
+fn a_wildcard_socket_answers_from_the_address_asked() {
+    let up = Upstream::start();
+    for (wildcard, asked) in [("0.0.0.0", &["127.0.0.1", "127.0.0.9", "127.31.2.3"][..]), ("::", &["::1", "127.0.0.9"])]
+    {
+        let proxy = Proxy::start_on(wildcard, common::config(vec![up.addr]), shared(None));
+        for ip in asked {
+            let server = SocketAddr::new(ip.parse().unwrap(), proxy.addr.port());
+            let client = UdpSocket::bind(if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }).unwrap();
+            client.connect(server).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            client.send(&query(77, "api.sluice.test.", RecordType::A, None)).unwrap();
+            let mut buf = [0u8; 512];
+            let n = client.recv(&mut buf).unwrap_or_else(|e| panic!("no answer from {server} ({wildcard}): {e}"));
+            assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 1, "{server}");
+        }
+    }
 }

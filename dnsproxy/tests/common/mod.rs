@@ -97,7 +97,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(config: Config, shared: Shared) -> Proxy {
-        let (udp, tcp) = bind_pair("127.0.0.1");
+        Proxy::start_on("127.0.0.1", config, shared)
+    }
+
+    /// The proxy serving on `ip` (a wildcard address too).
+    pub fn start_on(ip: &str, config: Config, shared: Shared) -> Proxy {
+        let (udp, tcp) = bind_pair(ip);
         let addr = udp.local_addr().unwrap();
         let s = shared.clone();
         let server = Background::spawn(move |shutdown| async move {

@@ -1,0 +1,758 @@
+//! The UDP path: the node's queries in, the upstreams' answers out, with as
+//! little between them as the job allows.
+//!
+//! hickory-server's UDP loop (a task, a parse, a re-encode and a channel hop
+//! per query) cost more CPU per query than dnsdist and could not answer
+//! from the address a query was sent to; this loop is sluice's own:
+//! - client sockets are read in batches (`recvmmsg`), each datagram with
+//!   the local address it was sent to, and answered from that address;
+//! - queries go upstream over a few long-lived connected sockets per
+//!   upstream, each query under a fresh random ID (so answers are matched by
+//!   socket + ID + question, like any forwarding resolver); the client's
+//!   bytes are otherwise unchanged;
+//! - the answer goes back byte for byte (the client's ID restored), after
+//!   its A/AAAA records were learned: the name table is updated before the
+//!   reply leaves;
+//! - one table of queries in flight, bounded; a sweep every
+//!   [`SWEEP`] moves queries that timed out to the next upstream, and
+//!   answers SERVFAIL when every upstream failed. No timer per query.
+//!
+//! TCP stays with hickory-server (see `handler`): it is the slow path
+//! (truncated answers, zone-sized replies) and needs framing and idle
+//! timeouts, which hickory does well.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use metrics::{Gauge, Histogram};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+use crate::handler::{Gate, blocked_soa, gate, now};
+use crate::learn::learn;
+use crate::metrics::{self as m, Action};
+use crate::sys::{self, Arrival, Batch};
+use crate::{Config, Shared};
+
+/// Connected sockets per upstream: answers spread over a few source ports.
+const SOCKETS_PER_UPSTREAM: usize = 4;
+/// How often queries that outlived the timeout are moved on.
+pub(crate) const SWEEP: Duration = Duration::from_millis(50);
+/// Client queries longer than this are malformed here (a DNS query is a
+/// question plus an OPT record: a few hundred bytes at most).
+const QUERY_MAX: usize = 4_096;
+/// Upstream answers are read into slots this large; a longer one is
+/// answered with TC set, and the client asks again over TCP.
+const ANSWER_MAX: usize = 16_384;
+/// The most UDP queries in flight, whatever the config says.
+const MAX_IN_FLIGHT: usize = 16_384;
+/// The UDP payload size the proxy advertises in answers it makes itself.
+const LOCAL_PAYLOAD: u16 = 1232;
+
+/// A client-facing socket.
+#[derive(Debug)]
+struct Listener {
+    socket: UdpSocket,
+    /// Bound to 0.0.0.0 or `::`: answers must name their source address.
+    wildcard: bool,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    addr: SocketAddr,
+    /// Indexes into [`UdpProxy::sockets`].
+    sockets: std::ops::Range<usize>,
+    latency: Histogram,
+}
+
+/// A query waiting for an upstream's answer.
+#[derive(Debug)]
+struct Pending {
+    listener: usize,
+    client: SocketAddr,
+    arrival: Option<Arrival>,
+    /// The client's bytes, with the client's own ID.
+    query: Box<[u8]>,
+    /// `query[12..question_end]` is the question.
+    question_end: usize,
+    qtype: RecordType,
+    /// The largest answer the client takes over UDP.
+    max_udp: usize,
+    /// The upstream tried first, and how many have been tried.
+    first: usize,
+    tries: usize,
+    sent: Instant,
+    serial: u64,
+}
+
+impl Pending {
+    fn upstream(&self, n: usize) -> usize {
+        (self.first + self.tries - 1) % n
+    }
+}
+
+/// A query readied for an upstream socket, under its ID on the wire.
+#[derive(Debug)]
+struct Outgoing {
+    socket: usize,
+    key: (u16, u16),
+    wire: Vec<u8>,
+}
+
+/// An answer for a client.
+#[derive(Debug)]
+struct Reply {
+    listener: usize,
+    client: SocketAddr,
+    arrival: Option<Arrival>,
+    bytes: Vec<u8>,
+}
+
+/// Queries in flight, by (upstream socket, ID on the wire), and when each
+/// attempt times out, oldest first (the timeout is the same for all).
+#[derive(Debug, Default)]
+struct Table {
+    pending: HashMap<(u16, u16), Pending>,
+    deadlines: VecDeque<(Instant, (u16, u16), u64)>,
+    serial: u64,
+}
+
+/// What the UDP path shares between its tasks (all on the control-plane
+/// thread; the lock is never contended or held across an await).
+#[derive(Debug)]
+pub(crate) struct UdpProxy {
+    shared: Shared,
+    listeners: Vec<Listener>,
+    upstreams: Vec<Upstream>,
+    /// Connected sockets to the upstreams, [`Upstream::sockets`] each.
+    sockets: Vec<UdpSocket>,
+    table: Mutex<Table>,
+    preferred: AtomicUsize,
+    timeout: Duration,
+    max_in_flight: usize,
+    ips: Gauge,
+}
+
+thread_local! {
+    static QUERIES: std::cell::RefCell<Batch> = std::cell::RefCell::new(Batch::new(QUERY_MAX));
+    static ANSWERS: std::cell::RefCell<Batch> = std::cell::RefCell::new(Batch::new(ANSWER_MAX));
+}
+
+/// The parts of a query the proxy reads; the rest is passed on as it is.
+#[derive(Debug)]
+struct Parsed {
+    meta: Metadata,
+    query: Query,
+    question_end: usize,
+    max_udp: usize,
+    edns: Option<Edns>,
+}
+
+/// Why a query is answered here instead of forwarded.
+#[derive(Debug)]
+enum Refuse {
+    /// Not worth an answer (too short to carry an ID, or itself an answer).
+    Drop,
+    /// Malformed, or more than one question.
+    FormErr(Metadata),
+    /// Not a standard query (NOTIFY, UPDATE...).
+    NotImp(Metadata, Query),
+}
+
+fn parse_query(bytes: &[u8], truncated: bool) -> Result<Parsed, Refuse> {
+    let mut decoder = BinDecoder::new(bytes);
+    let header = hickory_proto::op::Header::read(&mut decoder).map_err(|_| Refuse::Drop)?;
+    let meta = header.metadata;
+    if meta.message_type != MessageType::Query {
+        return Err(Refuse::Drop);
+    }
+    if truncated || header.counts.queries != 1 {
+        return Err(Refuse::FormErr(meta));
+    }
+    let query = Query::read(&mut decoder).map_err(|_| Refuse::FormErr(meta))?;
+    if meta.op_code != OpCode::Query {
+        return Err(Refuse::NotImp(meta, query));
+    }
+    let question_end = decoder.index();
+    let edns = client_edns(&mut decoder, &header.counts).map_err(|_| Refuse::FormErr(meta))?;
+    // RFC 6891: below 512 means 512; without EDNS, 512.
+    let max_udp = edns.as_ref().map_or(512, |e| e.max_payload().max(512));
+    Ok(Parsed { meta, query, question_end, max_udp: usize::from(max_udp), edns })
+}
+
+/// The client's OPT record, if any (the additional section of a query).
+fn client_edns(
+    decoder: &mut BinDecoder<'_>,
+    counts: &hickory_proto::op::HeaderCounts,
+) -> Result<Option<Edns>, hickory_proto::ProtoError> {
+    let records = usize::from(counts.answers) + usize::from(counts.authorities);
+    for _ in 0..records {
+        Record::read(decoder)?;
+    }
+    for _ in 0..counts.additionals {
+        let record = Record::read(decoder)?;
+        if record.record_type() == RecordType::OPT {
+            return Ok(Some(Edns::from(&record)));
+        }
+    }
+    Ok(None)
+}
+
+/// The answer section of an upstream's answer, and its response code; the
+/// authority and additional sections are not needed for learning.
+fn parse_answer(bytes: &[u8]) -> Result<(ResponseCode, Name, Vec<Record>), hickory_proto::ProtoError> {
+    let mut decoder = BinDecoder::new(bytes);
+    let header = hickory_proto::op::Header::read(&mut decoder)?;
+    let mut qname = None;
+    for _ in 0..header.counts.queries {
+        let q = Query::read(&mut decoder)?;
+        qname.get_or_insert(q.name);
+    }
+    let mut records = Vec::with_capacity(usize::from(header.counts.answers));
+    for _ in 0..header.counts.answers {
+        records.push(Record::read(&mut decoder)?);
+    }
+    // The extended RCODE bits live in the OPT record; NOERROR is all learning needs.
+    let rcode = ResponseCode::from(0, header.metadata.response_code.low());
+    Ok((rcode, qname.unwrap_or_else(Name::root), records))
+}
+
+/// A reply made here: the client's ID and question, `rcode`, no records
+/// but the SOA of a blocked name, EDNS if the client used it.
+fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
+    let mut reply = Message::new(meta.id, MessageType::Response, meta.op_code);
+    reply.metadata.recursion_desired = meta.recursion_desired;
+    reply.metadata.checking_disabled = meta.checking_disabled;
+    reply.metadata.recursion_available = true;
+    reply.metadata.response_code = rcode;
+    if let Some(q) = query {
+        reply.add_query(q.clone());
+        if rcode == ResponseCode::NXDomain
+            && let Some(soa) = blocked_soa(q.name().clone())
+        {
+            reply.add_authority(soa);
+        }
+    }
+    if let Some(theirs) = edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
+        reply.set_edns(ours);
+    }
+    reply.to_vec().unwrap_or_else(|_| header_only(meta.id, rcode))
+}
+
+/// The last resort reply: a bare header.
+fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
+    let mut h = vec![0u8; 12];
+    h[..2].copy_from_slice(&id.to_be_bytes());
+    h[2] = 0x80;
+    h[3] = 0x80 | (u16::from(rcode) & 0x0f) as u8;
+    h
+}
+
+/// An answer too long for the client: the upstream's header with TC set and
+/// the question only, so the client asks again over TCP (RFC 1035 4.2.1).
+fn truncated_reply(answer: &[u8], question: &[u8]) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(12 + question.len());
+    reply.extend_from_slice(&answer[..12]);
+    reply[2] |= 0x02;
+    reply[4..6].copy_from_slice(&1u16.to_be_bytes());
+    reply[6..12].fill(0);
+    reply.extend_from_slice(question);
+    reply
+}
+
+impl UdpProxy {
+    /// Opens the upstream sockets; `listeners` are the caller's client sockets.
+    pub(crate) fn new(
+        config: &Config,
+        shared: Shared,
+        upstreams: &[SocketAddr],
+        listeners: Vec<UdpSocket>,
+    ) -> std::io::Result<Self> {
+        let mut sockets = Vec::new();
+        let mut list = Vec::new();
+        for &addr in upstreams {
+            let first = sockets.len();
+            for _ in 0..SOCKETS_PER_UPSTREAM {
+                sockets.push(sys::udp_connected(addr, config.mark)?);
+            }
+            let latency =
+                metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "udp");
+            list.push(Upstream { addr, sockets: first..sockets.len(), latency });
+        }
+        let listeners = listeners
+            .into_iter()
+            .map(|socket| {
+                let wildcard = socket.local_addr()?.ip().is_unspecified();
+                if wildcard {
+                    sys::want_arrival(&socket)?;
+                }
+                Ok(Listener { socket, wildcard })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(UdpProxy {
+            shared,
+            listeners,
+            upstreams: list,
+            sockets,
+            table: Mutex::new(Table::default()),
+            preferred: AtomicUsize::new(0),
+            timeout: config.timeout,
+            // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
+            max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
+            ips: metrics::gauge!(m::IPS_TRACKED),
+        })
+    }
+
+    /// Every task of the UDP path, to be spawned by the caller.
+    pub(crate) fn tasks(self: &Arc<Self>) -> Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {
+        let mut tasks: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
+        for i in 0..self.listeners.len() {
+            tasks.push(Box::pin(Arc::clone(self).listen(i)));
+        }
+        for i in 0..self.sockets.len() {
+            tasks.push(Box::pin(Arc::clone(self).answers(i)));
+        }
+        tasks.push(Box::pin(Arc::clone(self).sweep()));
+        tasks
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic cannot leave the table half-updated in a way that matters: take it back.
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn listen(self: Arc<Self>, index: usize) {
+        let Some(listener) = self.listeners.get(index) else { return };
+        loop {
+            if let Err(error) = listener.socket.readable().await {
+                tracing::error!(%error, "DNS socket failed; no more UDP queries on it");
+                return;
+            }
+            QUERIES.with_borrow_mut(|batch| {
+                loop {
+                    let drained = listener.socket.try_io(Interest::READABLE, || {
+                        let n = batch.recv(&listener.socket)?;
+                        let mut out = Vec::with_capacity(n);
+                        for i in 0..n {
+                            if let Some((bytes, d)) = batch.get(i) {
+                                self.on_query(index, bytes, d, &mut out);
+                            }
+                        }
+                        self.flush_queries(out);
+                        drained(n)
+                    });
+                    match drained {
+                        Ok(()) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(error) => {
+                            tracing::debug!(%error, "receiving DNS queries");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn reply(&self, listener: usize, client: SocketAddr, arrival: Option<Arrival>, bytes: &[u8]) {
+        let Some(l) = self.listeners.get(listener) else { return };
+        let from = if l.wildcard { arrival } else { None };
+        if let Err(error) = sys::send_from(&l.socket, bytes, client, from) {
+            // A full socket buffer under a flood: the client asks again.
+            tracing::debug!(%error, %client, "could not send a DNS reply");
+        }
+    }
+
+    fn on_query(&self, listener: usize, bytes: &[u8], d: sys::Datagram, out: &mut Vec<Outgoing>) {
+        let parsed = match parse_query(bytes, d.truncated) {
+            Ok(p) => p,
+            Err(Refuse::Drop) => return,
+            Err(Refuse::FormErr(meta)) => {
+                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
+                let reply = local_reply(&meta, None, None, ResponseCode::FormErr);
+                return self.reply(listener, d.from, d.to, &reply);
+            }
+            Err(Refuse::NotImp(meta, query)) => {
+                m::request(query.query_type(), ResponseCode::NotImp, Action::Failed);
+                let reply = local_reply(&meta, Some(&query), None, ResponseCode::NotImp);
+                return self.reply(listener, d.from, d.to, &reply);
+            }
+        };
+        let qtype = parsed.query.query_type();
+        let refuse = |rcode: ResponseCode, action: Action| {
+            m::request(qtype, rcode, action);
+            let reply = local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode);
+            self.reply(listener, d.from, d.to, &reply);
+        };
+        if gate(&self.shared.policy.load(), parsed.query.name()) == Gate::Block {
+            return refuse(ResponseCode::NXDomain, Action::Blocked);
+        }
+        let mut table = self.table();
+        if table.pending.len() >= self.max_in_flight {
+            drop(table);
+            tracing::debug!("in-flight cap reached: SERVFAIL");
+            return refuse(ResponseCode::ServFail, Action::Failed);
+        }
+        let n = self.upstreams.len();
+        let pending = Pending {
+            listener,
+            client: d.from,
+            arrival: d.to,
+            query: bytes.into(),
+            question_end: parsed.question_end,
+            qtype,
+            max_udp: parsed.max_udp,
+            first: self.preferred.load(Ordering::Relaxed) % n.max(1),
+            tries: 0,
+            sent: Instant::now(),
+            serial: 0,
+        };
+        if let Some(failed) = self.send_next(&mut table, pending, out) {
+            drop(table);
+            self.servfail(failed);
+        }
+    }
+
+    /// Readies `p` for the next upstream it has not tried (the bytes go into
+    /// `out`, for [`flush_queries`](Self::flush_queries)); gives it back when
+    /// there is none left (the caller answers SERVFAIL).
+    fn send_next(&self, table: &mut Table, mut p: Pending, out: &mut Vec<Outgoing>) -> Option<Pending> {
+        let n = self.upstreams.len();
+        if p.tries >= n {
+            return Some(p);
+        }
+        p.tries += 1;
+        let Some(up) = self.upstreams.get(p.upstream(n)) else { return Some(p) };
+        let socket = up.sockets.start + rand::random_range(0..up.sockets.len().max(1));
+        // A random ID that is free on this socket (at most max_in_flight of 65,536 are taken).
+        let key = loop {
+            let key = (socket as u16, rand::random::<u16>());
+            if !table.pending.contains_key(&key) {
+                break key;
+            }
+        };
+        let mut wire = p.query.to_vec();
+        wire[..2].copy_from_slice(&key.1.to_be_bytes());
+        out.push(Outgoing { socket, key, wire });
+        table.serial += 1;
+        p.serial = table.serial;
+        p.sent = Instant::now();
+        table.deadlines.push_back((p.sent + self.timeout, key, p.serial));
+        table.pending.insert(key, p);
+        None
+    }
+
+    /// Sends what [`send_next`](Self::send_next) readied, one `sendmmsg` per
+    /// upstream socket. A query that could not be sent moves on to its next
+    /// upstream at once.
+    fn flush_queries(&self, mut out: Vec<Outgoing>) {
+        while !out.is_empty() {
+            out.sort_by_key(|o| o.socket);
+            let mut unsent = Vec::new();
+            for group in out.chunk_by(|a, b| a.socket == b.socket) {
+                let Some(socket) = self.sockets.get(group[0].socket) else { continue };
+                let msgs: Vec<(&[u8], Option<SocketAddr>)> = group.iter().map(|o| (&o.wire[..], None)).collect();
+                let mut done = 0;
+                while done < msgs.len() {
+                    match sys::send_many(socket, &msgs[done..], None) {
+                        Ok(n) => done += n.max(1),
+                        Err(error) => {
+                            tracing::debug!(%error, "upstream send failed");
+                            unsent.push(group[done].key);
+                            done += 1;
+                        }
+                    }
+                }
+            }
+            let mut again = Vec::new();
+            let mut failed = Vec::new();
+            let mut table = self.table();
+            for key in unsent {
+                let Some(p) = table.pending.remove(&key) else { continue };
+                if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
+                    failure(up.addr, "io");
+                }
+                failed.extend(self.send_next(&mut table, p, &mut again));
+            }
+            drop(table);
+            for p in failed {
+                self.servfail(p);
+            }
+            out = again;
+        }
+    }
+
+    /// Sends the answers one batch of upstream datagrams produced, one
+    /// `sendmmsg` per client socket and source address.
+    fn flush_replies(&self, mut replies: Vec<Reply>) {
+        replies.sort_by_key(|r| (r.listener, r.arrival.map(|a| a.ip)));
+        for group in replies.chunk_by(|a, b| a.listener == b.listener && a.arrival == b.arrival) {
+            let Some(l) = self.listeners.get(group[0].listener) else { continue };
+            let from = if l.wildcard { group[0].arrival } else { None };
+            let msgs: Vec<(&[u8], Option<SocketAddr>)> = group.iter().map(|r| (&r.bytes[..], Some(r.client))).collect();
+            let mut done = 0;
+            while done < msgs.len() {
+                match sys::send_many(&l.socket, &msgs[done..], from) {
+                    Ok(n) => done += n.max(1),
+                    Err(error) => {
+                        // A full socket buffer under a flood: the client asks again.
+                        tracing::debug!(%error, client = %group[done].client, "could not send a DNS reply");
+                        done += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn servfail(&self, p: Pending) {
+        tracing::debug!("every upstream failed: SERVFAIL");
+        m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
+        let Ok(parsed) = parse_query(&p.query, false) else { return };
+        let reply = local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), ResponseCode::ServFail);
+        self.reply(p.listener, p.client, p.arrival, &reply);
+    }
+
+    async fn answers(self: Arc<Self>, index: usize) {
+        let Some(socket) = self.sockets.get(index) else { return };
+        loop {
+            let ready = match socket.ready(Interest::READABLE | Interest::ERROR).await {
+                Ok(ready) => ready,
+                Err(error) => {
+                    tracing::error!(%error, "upstream DNS socket failed");
+                    return;
+                }
+            };
+            if ready.is_error() {
+                // An ICMP error (port unreachable: nobody answers there) is pending on the socket.
+                let refused = socket.try_io(Interest::ERROR, || match socket.take_error() {
+                    Ok(Some(e)) => Ok(e),
+                    Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+                    Err(e) => Ok(e),
+                });
+                if refused.is_ok() {
+                    self.refused(index);
+                }
+            }
+            ANSWERS.with_borrow_mut(|batch| {
+                loop {
+                    let drained = socket.try_io(Interest::READABLE, || {
+                        let n = batch.recv(socket)?;
+                        let mut replies = Vec::with_capacity(n);
+                        for i in 0..n {
+                            if let Some((bytes, d)) = batch.get(i) {
+                                self.on_answer(index, bytes, d.truncated, &mut replies);
+                            }
+                        }
+                        self.flush_replies(replies);
+                        drained(n)
+                    });
+                    match drained {
+                        Ok(()) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                            // ICMP port unreachable: nobody answers there. Move its queries on now.
+                            self.refused(index);
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "receiving upstream answers");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn on_answer(&self, socket: usize, bytes: &[u8], truncated: bool, replies: &mut Vec<Reply>) {
+        if bytes.len() < 12 {
+            return;
+        }
+        let key = (socket as u16, u16::from_be_bytes([bytes[0], bytes[1]]));
+        let p = {
+            let mut table = self.table();
+            let Some(p) = table.pending.get(&key) else { return };
+            if !crate::upstream::answers(&key.1.to_be_bytes(), &p.query[12..p.question_end], bytes) {
+                return; // a stray or forged datagram: the query keeps waiting
+            }
+            let Some(p) = table.pending.remove(&key) else { return };
+            p
+        };
+        let n = self.upstreams.len();
+        let idx = p.upstream(n);
+        if let Some(up) = self.upstreams.get(idx) {
+            up.latency.record(p.sent.elapsed().as_secs_f64());
+        }
+        if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
+            self.preferred.store(idx, Ordering::Relaxed);
+        }
+        let mut answer = bytes.to_vec();
+        answer[..2].copy_from_slice(&p.query[..2]);
+        if truncated || answer.len() > p.max_udp {
+            let reply = truncated_reply(&answer, &p.query[12..p.question_end]);
+            m::request(p.qtype, ResponseCode::from(0, answer[3] & 0x0f), Action::Forwarded);
+            return replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: reply });
+        }
+        let rcode = match parse_answer(&answer) {
+            Ok((rcode, qname, records)) => {
+                if rcode == ResponseCode::NoError {
+                    let keep = sluice_policy::Retention::from(&self.shared.policy.load().settings().dns);
+                    let learned = learn(&self.shared.names, &qname, &records, now(), keep);
+                    if learned.ips > 0 {
+                        self.ips.set(self.shared.names.len() as f64);
+                    }
+                }
+                rcode
+            }
+            Err(error) => {
+                tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
+                return self.servfail(p);
+            }
+        };
+        m::request(p.qtype, rcode, Action::Forwarded);
+        replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: answer });
+    }
+
+    /// The upstream behind `socket` refused: its queries go to the next one.
+    fn refused(&self, socket: usize) {
+        let mut failed = Vec::new();
+        let mut out = Vec::new();
+        let mut table = self.table();
+        let keys: Vec<(u16, u16)> = table.pending.keys().filter(|k| usize::from(k.0) == socket).copied().collect();
+        for key in keys {
+            let Some(p) = table.pending.remove(&key) else { continue };
+            if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
+                failure(up.addr, "refused");
+            }
+            failed.extend(self.send_next(&mut table, p, &mut out));
+        }
+        drop(table);
+        self.flush_queries(out);
+        for p in failed {
+            self.servfail(p);
+        }
+    }
+
+    /// Moves queries whose attempt timed out to the next upstream.
+    async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let mut failed = Vec::new();
+            let mut out = Vec::new();
+            let mut table = self.table();
+            while let Some(&(deadline, key, serial)) = table.deadlines.front() {
+                if deadline > now {
+                    break;
+                }
+                table.deadlines.pop_front();
+                if table.pending.get(&key).is_none_or(|p| p.serial != serial) {
+                    continue; // answered (the key may be in use again by a later query)
+                }
+                let Some(p) = table.pending.remove(&key) else { continue };
+                if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
+                    tracing::debug!(upstream = %up.addr, "upstream attempt timed out");
+                    failure(up.addr, "timeout");
+                }
+                failed.extend(self.send_next(&mut table, p, &mut out));
+            }
+            drop(table);
+            self.flush_queries(out);
+            for p in failed {
+                self.servfail(p);
+            }
+        }
+    }
+}
+
+/// After a receive of `n` datagrams: `WouldBlock` when it took fewer than a
+/// full batch, i.e. the queue was empty, so tokio forgets the readiness and
+/// the task sleeps without one more receive that would only say `EAGAIN`
+/// (a system call per wake-up saved). Safe with edge-triggered epoll: every
+/// datagram that arrives later raises a new event.
+fn drained(n: usize) -> std::io::Result<()> {
+    if n < sys::BATCH { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+}
+
+fn failure(addr: SocketAddr, reason: &'static str) {
+    // Failures are the slow path: the labelled macro is fine here.
+    metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => reason).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::str::FromStr;
+
+    use super::*;
+
+    fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::AAAA));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn queries_are_read_with_their_payload_size() {
+        let p = parse_query(&query(7, "a.example.", Some(4_096)), false).unwrap();
+        assert_eq!((p.meta.id, p.max_udp, p.query.query_type()), (7, 4_096, RecordType::AAAA));
+        assert_eq!(p.question_end, 12 + 11 + 4);
+        assert_eq!(parse_query(&query(7, "a.example.", Some(100)), false).unwrap().max_udp, 512);
+        assert_eq!(parse_query(&query(7, "a.example.", None), false).unwrap().max_udp, 512);
+        assert!(matches!(
+            parse_query(&query(7, "a.example.", None), true),
+            Err(Refuse::FormErr(Metadata { id: 7, .. }))
+        ));
+        let mut answer = query(7, "a.example.", None);
+        answer[2] |= 0x80;
+        assert!(matches!(parse_query(&answer, false), Err(Refuse::Drop)));
+        assert!(matches!(parse_query(&answer[..5], false), Err(Refuse::Drop)));
+    }
+
+    #[test]
+    fn a_too_long_answer_becomes_a_truncated_one() {
+        let q = query(0x0102, "a.example.", None);
+        let mut answer = q.clone();
+        answer[2] |= 0x80;
+        answer[7] = 3; // claims three answers
+        answer.extend_from_slice(&[0xde; 40]);
+        let question_end = parse_query(&q, false).unwrap().question_end;
+        let t = truncated_reply(&answer, &q[12..question_end]);
+        assert_eq!(t.len(), question_end);
+        assert_eq!(t[..2], [1, 2]);
+        assert_ne!(t[2] & 0x02, 0, "TC");
+        let m = Message::from_vec(&t).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty() && m.queries.len() == 1);
+    }
+
+    #[test]
+    fn local_replies_keep_id_question_and_edns() {
+        let q = query(9, "blocked.example.", Some(4_096));
+        let p = parse_query(&q, false).unwrap();
+        let r =
+            Message::from_vec(&local_reply(&p.meta, Some(&p.query), p.edns.as_ref(), ResponseCode::NXDomain)).unwrap();
+        assert_eq!(r.metadata.id, 9);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert!(r.metadata.recursion_desired && r.metadata.recursion_available);
+        assert_eq!(r.queries[0].name().to_string(), "blocked.example.");
+        assert_eq!(r.authorities.len(), 1, "the SOA that makes it cacheable");
+        assert_eq!(r.edns.unwrap().max_payload(), LOCAL_PAYLOAD);
+        assert_eq!(header_only(5, ResponseCode::ServFail)[3] & 0x0f, 2);
+    }
+}
