@@ -9,6 +9,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
+use serde::Serialize;
 use tokio::time::{sleep, timeout};
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
@@ -157,6 +158,83 @@ pub(crate) struct Ctl {
     /// Short connections completed.
     pub(crate) done: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Short connections that failed, by [`Failure`] (each also counts in `errors`).
+    failures: [AtomicU64; Failure::ALL.len()],
+}
+
+impl Ctl {
+    fn fail(&self, f: Failure) {
+        self.errors.fetch_add(1, Relaxed);
+        self.failures[f as usize].fetch_add(1, Relaxed);
+    }
+
+    /// The short-connection failures so far.
+    pub(crate) fn failures(&self) -> Failures {
+        let n = |f: Failure| self.failures[f as usize].load(Relaxed);
+        Failures {
+            refused: n(Failure::Refused),
+            reset: n(Failure::Reset),
+            wrong_echo: n(Failure::WrongEcho),
+            timed_out: n(Failure::TimedOut),
+            other: n(Failure::Other),
+        }
+    }
+}
+
+/// Why one short connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connect was refused.
+    Refused,
+    /// Connected, then reset or closed before the whole echo came back (a
+    /// BlackHole verdict looks like this: the forwarder accepts, then resets).
+    Reset,
+    /// The echo came back, but not the bytes sent (a 502 page, another connection's data).
+    WrongEcho,
+    TimedOut,
+    /// Any other I/O error (e.g. no local port left).
+    Other,
+}
+
+impl Failure {
+    const ALL: [Failure; 5] = [Failure::Refused, Failure::Reset, Failure::WrongEcho, Failure::TimedOut, Failure::Other];
+
+    fn of(e: &io::Error) -> Failure {
+        use io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => Failure::Refused,
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => Failure::Reset,
+            TimedOut => Failure::TimedOut,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// Short-connection failures by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub(crate) struct Failures {
+    pub(crate) refused: u64,
+    pub(crate) reset: u64,
+    pub(crate) wrong_echo: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) other: u64,
+}
+
+impl Failures {
+    pub(crate) fn total(&self) -> u64 {
+        self.refused + self.reset + self.wrong_echo + self.timed_out + self.other
+    }
+
+    /// The failures between `earlier` and this snapshot.
+    pub(crate) fn since(&self, earlier: &Failures) -> Failures {
+        Failures {
+            refused: self.refused - earlier.refused,
+            reset: self.reset - earlier.reset,
+            wrong_echo: self.wrong_echo - earlier.wrong_echo,
+            timed_out: self.timed_out - earlier.timed_out,
+            other: self.other - earlier.other,
+        }
+    }
 }
 
 /// A generator running on its own thread ("perf-gen").
@@ -177,6 +255,15 @@ pub(crate) enum Load {
     Idle { conns: usize },
     /// One persistent connection to an echo sink: 64 bytes each way, in a loop.
     Keepalive,
+}
+
+impl Drop for Gen {
+    /// A scenario that gives up (an error) stops its generator at once: its
+    /// connections must not outlive it, holding descriptors and ports the
+    /// next target needs.
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, Relaxed);
+    }
 }
 
 impl Gen {
@@ -268,11 +355,15 @@ async fn bulk(ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) {
     }
 }
 
-/// One short connection: connect, write 64 bytes, read 64 bytes, close.
-async fn once(addr: SocketAddr) -> io::Result<()> {
-    let s = TcpStream::connect(addr).await?;
-    s.write_all(vec![0x5au8; MSG]).await.0?;
-    read_exact(&s, MSG).await.map(drop)
+/// One short connection: connect, write 64 bytes of `fill`, read the 64-byte echo, check it, close.
+async fn once(addr: SocketAddr, fill: u8) -> Result<(), Failure> {
+    let exchange = async {
+        let s = TcpStream::connect(addr).await.map_err(|e| Failure::of(&e))?;
+        s.write_all(vec![fill; MSG]).await.0.map_err(|e| Failure::of(&e))?;
+        let echoed = read_exact(&s, MSG).await.map_err(|e| Failure::of(&e))?;
+        if echoed.iter().all(|b| *b == fill) { Ok(()) } else { Err(Failure::WrongEcho) }
+    };
+    timeout(OP_TIMEOUT, exchange).await.unwrap_or(Err(Failure::TimedOut))
 }
 
 async fn short(k: usize, ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) -> Vec<u32> {
@@ -281,17 +372,22 @@ async fn short(k: usize, ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) -> Vec<u32>
     while live(&ctl) && samples.len() < MAX_SAMPLES {
         let addr = sink_addr(PORT_ECHO + (i % usize::from(ECHO_PORTS)) as u16);
         i += 1;
+        // A different byte per connection: an echo of someone else's bytes is caught.
+        let fill = (i % 251) as u8 + 1;
         let t0 = Instant::now();
-        let res = timeout(OP_TIMEOUT, once(addr)).await;
+        let res = once(addr, fill).await;
         let took = t0.elapsed();
-        if let Ok(Ok(())) = res {
-            ctl.done.fetch_add(1, Relaxed);
-            if ctl.measuring.load(Relaxed) {
-                samples.push(took.as_micros().min(u128::from(u32::MAX)) as u32);
+        match res {
+            Ok(()) => {
+                ctl.done.fetch_add(1, Relaxed);
+                if ctl.measuring.load(Relaxed) {
+                    samples.push(took.as_micros().min(u128::from(u32::MAX)) as u32);
+                }
             }
-        } else {
-            ctl.errors.fetch_add(1, Relaxed);
-            sleep(Duration::from_millis(1)).await; // a broken target must not make this spin
+            Err(f) => {
+                ctl.fail(f);
+                sleep(Duration::from_millis(1)).await; // a broken target must not make this spin
+            }
         }
     }
     samples
@@ -341,20 +437,28 @@ async fn keepalive(ctl: Arc<Ctl>, live: impl Fn(&Ctl) -> bool) -> Vec<u32> {
     samples
 }
 
-/// Opens `n` connections to the hold sink, 32 at a time.
+/// Opens `n` connections to the hold sink, 32 at a time (a batch with
+/// failures waits 1 ms: a broken target must not make this spin).
 async fn idle(n: usize, ctl: &Ctl, live: impl Fn(&Ctl) -> bool) -> Vec<TcpStream> {
     let mut conns = Vec::with_capacity(n);
     while conns.len() < n && live(ctl) {
         let batch = (n - conns.len()).min(32);
         let tasks: Vec<_> = (0..batch).map(|_| tokio_uring::spawn(connect(sink_addr(PORT_HOLD)))).collect();
+        let mut failed = false;
         for t in tasks {
             match t.await {
                 Ok(Ok(s)) => {
                     conns.push(s);
                     ctl.ready.fetch_add(1, Relaxed);
                 }
-                _ => drop(ctl.errors.fetch_add(1, Relaxed)),
+                _ => {
+                    ctl.errors.fetch_add(1, Relaxed);
+                    failed = true;
+                }
             }
+        }
+        if failed {
+            sleep(Duration::from_millis(1)).await;
         }
     }
     conns
@@ -362,6 +466,11 @@ async fn idle(n: usize, ctl: &Ctl, live: impl Fn(&Ctl) -> bool) -> Vec<TcpStream
 
 /// One short connection from inside the namespace (bounded): is the whole path up?
 pub(crate) fn probe(ns: &Netns) -> Result<()> {
-    let res = ns.within(|| tokio_uring::start(async { timeout(OP_TIMEOUT, once(sink_addr(PORT_ECHO))).await }))?;
-    res.map_err(|_| anyhow!("probe timed out"))?.context("probe connection")
+    probe_port(ns, PORT_ECHO)
+}
+
+/// One short connection to sink `port` (bounded); an error says how it failed.
+pub(crate) fn probe_port(ns: &Netns, port: u16) -> Result<()> {
+    let res = ns.within(move || tokio_uring::start(once(sink_addr(port), 0x5a)))?;
+    res.map_err(|f| anyhow!("probe connection to port {port}: {f:?}"))
 }

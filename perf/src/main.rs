@@ -1,29 +1,45 @@
-//! sluice-perf: transparent (REDIRECT) throughput, connection rate and idle
-//! cost through the sluice forwarder, against direct connections and against
-//! HAProxy (transparent, splice forced), alternating targets in one run.
-//! Everything happens inside a network namespace this process creates and
-//! removes (also on Ctrl-C). Needs root (namespaces, nftables, SO_MARK).
+//! sluice-perf: the forwarder (transparent, REDIRECT) against direct
+//! connections, HAProxy and nginx — throughput, connection rate, keep-alive
+//! latency, idle cost, policy reloads under load — and the DNS proxy against
+//! direct and dnsdist, targets alternating in one run. Everything happens
+//! inside a network namespace this process creates and removes (also on
+//! Ctrl-C). Needs root (namespaces, nftables, SO_MARK).
 
+mod chart;
 mod child;
+mod dns;
+mod dnsperf;
+mod idle;
 mod load;
 mod ns;
 mod procfs;
+mod reload;
 mod report;
 mod scenario;
+mod suite;
+mod table;
 mod target;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use bpaf::{OptionParser, Parser, construct, long};
 use serde::Serialize;
 
+use crate::dns::Upstream;
+use crate::idle::Idle;
 use crate::load::Sink;
 use crate::ns::{Netns, ScratchDir};
-use crate::scenario::{Idle, Params, Run, Scenario};
-use crate::target::{Target, Up};
+use crate::scenario::{Params, Run, Scenario};
+use crate::suite::Suite;
+use crate::table::Table;
+use crate::target::Target;
+
+/// Idle connections held by default, and with `--quick`.
+const IDLE_CONNS: usize = 10_000;
+const IDLE_CONNS_QUICK: usize = 2_000;
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -32,38 +48,45 @@ struct Opts {
     duration: f64,
     warmup: f64,
     clients: usize,
-    idle_conns: usize,
+    idle_conns: Option<usize>,
     workers: usize,
     pipe_size: usize,
     targets: String,
     scenarios: String,
-    json: Option<PathBuf>,
+    out: PathBuf,
 }
 
 fn opts() -> OptionParser<Opts> {
-    let quick = long("quick").help("Short run: 1 round, 1 s per scenario, idle held 1 s").switch();
+    let quick = long("quick")
+        .help("Short run (about 2 minutes): 1 round, 1 s per run, 2,000 idle connections held 1 s")
+        .switch();
     let rounds = long("rounds").help("Runs per target, alternating targets (1-20)").argument::<usize>("N").fallback(3);
-    let duration = long("duration").help("Measured seconds per bulk/short run (0.2-30)").argument::<f64>("SECS");
-    let duration = duration.fallback(3.0);
+    let duration = long("duration").help("Measured seconds per run (0.2-30)").argument::<f64>("SECS").fallback(3.0);
     let warmup = long("warmup").help("Seconds of load before measuring (0-5)").argument::<f64>("SECS").fallback(0.5);
     let clients = long("clients").help("Concurrent short-connection clients (1-64)").argument::<usize>("N").fallback(4);
-    let idle_conns = long("idle-conns").help("Idle connections to hold (0-5000; 0 skips)").argument::<usize>("N");
-    let idle_conns = idle_conns.fallback(1000);
+    let idle_conns =
+        long("idle-conns").help("Idle connections to hold (1-25000; default 10000)").argument::<usize>("N");
+    let idle_conns = idle_conns.optional();
     let workers = long("workers").help("Forwarder workers and HAProxy threads (default: CPUs)").argument::<usize>("N");
     let workers = workers.fallback(std::thread::available_parallelism().map_or(2, |n| n.get()));
     let pipe_size = long("pipe-size")
         .help("Pipe bytes per direction per connection: forwarder pipe_size, HAProxy tune.pipesize")
         .argument::<usize>("BYTES")
         .fallback(65536);
+    let all_scenarios: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
     let scenarios = long("scenarios")
-        .help("Comma-separated: bulk-1, bulk-4, short, keepalive")
+        .help("Comma-separated: bulk-1, bulk-4, short, keepalive, idle, dns, reload (default: all)")
         .argument::<String>("LIST")
-        .fallback("bulk-1,bulk-4,short".into());
+        .fallback(all_scenarios.join(","));
+    let all_targets: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();
     let targets = long("targets")
-        .help("Comma-separated: direct, sluice-uring, sluice-epoll, haproxy, nginx (nginx: a port-forward)")
+        .help("Comma-separated: direct, sluice-uring, sluice-epoll, haproxy, nginx (a port-forward), dns-direct, sluice-dns, dnsdist (default: all)")
         .argument::<String>("LIST")
-        .fallback("direct,sluice-uring,sluice-epoll,haproxy,nginx".into());
-    let json = long("json").help("Also write every run as JSON to this file").argument::<PathBuf>("FILE").optional();
+        .fallback(all_targets.join(","));
+    let out = long("out")
+        .help("Directory for the results: a folder per run with run.json and one SVG chart per scenario")
+        .argument::<PathBuf>("DIR")
+        .fallback("perf-results".into());
     construct!(Opts {
         quick,
         rounds,
@@ -75,10 +98,12 @@ fn opts() -> OptionParser<Opts> {
         pipe_size,
         targets,
         scenarios,
-        json
+        out
     })
     .to_options()
-    .descr("Transparent-proxy benchmark: sluice forwarder vs direct vs HAProxy (needs root)")
+    .descr(
+        "End-to-end benchmark: sluice's forwarder vs direct, HAProxy and nginx; its DNS proxy vs dnsdist (needs root)",
+    )
 }
 
 #[derive(Debug, Serialize)]
@@ -88,30 +113,47 @@ struct Machine {
     kernel: String,
     haproxy: String,
     nginx: String,
+    dnsdist: String,
+    nsd: String,
+    dnsperf: String,
 }
 
 #[derive(Debug, Serialize)]
 struct Output<'a> {
     machine: &'a Machine,
     command: String,
+    rounds: usize,
+    params: Params,
+    seconds: f64,
+    skipped: &'a [String],
+    tables: &'a [Table],
     runs: &'a [Run],
     idle: &'a [Idle],
+}
+
+/// The line of `tool flag`'s output (stdout or stderr) that says "version",
+/// else its first line, or "not installed".
+fn version(tool: &str, flag: &str) -> String {
+    let Ok(o) = std::process::Command::new(tool).arg(flag).output() else { return format!("{tool} not installed") };
+    let text = [o.stdout, o.stderr].concat();
+    let text = String::from_utf8_lossy(&text);
+    let line = text.lines().find(|l| l.to_lowercase().contains("version")).or_else(|| text.lines().next());
+    line.unwrap_or("").trim().to_owned()
 }
 
 fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model =
         cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
-    let haproxy = std::process::Command::new("haproxy").arg("-v").output().ok();
-    let haproxy = haproxy.map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned());
-    let nginx = std::process::Command::new("nginx").arg("-v").output().ok();
-    let nginx = nginx.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned());
     Machine {
         cpu: model.unwrap_or("?").to_owned(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned(),
-        haproxy: haproxy.unwrap_or_else(|| "not installed".into()),
-        nginx: nginx.unwrap_or_else(|| "nginx not installed".into()),
+        haproxy: version("haproxy", "-v"),
+        nginx: version("nginx", "-v"),
+        dnsdist: version("dnsdist", "--version"),
+        nsd: version("nsd", "-v"),
+        dnsperf: format!("dnsperf {}", version("dnsperf", "-h").replace("Version ", "")),
     }
 }
 
@@ -130,16 +172,53 @@ fn main() -> ExitCode {
     }
 }
 
+/// A comma-separated list of names, each parsed by `parse`.
+fn list<T>(s: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|name| parse(name).with_context(|| format!("unknown {what} {name:?}")))
+        .collect()
+}
+
+/// The rounds and the run's parameters; `idle` says the idle scenario runs
+/// (then a connection count that does not fit the descriptor limit is
+/// lowered to what does, and says so).
+fn params(o: &Opts, idle: bool) -> (usize, Params) {
+    let (rounds, secs, hold) = if o.quick { (1, 1.0, 1.0) } else { (o.rounds.clamp(1, 20), o.duration, 2.0) };
+    let mut conns = o.idle_conns.unwrap_or(if o.quick { IDLE_CONNS_QUICK } else { IDLE_CONNS });
+    if idle && conns > idle::max_conns() {
+        eprintln!(
+            "note: {conns} idle connections need {} descriptors in the proxy's process and in this one, \
+             RLIMIT_NOFILE is {} (raising the hard limit needs CAP_SYS_RESOURCE): holding {} instead",
+            2 * conns as u64 + idle::FD_SLACK,
+            ns::nofile_limit(),
+            idle::max_conns()
+        );
+        conns = idle::max_conns();
+    }
+    let p = Params {
+        warmup: Duration::from_secs_f64(o.warmup.clamp(0.0, 5.0)),
+        duration: Duration::from_secs_f64(secs.clamp(0.2, 30.0)),
+        clients: o.clients.clamp(1, 64),
+        idle_conns: conns.clamp(1, 25_000),
+        hold: Duration::from_secs_f64(hold),
+        workers: o.workers.clamp(1, 64),
+        pipe_size: o.pipe_size.clamp(4096, 1 << 20),
+    };
+    (rounds, p)
+}
+
 fn bench(o: Opts) -> Result<()> {
     ns::install_signal_cleanup()?;
     ns::raise_nofile();
     if !nix::unistd::geteuid().is_root() {
         bail!("needs root: it creates a network namespace, nftables rules and marked sockets");
     }
-    let mut targets = Vec::new();
-    for name in o.targets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        targets.push(Target::parse(name).with_context(|| format!("unknown target {name:?}"))?);
-    }
+    let mut targets = list(&o.targets, "target", Target::parse)?;
+    let selected = list(&o.scenarios, "scenario", Scenario::parse)?;
+    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| selected.contains(s)).collect();
+    targets.retain(|t| scenarios.iter().any(|s| s.runs_on(*t)));
     let mut skipped = Vec::new();
     targets.retain(|t| match t.unavailable() {
         Some(why) => {
@@ -151,22 +230,10 @@ fn bench(o: Opts) -> Result<()> {
     for s in &skipped {
         eprintln!("skipping {s}");
     }
-    let (rounds, secs, hold) = if o.quick { (1, 1.0, 1.0) } else { (o.rounds.clamp(1, 20), o.duration, 2.0) };
-    let p = Params {
-        warmup: Duration::from_secs_f64(o.warmup.clamp(0.0, 5.0)),
-        duration: Duration::from_secs_f64(secs.clamp(0.2, 30.0)),
-        clients: o.clients.clamp(1, 64),
-        idle_conns: o.idle_conns.min(5000),
-        hold: Duration::from_secs_f64(hold),
-        workers: o.workers.clamp(1, 64),
-        pipe_size: o.pipe_size.clamp(4096, 1 << 20),
-    };
-    let mut scenarios = Vec::new();
-    for name in o.scenarios.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        scenarios.push(Scenario::parse(name).with_context(|| format!("unknown scenario {name:?}"))?);
-    }
+    let (rounds, p) = params(&o, scenarios.contains(&Scenario::Idle));
     let m = machine();
-    println!("machine: {} × {}, kernel {}, {}, {}", m.cpus, m.cpu, m.kernel, m.haproxy, m.nginx);
+    println!("machine: {} × {}, kernel {}", m.cpus, m.cpu, m.kernel);
+    println!("peers: {}; {}; {}; {}; {}", m.haproxy, m.nginx, m.dnsdist, m.nsd, m.dnsperf);
     let (warm, secs) = (p.warmup.as_secs_f64(), p.duration.as_secs_f64());
     println!("params: {rounds} round(s) alternating targets, {secs:.1} s measured after {warm:.1} s warm-up,");
     println!(
@@ -178,76 +245,78 @@ fn bench(o: Opts) -> Result<()> {
         p.pipe_size
     );
 
+    let started = Instant::now();
     let scratch = ScratchDir::new()?;
     let netns = Netns::new()?;
     let sink = Sink::start(&netns)?;
-    let started = Instant::now();
-    let (mut runs, mut idle) = (Vec::new(), Vec::new());
-    let mut failed: Vec<Target> = Vec::new();
-    for round in 0..rounds {
-        for &t in &targets {
-            if failed.contains(&t) {
-                continue;
-            }
-            match one_target(&netns, &sink, &scratch, t, round, &scenarios, &p) {
-                Ok((r, i)) => {
-                    runs.extend(r);
-                    idle.extend(i);
-                }
-                Err(e) => {
-                    eprintln!("  {} failed, dropped from this run: {e:#}", t.name());
-                    skipped.push(format!("{}: failed: {e:#}", t.name()));
-                    failed.push(t);
-                }
-            }
-        }
-    }
+    let upstream = start_upstream(&netns, &scratch, &mut targets, &mut skipped);
+    let suite = Suite { ns: &netns, sink: &sink, scratch: &scratch, upstream: upstream.as_ref(), scenarios, p };
+    let results = suite.run(&mut targets, rounds);
+    drop(upstream);
     drop(sink);
     drop(netns);
-    targets.retain(|t| !failed.contains(t));
-    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
-    print!("{}", report::tables(&runs, &targets));
-    print!("{}", report::idle_table(&idle, &targets));
-    print!("{}", report::checks(&runs, &idle, &targets));
+    skipped.extend(results.skipped);
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("done in {seconds:.0} s");
+
+    let tables = report::tables(&results.runs, &results.idle, &targets);
+    for t in &tables {
+        print!("{}", t.render());
+    }
+    print!("{}", report::bypassed(&results.runs, &results.idle));
+    print!("{}", report::checks(&results.runs, &results.idle, &targets));
     for s in &skipped {
         println!("skipped {s}");
     }
-    if let Some(path) = o.json {
-        let command = std::env::args().collect::<Vec<_>>().join(" ");
-        let out = Output { machine: &m, command, runs: &runs, idle: &idle };
-        std::fs::write(&path, serde_json::to_vec_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let out = Output {
+        machine: &m,
+        command,
+        rounds,
+        params: p,
+        seconds,
+        skipped: &skipped,
+        tables: &tables,
+        runs: &results.runs,
+        idle: &results.idle,
+    };
+    let dir = write_results(&o.out, &out)?;
+    println!("\nresults: {}", dir.display());
     Ok(())
 }
 
-fn one_target(
-    netns: &Netns,
-    sink: &Sink,
+/// nsd for the DNS targets; if it cannot start, they are skipped (and say why).
+fn start_upstream(
+    ns: &Netns,
     scratch: &ScratchDir,
-    t: Target,
-    round: usize,
-    scenarios: &[Scenario],
-    p: &Params,
-) -> Result<(Vec<Run>, Option<Idle>)> {
-    let mut idle = None;
-    if p.idle_conns > 0 && !t.is_foreign() {
-        idle = Some(child::run(netns, t, round, p)?);
+    targets: &mut Vec<Target>,
+    skipped: &mut Vec<String>,
+) -> Option<Upstream> {
+    if !targets.iter().any(|t| t.is_dns()) {
+        return None;
     }
-    let up = Up::start(netns, t, p, Some(scratch))?;
-    if p.idle_conns > 0 && t.is_foreign() {
-        idle = Some(scenario::idle(netns, &up, round, p)?);
+    match Upstream::start(ns, scratch) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            for t in targets.iter().filter(|t| t.is_dns()) {
+                skipped.push(format!("{}: the nsd upstream did not start: {e:#}", t.name()));
+            }
+            targets.retain(|t| !t.is_dns());
+            None
+        }
     }
-    let mut runs = Vec::new();
-    for s in scenarios {
-        runs.push(match s {
-            Scenario::Bulk1 => scenario::bulk(netns, &up, sink, round, 1, p)?,
-            Scenario::Bulk4 => scenario::bulk(netns, &up, sink, round, 4, p)?,
-            Scenario::Short => scenario::short(netns, &up, round, p)?,
-            Scenario::Keepalive => scenario::keepalive(netns, &up, round, p)?,
-        });
+}
+
+/// Writes `<out>/<UTC time>/run.json` and one `<scenario>.svg` per table; returns the folder.
+fn write_results(out: &Path, o: &Output<'_>) -> Result<PathBuf> {
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "-");
+    let dir = out.join(stamp);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("run.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(o)?).with_context(|| format!("writing {}", json.display()))?;
+    for t in o.tables {
+        let svg = dir.join(format!("{}.svg", t.scenario.name()));
+        chart::write(t, &svg).with_context(|| format!("writing {}", svg.display()))?;
     }
-    let vals: Vec<String> = runs.iter().map(|r| format!("{:.2} {}", r.value, r.scenario.unit())).collect();
-    eprintln!("round {} {:<13} {}", round + 1, t.name(), vals.join("  "));
-    Ok((runs, idle))
+    Ok(dir)
 }

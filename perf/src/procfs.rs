@@ -18,7 +18,12 @@ fn stat_ticks(path: &str) -> Option<u64> {
 
 /// This process's threads: (tid, name).
 pub(crate) fn tasks() -> Vec<(u32, String)> {
-    let Ok(dir) = fs::read_dir("/proc/self/task") else { return Vec::new() };
+    tasks_of("self")
+}
+
+/// The threads of `/proc/<pid>` ("self" for this process): (tid, name).
+fn tasks_of(pid: &str) -> Vec<(u32, String)> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     dir.filter_map(|e| {
         let e = e.ok()?;
         let tid: u32 = e.file_name().to_str()?.parse().ok()?;
@@ -42,20 +47,37 @@ pub(crate) fn pid_ticks(pid: u32) -> u64 {
     stat_ticks(&format!("/proc/{pid}/stat")).unwrap_or(0)
 }
 
-/// `pid` and its child processes (one level: nginx's master and workers).
+/// Every process on the machine with its parent: (pid, ppid).
+fn processes() -> Vec<(u32, u32)> {
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            // After ')': state, then ppid.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// `pid` and all its descendants (nginx's master and workers; nsd's main,
+/// xfrd and server processes, two levels down).
 pub(crate) fn tree(pid: u32) -> Vec<u32> {
+    let all = processes();
     let mut pids = vec![pid];
-    let Ok(dir) = fs::read_dir("/proc") else { return pids };
-    for e in dir.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else { continue };
-        // After ')': state, then ppid.
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            pids.push(child);
-        }
+    let mut i = 0;
+    while let Some(&parent) = pids.get(i) {
+        pids.extend(all.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
     }
     pids
+}
+
+/// Kernel threads on the machine (kthreadd, pid 2, and its children):
+/// the idle scenario reports how many appear while connections are held.
+pub(crate) fn kernel_threads() -> usize {
+    processes().iter().filter(|(pid, ppid)| *pid == 2 || *ppid == 2).count()
 }
 
 /// CPU ticks of `pid` and its child processes.
@@ -89,14 +111,23 @@ pub(crate) fn fds(pid: &str) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-/// io_uring's kernel workers (io-wq) in this process: (all of them, those
-/// serving rings of threads whose name starts with `owner_prefix`). A worker
-/// is named `iou-wrk-<tid>` after the thread whose ring it serves.
-pub(crate) fn iowq_workers(owner_prefix: &str) -> (usize, usize) {
-    let tasks = tasks();
+/// io_uring's kernel workers (io-wq) in processes `pids`: (all of them,
+/// those serving rings of threads whose name starts with `owner_prefix`). A
+/// worker is a thread named `iou-wrk-<tid>` after the thread whose ring it serves.
+pub(crate) fn iowq_workers(pids: &[u32], owner_prefix: &str) -> (usize, usize) {
+    let tasks: Vec<(u32, String)> = pids.iter().flat_map(|p| tasks_of(&p.to_string())).collect();
     let owners: Vec<String> =
         tasks.iter().filter(|(_, n)| n.starts_with(owner_prefix)).map(|(tid, _)| tid.to_string()).collect();
     let workers: Vec<&str> = tasks.iter().filter_map(|(_, n)| n.strip_prefix("iou-wrk-")).collect();
     let owned = workers.iter().filter(|w| owners.iter().any(|o| o == *w)).count();
     (workers.len(), owned)
+}
+
+/// CPU ticks of this process's children that have exited and been waited
+/// for (dnsperf runs: its CPU is known only once it is gone).
+pub(crate) fn waited_children_ticks() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else { return 0 };
+    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    (us(u.user_time()) + us(u.system_time())) * TICKS_PER_SEC as u64 / 1_000_000
 }

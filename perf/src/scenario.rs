@@ -1,17 +1,20 @@
-//! The scenarios, each measured between two snapshots taken after a warm-up:
-//! bulk throughput, short-connection rate, keep-alive round-trip latency, idle
-//! connections.
+//! The TCP scenarios, each measured between two snapshots taken after a
+//! warm-up: bulk throughput, short-connection rate, keep-alive round-trip
+//! latency, idle connections. The DNS and reload scenarios are in `dns.rs`
+//! and `reload.rs`.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
+use serde::Serialize;
 
+use crate::dns::DnsFigures;
 use crate::load::{Gen, Load, Sink};
 use crate::ns::Netns;
 use crate::procfs::{self, TICKS_PER_SEC};
+use crate::reload::ReloadFigures;
 use crate::target::{Target, Up};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -24,10 +27,27 @@ pub(crate) enum Scenario {
     Short,
     #[serde(rename = "keepalive")]
     Keepalive,
+    #[serde(rename = "idle")]
+    Idle,
+    #[serde(rename = "dns")]
+    Dns,
+    #[serde(rename = "reload")]
+    Reload,
 }
 
+/// The TCP targets' peers (the best of them is the ratio's reference).
+const TCP_PEERS: &[Target] = &[Target::Haproxy, Target::Nginx];
+
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 4] = [Scenario::Bulk1, Scenario::Bulk4, Scenario::Short, Scenario::Keepalive];
+    pub(crate) const ALL: [Scenario; 7] = [
+        Scenario::Bulk1,
+        Scenario::Bulk4,
+        Scenario::Short,
+        Scenario::Keepalive,
+        Scenario::Idle,
+        Scenario::Dns,
+        Scenario::Reload,
+    ];
 
     pub(crate) fn parse(s: &str) -> Option<Scenario> {
         Scenario::ALL.into_iter().find(|x| x.name() == s)
@@ -39,6 +59,37 @@ impl Scenario {
             Scenario::Bulk4 => "bulk-4",
             Scenario::Short => "short",
             Scenario::Keepalive => "keepalive",
+            Scenario::Idle => "idle",
+            Scenario::Dns => "dns",
+            Scenario::Reload => "reload",
+        }
+    }
+
+    /// Whether this scenario measures `t`: DNS targets only for `dns`, the
+    /// in-process forwarder only for `reload`, every TCP target for the rest.
+    pub(crate) fn runs_on(self, t: Target) -> bool {
+        match self {
+            Scenario::Dns => t.is_dns(),
+            Scenario::Reload => t.is_sluice(),
+            _ => !t.is_dns(),
+        }
+    }
+
+    /// The target every other one is compared with (`×direct`).
+    pub(crate) fn baseline(self) -> Option<Target> {
+        match self {
+            Scenario::Dns => Some(Target::DnsDirect),
+            Scenario::Reload => None,
+            _ => Some(Target::Direct),
+        }
+    }
+
+    /// The other proxies: `×peer` is the ratio to the best of them.
+    pub(crate) fn peers(self) -> &'static [Target] {
+        match self {
+            Scenario::Dns => &[Target::Dnsdist],
+            Scenario::Reload => &[],
+            _ => TCP_PEERS,
         }
     }
 
@@ -48,19 +99,35 @@ impl Scenario {
             Scenario::Bulk4 => "bulk, 4 streams",
             Scenario::Short => "short connections (connect, 64 B each way, close)",
             Scenario::Keepalive => "keepalive (1 connection, 64 B ping-pong)",
+            Scenario::Idle => "idle connections held open",
+            Scenario::Dns => "DNS forwarding (dnsperf, UDP, 1000-name zone on nsd)",
+            Scenario::Reload => "policy reload under short-connection load (REGISTRY_ONLY)",
         }
     }
 
     pub(crate) fn unit(self) -> &'static str {
         match self {
             Scenario::Bulk1 | Scenario::Bulk4 => "Gbit/s",
-            Scenario::Short => "conn/s",
+            Scenario::Short | Scenario::Reload => "conn/s",
             Scenario::Keepalive => "round trips/s",
+            Scenario::Idle => "proxy KiB/conn",
+            Scenario::Dns => "queries/s",
+        }
+    }
+
+    /// What one unit of proxy CPU cost is counted per (`Run::cost`).
+    pub(crate) fn cost_unit(self) -> &'static str {
+        match self {
+            Scenario::Bulk1 | Scenario::Bulk4 => "CPU-s/GB",
+            Scenario::Short | Scenario::Reload => "CPU-µs/conn",
+            Scenario::Keepalive => "CPU-µs/round trip",
+            Scenario::Idle => "-",
+            Scenario::Dns => "CPU-µs/query",
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Params {
     pub(crate) warmup: Duration,
     pub(crate) duration: Duration,
@@ -98,14 +165,44 @@ pub(crate) struct Run {
     pub(crate) p50_us: Option<f64>,
     pub(crate) p99_us: Option<f64>,
     pub(crate) p999_us: Option<f64>,
+    /// The proxy's CPU per unit of work: see [`Scenario::cost_unit`].
+    pub(crate) cost: Option<f64>,
     pub(crate) errors: u64,
     /// Connections the client made, and how many of them the redirect rule sent to the proxy.
     pub(crate) connections: u64,
     pub(crate) redirected: u64,
     pub(crate) cpu: Cpu,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reload: Option<ReloadFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) dns: Option<DnsFigures>,
 }
 
-struct Snap {
+/// Where a run's CPU time goes: the proxy, and what of it runs outside this process.
+pub(crate) trait Meter {
+    /// CPU time (clock ticks, user + system) the proxy has used so far.
+    fn proxy_ticks(&self) -> u64;
+    /// Ticks of the run's other processes (a foreign proxy, the DNS
+    /// upstream, dnsperf): with this process's own, the part of the
+    /// machine's busy time that is not noise.
+    fn outside_ticks(&self) -> u64;
+    /// The load generator's ticks.
+    fn generator_ticks(&self) -> u64 {
+        procfs::task_ticks("perf-gen")
+    }
+    /// The sink's (or upstream's) ticks.
+    fn sink_ticks(&self) -> u64 {
+        procfs::task_ticks("perf-sink")
+    }
+}
+
+/// The proxy's CPU per unit of work: `cores` over `secs` spread over
+/// `count` units, times `scale` (1e6 for µs; 1e9 for seconds per GB of bytes).
+pub(crate) fn cost(proxy_cores: f64, secs: f64, count: f64, scale: f64) -> Option<f64> {
+    (count > 0.0 && proxy_cores > 0.0).then(|| proxy_cores * secs / count * scale)
+}
+
+pub(crate) struct Snap {
     t: Instant,
     generator: u64,
     sink: u64,
@@ -115,19 +212,19 @@ struct Snap {
 }
 
 impl Snap {
-    fn take(up: &Up<'_>) -> Snap {
-        let foreign = if up.target.is_foreign() { up.proxy_ticks() } else { 0 };
+    pub(crate) fn take(m: &impl Meter) -> Snap {
         Snap {
             t: Instant::now(),
-            generator: procfs::task_ticks("perf-gen"),
-            sink: procfs::task_ticks("perf-sink"),
-            proxy: up.proxy_ticks(),
-            ours: procfs::self_ticks() + foreign,
+            generator: m.generator_ticks(),
+            sink: m.sink_ticks(),
+            proxy: m.proxy_ticks(),
+            ours: procfs::self_ticks() + m.outside_ticks(),
             busy: procfs::machine_busy(),
         }
     }
 
-    fn cpu(&self, later: &Snap) -> (Cpu, f64) {
+    /// CPU in cores between this snapshot and `later`, and the seconds between them.
+    pub(crate) fn cpu(&self, later: &Snap) -> (Cpu, f64) {
         let secs = later.t.duration_since(self.t).as_secs_f64();
         let cores = |a: u64, b: u64| b.saturating_sub(a) as f64 / TICKS_PER_SEC / secs;
         let cpu = Cpu {
@@ -146,12 +243,12 @@ static SETTLE_BUDGET_MS: AtomicU64 = AtomicU64::new(90_000);
 /// Waits (at most 10 s, and 90 s over the whole benchmark) until the rest of
 /// the machine uses under 0.25 cores: on a shared 2-core machine background
 /// load moves the numbers more than anything measured here.
-fn settle(up: &Up<'_>) {
+pub(crate) fn settle(m: &impl Meter) {
     let started = Instant::now();
     loop {
-        let a = Snap::take(up);
+        let a = Snap::take(m);
         std::thread::sleep(Duration::from_millis(250));
-        let (cpu, _) = a.cpu(&Snap::take(up));
+        let (cpu, _) = a.cpu(&Snap::take(m));
         let waited = started.elapsed().as_millis() as u64;
         if cpu.other < 0.25 || waited > 10_000 || waited > SETTLE_BUDGET_MS.load(Relaxed) {
             let _ = SETTLE_BUDGET_MS.fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(waited)));
@@ -160,19 +257,23 @@ fn settle(up: &Up<'_>) {
     }
 }
 
-fn run(up: &Up<'_>, round: usize, scenario: Scenario, value: f64, cpu: Cpu) -> Run {
+/// A run with its main figure; the scenario fills in the rest.
+pub(crate) fn run(target: Target, round: usize, scenario: Scenario, value: f64, cpu: Cpu) -> Run {
     Run {
-        target: up.target,
+        target,
         round,
         scenario,
         value,
         p50_us: None,
         p99_us: None,
         p999_us: None,
+        cost: None,
         errors: 0,
         connections: 0,
         redirected: 0,
         cpu,
+        reload: None,
+        dns: None,
     }
 }
 
@@ -190,7 +291,8 @@ pub(crate) fn bulk(ns: &Netns, up: &Up<'_>, sink: &Sink, round: usize, streams: 
     let (cpu, secs) = a.cpu(&b);
     let gbits = (bytes_b - bytes_a) as f64 * 8.0 / secs / 1e9;
     let scenario = if streams == 1 { Scenario::Bulk1 } else { Scenario::Bulk4 };
-    let mut r = run(up, round, scenario, gbits, cpu);
+    let mut r = run(up.target, round, scenario, gbits, cpu);
+    r.cost = cost(cpu.proxy, secs, (bytes_b - bytes_a) as f64, 1e9);
     r.errors = ctl.errors.load(Relaxed);
     r.connections = streams as u64;
     r.redirected = ns.redirected().saturating_sub(redirected);
@@ -204,7 +306,8 @@ pub(crate) fn short(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result
     let generator = Gen::start(ns, load, p.warmup + p.duration + Duration::from_secs(5))?;
     let ctl = generator.ctl.clone();
     let (samples, rate, cpu) = measure(up, generator, p)?;
-    let mut r = run(up, round, Scenario::Short, rate, cpu);
+    let mut r = run(up.target, round, Scenario::Short, rate, cpu);
+    r.cost = cost(cpu.proxy, 1.0, rate, 1e6);
     let pct = |q: f64| percentile(&samples, q).map(f64::from);
     (r.p50_us, r.p99_us) = (pct(0.50), pct(0.99));
     r.errors = ctl.errors.load(Relaxed);
@@ -230,7 +333,7 @@ fn measure(up: &Up<'_>, generator: Gen, p: &Params) -> Result<(Vec<u32>, f64, Cp
 }
 
 /// The `q` quantile of sorted samples (nearest rank).
-fn percentile(sorted: &[u32], q: f64) -> Option<u32> {
+pub(crate) fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
 }
 
@@ -243,58 +346,12 @@ pub(crate) fn keepalive(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Re
     generator.wait_ready(1, Duration::from_secs(3))?;
     let ctl = generator.ctl.clone();
     let (samples, rate, cpu) = measure(up, generator, p)?;
-    let mut r = run(up, round, Scenario::Keepalive, rate, cpu);
+    let mut r = run(up.target, round, Scenario::Keepalive, rate, cpu);
+    r.cost = cost(cpu.proxy, 1.0, rate, 1e6);
     let pct = |q: f64| percentile(&samples, q).map(|ns| f64::from(ns) / 1000.0);
     (r.p50_us, r.p99_us, r.p999_us) = (pct(0.50), pct(0.99), pct(0.999));
     r.errors = ctl.errors.load(Relaxed);
     r.connections = ctl.ready.load(Relaxed);
     r.redirected = ns.redirected().saturating_sub(redirected);
     Ok(r)
-}
-
-/// Idle connections held open through the target, measured in a fresh
-/// process (see `child.rs`) so that heap freed by earlier runs does not hide
-/// what they cost.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct Idle {
-    pub(crate) target: Target,
-    pub(crate) round: usize,
-    pub(crate) conns: usize,
-    /// Growth of the measuring process's RSS (KiB) while holding them: the
-    /// generator, plus the forwarder for sluice targets.
-    pub(crate) rss_kib: i64,
-    /// Growth of HAProxy's RSS (KiB).
-    pub(crate) foreign_rss_kib: Option<i64>,
-    /// Descriptors the proxy opened for them (sluice: the process's growth
-    /// less the generator's one per connection; HAProxy: its own).
-    pub(crate) proxy_fds: i64,
-    /// io-wq kernel workers in the process, all of them and those serving the forwarder's rings.
-    pub(crate) iowq_total: usize,
-    pub(crate) iowq_forwarder: usize,
-}
-
-pub(crate) fn idle(ns: &Netns, up: &Up<'_>, round: usize, p: &Params) -> Result<Idle> {
-    let (rss0, fds0, foreign0) = (procfs::rss_kib("self").unwrap_or(0), procfs::fds("self"), up.foreign_mem());
-    let n = p.idle_conns;
-    let redirected = ns.redirected();
-    let generator = Gen::start(ns, Load::Idle { conns: n }, p.hold + Duration::from_secs(20))?;
-    generator.wait_ready(n as u64, Duration::from_secs(10))?;
-    if up.target != Target::Direct && ns.redirected() < redirected + n as u64 {
-        bail!("only {} of {n} idle connections were redirected", ns.redirected() - redirected);
-    }
-    std::thread::sleep(p.hold);
-    let (iowq_total, iowq_forwarder) = procfs::iowq_workers("sluice-fwd-");
-    let (rss1, fds1, foreign1) = (procfs::rss_kib("self").unwrap_or(0), procfs::fds("self"), up.foreign_mem());
-    generator.finish(Duration::from_secs(5))?;
-    let own_fds = fds1 as i64 - fds0 as i64 - n as i64;
-    Ok(Idle {
-        target: up.target,
-        round,
-        conns: n,
-        rss_kib: rss1 as i64 - rss0 as i64,
-        foreign_rss_kib: foreign0.zip(foreign1).map(|((a, _), (b, _))| b as i64 - a as i64),
-        proxy_fds: foreign0.zip(foreign1).map_or(own_fds, |((_, a), (_, b))| b as i64 - a as i64),
-        iowq_total,
-        iowq_forwarder,
-    })
 }

@@ -3,22 +3,24 @@
 //! transparent mode with splice forced, or nginx's stream proxy as a plain
 //! port-forward. Each proxy gets the same nftables REDIRECT rule (nginx: the
 //! same rule with one listening port per sink port); the client always dials
-//! the sink's real address.
+//! the sink's real address. The DNS targets are started by `dns.rs`.
 
 use std::os::unix::process::CommandExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
-use sluice_forwarder::{Config, ConnReport, Driver, Handle, Intercept, Listen, Shared};
+use serde::Serialize;
+use sluice_forwarder::{Config, ConnOutcome, ConnReport, Driver, Handle, Intercept, Listen, Shared};
 use sluice_policy::{NameTable, Snapshot};
 
+use crate::idle::FD_SLACK;
 use crate::load;
 use crate::ns::{ChildGuard, HAPROXY_UID, MARK, Netns, PORT_BULK, PORT_HOLD, SINK_IP, ScratchDir};
 use crate::procfs;
-use crate::scenario::Params;
+use crate::scenario::{Meter, Params};
 
 /// HAProxy's listening port inside the namespace.
 const HAPROXY_PORT: u16 = 15001;
@@ -28,7 +30,7 @@ const NGINX_PORT_OFFSET: u16 = 10100;
 /// nginx's stream module, as Debian's `libnginx-mod-stream` installs it.
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub(crate) enum Target {
     #[serde(rename = "direct")]
     Direct,
@@ -40,11 +42,28 @@ pub(crate) enum Target {
     Haproxy,
     #[serde(rename = "nginx")]
     Nginx,
+    /// dnsperf straight to the authoritative upstream (nsd).
+    #[serde(rename = "dns-direct")]
+    DnsDirect,
+    /// sluice's DNS proxy in this process, on its own tokio current-thread runtime.
+    #[serde(rename = "sluice-dns")]
+    SluiceDns,
+    /// dnsdist, no packet cache: the reference forwarder.
+    #[serde(rename = "dnsdist")]
+    Dnsdist,
 }
 
 impl Target {
-    pub(crate) const ALL: [Target; 5] =
-        [Target::Direct, Target::SluiceUring, Target::SluiceEpoll, Target::Haproxy, Target::Nginx];
+    pub(crate) const ALL: [Target; 8] = [
+        Target::Direct,
+        Target::SluiceUring,
+        Target::SluiceEpoll,
+        Target::Haproxy,
+        Target::Nginx,
+        Target::DnsDirect,
+        Target::SluiceDns,
+        Target::Dnsdist,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -53,6 +72,9 @@ impl Target {
             Target::SluiceEpoll => "sluice-epoll",
             Target::Haproxy => "haproxy",
             Target::Nginx => "nginx",
+            Target::DnsDirect => "dns-direct",
+            Target::SluiceDns => "sluice-dns",
+            Target::Dnsdist => "dnsdist",
         }
     }
 
@@ -74,21 +96,44 @@ impl Target {
 
     /// A proxy running as its own process(es) (measured from outside, not re-executed for idle).
     pub(crate) fn is_foreign(self) -> bool {
-        matches!(self, Target::Haproxy | Target::Nginx)
+        matches!(self, Target::Haproxy | Target::Nginx | Target::Dnsdist)
+    }
+
+    /// A DNS target (the `dns` scenario), not a TCP one.
+    pub(crate) fn is_dns(self) -> bool {
+        matches!(self, Target::DnsDirect | Target::SluiceDns | Target::Dnsdist)
     }
 
     /// Why this target cannot run on this machine, if it cannot.
     pub(crate) fn unavailable(self) -> Option<String> {
+        let missing = |tools: &[&str]| {
+            let absent: Vec<&str> = tools.iter().copied().filter(|t| !installed(t)).collect();
+            (!absent.is_empty())
+                .then(|| format!("{} not installed (apt-get install -y {})", absent.join(", "), absent.join(" ")))
+        };
         match self {
+            Target::Haproxy => missing(&["haproxy"]),
             Target::Nginx => nginx_unavailable(),
-            _ => None,
+            Target::DnsDirect | Target::SluiceDns => missing(&["dnsperf", "nsd"]),
+            Target::Dnsdist => missing(&["dnsperf", "nsd", "dnsdist"]),
+            Target::Direct | Target::SluiceUring | Target::SluiceEpoll => None,
         }
     }
 }
 
+/// Whether `tool` can be started (it is on the PATH).
+fn installed(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
 enum Proxy {
     None,
-    Sluice(Option<Handle>),
+    Sluice(Sluice),
     Haproxy(ChildGuard),
     /// nginx's master process (its workers are its children).
     Nginx(ChildGuard),
@@ -107,6 +152,14 @@ impl std::fmt::Debug for Up<'_> {
     }
 }
 
+/// The forwarder in this process, with the policy it reads and a count of
+/// the connections it refused by policy (BlackHole).
+struct Sluice {
+    handle: Option<Handle>,
+    policy: Arc<ArcSwap<Snapshot>>,
+    refused: Arc<AtomicU64>,
+}
+
 impl<'a> Up<'a> {
     /// Starts `target` with `p.workers` threads (forwarder workers, HAProxy
     /// `nbthread`), installs the redirect, and checks one echo goes through it.
@@ -115,9 +168,9 @@ impl<'a> Up<'a> {
             Target::Direct => (Proxy::None, None),
             Target::SluiceUring | Target::SluiceEpoll => {
                 let driver = if target == Target::SluiceUring { Driver::Uring } else { Driver::Epoll };
-                let h = start_sluice(ns, driver, p)?;
-                let port = h.local_addrs[0].port();
-                (Proxy::Sluice(Some(h)), Some(port))
+                let s = start_sluice(ns, driver, p)?;
+                let port = s.handle.as_ref().context("forwarder handle")?.local_addrs[0].port();
+                (Proxy::Sluice(s), Some(port))
             }
             Target::Haproxy => {
                 let scratch = scratch.context("haproxy needs a scratch directory")?;
@@ -127,6 +180,7 @@ impl<'a> Up<'a> {
                 let scratch = scratch.context("nginx needs a scratch directory")?;
                 (Proxy::Nginx(start_nginx(ns, p, scratch)?), Some(0))
             }
+            Target::DnsDirect | Target::SluiceDns | Target::Dnsdist => bail!("{} is a DNS target", target.name()),
         };
         let mut up = Up { target, ns, proxy };
         match port {
@@ -161,27 +215,28 @@ impl<'a> Up<'a> {
         }
     }
 
-    /// CPU time (clock ticks, user + system) the proxy has used so far.
-    pub(crate) fn proxy_ticks(&self) -> u64 {
+    /// The forwarder's policy (sluice targets): a reload stores a new snapshot here.
+    pub(crate) fn policy(&self) -> Option<&Arc<ArcSwap<Snapshot>>> {
         match &self.proxy {
-            Proxy::None => 0,
-            Proxy::Sluice(_) => procfs::task_ticks("sluice-fwd-"),
-            Proxy::Haproxy(c) => procfs::pid_ticks(c.pid()),
-            Proxy::Nginx(c) => procfs::tree_ticks(c.pid()),
+            Proxy::Sluice(s) => Some(&s.policy),
+            _ => None,
         }
     }
 
-    /// Resident memory (KiB) and open descriptors of the proxy process(es)
-    /// when they are not this one (HAProxy; nginx: master and workers).
-    pub(crate) fn foreign_mem(&self) -> Option<(u64, usize)> {
+    /// Connections the forwarder has refused by policy so far (sluice targets).
+    pub(crate) fn refused_by_policy(&self) -> u64 {
         match &self.proxy {
-            Proxy::Haproxy(c) => Some((procfs::rss_kib(&c.pid().to_string())?, procfs::fds(&c.pid().to_string()))),
-            Proxy::Nginx(c) => {
-                let pids = procfs::tree(c.pid());
-                let rss = pids.iter().map(|p| procfs::rss_kib(&p.to_string())).sum::<Option<u64>>()?;
-                Some((rss, pids.iter().map(|p| procfs::fds(&p.to_string())).sum()))
-            }
-            _ => None,
+            Proxy::Sluice(s) => s.refused.load(Relaxed),
+            _ => 0,
+        }
+    }
+
+    /// The proxy's processes when it is not this one (HAProxy; nginx's master and workers).
+    pub(crate) fn proxy_pids(&self) -> Vec<u32> {
+        match &self.proxy {
+            Proxy::Haproxy(c) => vec![c.pid()],
+            Proxy::Nginx(c) => procfs::tree(c.pid()),
+            Proxy::None | Proxy::Sluice(_) => Vec::new(),
         }
     }
 }
@@ -192,8 +247,8 @@ impl Drop for Up<'_> {
         std::thread::sleep(Duration::from_millis(300));
         let _ = self.ns.clear_redirect();
         match &mut self.proxy {
-            Proxy::Sluice(h) => {
-                if let Some(h) = h.take() {
+            Proxy::Sluice(s) => {
+                if let Some(h) = s.handle.take() {
                     h.shutdown(Duration::ZERO);
                 }
             }
@@ -202,7 +257,23 @@ impl Drop for Up<'_> {
     }
 }
 
-fn start_sluice(ns: &Netns, driver: Driver, p: &Params) -> Result<Handle> {
+impl Meter for Up<'_> {
+    fn proxy_ticks(&self) -> u64 {
+        match &self.proxy {
+            Proxy::None => 0,
+            Proxy::Sluice(_) => procfs::task_ticks("sluice-fwd-"),
+            Proxy::Haproxy(c) => procfs::pid_ticks(c.pid()),
+            Proxy::Nginx(c) => procfs::tree_ticks(c.pid()),
+        }
+    }
+
+    fn outside_ticks(&self) -> u64 {
+        if self.target.is_foreign() { self.proxy_ticks() } else { 0 }
+    }
+}
+
+/// The forwarder with an ALLOW_ANY policy (the reload scenario replaces it).
+fn start_sluice(ns: &Netns, driver: Driver, p: &Params) -> Result<Sluice> {
     let config = Config {
         listen: vec![
             Listen { addr: "127.0.0.1:0".parse()?, intercept: Intercept::Redirect },
@@ -214,10 +285,17 @@ fn start_sluice(ns: &Netns, driver: Driver, p: &Params) -> Result<Handle> {
         pipe_size: p.pipe_size,
         ..Config::default()
     };
+    let policy = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let counter = refused.clone();
     let shared = Shared {
-        policy: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
+        policy: policy.clone(),
         names: Arc::new(NameTable::new(1024)),
-        report: Arc::new(|_: &ConnReport| {}),
+        report: Arc::new(move |r: &ConnReport| {
+            if matches!(r.outcome, ConnOutcome::Refused502 | ConnOutcome::RefusedReset) {
+                counter.fetch_add(1, Relaxed);
+            }
+        }),
     };
     let h = ns.within(move || sluice_forwarder::start(config, shared))?.context("starting the forwarder")?;
     let want = if driver == Driver::Uring { "io_uring" } else { "epoll" };
@@ -226,21 +304,26 @@ fn start_sluice(ns: &Netns, driver: Driver, p: &Params) -> Result<Handle> {
         h.shutdown(Duration::ZERO);
         bail!("forwarder drivers {got:?}, wanted {want}");
     }
-    Ok(h)
+    Ok(Sluice { handle: Some(h), policy, refused })
 }
 
 /// HAProxy in TCP mode, splice forced both ways, forwarding each REDIRECTed
 /// connection to its original destination (`server ... 0.0.0.0`: "the same IP
 /// address as the one from the client connection", which behind REDIRECT is
 /// conntrack's original destination; no port: the same port). It drops to
-/// `HAPROXY_UID`, which the redirect rule lets out.
+/// `HAPROXY_UID`, which the redirect rule lets out. Its descriptor limit
+/// (2 × `maxconn` + 2 × `maxpipes`, checked at start) must fit the idle
+/// connections under this process's `RLIMIT_NOFILE`, which it inherits: a
+/// few pipes suffice, they are pooled and only busy connections hold one.
 fn start_haproxy(ns: &Netns, p: &Params, scratch: &ScratchDir) -> Result<ChildGuard> {
     let (threads, pipesize) = (p.workers, p.pipe_size);
+    let maxconn = p.idle_conns.max(1000) + 16;
     let cfg = format!(
         "global
     nbthread {threads}
     tune.pipesize {pipesize}
-    maxconn 5000
+    maxconn {maxconn}
+    maxpipes 128
     uid {HAPROXY_UID}
     gid {HAPROXY_UID}
 defaults
@@ -307,6 +390,10 @@ fn start_nginx(ns: &Netns, p: &Params, scratch: &ScratchDir) -> Result<ChildGuar
         ));
     }
     let workers = p.workers;
+    // Each proxied connection takes two worker connections (client, upstream),
+    // and accept without SO_REUSEPORT may hand one worker all of them.
+    let conns = 2 * p.idle_conns.max(1000) + 64;
+    let nofile = (conns as u64 + FD_SLACK).min(crate::ns::nofile_limit());
     let cfg = format!(
         "{load}daemon off;
 master_process on;
@@ -314,9 +401,9 @@ worker_processes {workers};
 user nobody nogroup;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {nofile};
 events {{
-    worker_connections 10000;
+    worker_connections {conns};
     multi_accept on;
 }}
 stream {{
