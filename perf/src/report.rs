@@ -235,5 +235,27 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
             let _ = writeln!(o, "  {what:<55} {failed:>6}  {}", verdict(failed == 0));
         }
     }
+    let cost = |t, s| median(runs, t, s, |r| r.cost);
+    let best_peer_cost =
+        [Target::Haproxy, Target::Nginx].into_iter().filter_map(|p| cost(p, Scenario::Short)).reduce(f64::min);
+    for &t in targets.iter().filter(|t| t.is_sluice()) {
+        if let (Some(ours), Some(best)) = (cost(t, Scenario::Short), best_peer_cost) {
+            let what = format!("{} CPU-µs/conn ≤ 0.7 × best peer's", t.name());
+            let _ = writeln!(o, "  {what:<55} {:>6.2}  {}", ours / best, verdict(ours <= 0.7 * best));
+        }
+    }
+    if targets.contains(&Target::SluiceDns) {
+        let (us, them) = (Target::SluiceDns, Target::Dnsdist);
+        line(&mut o, "sluice-dns queries/s ≥ 1.0 × dnsdist", ratio(runs, us, Scenario::Dns, them), 1.0);
+        if let (Some(ours), Some(theirs)) = (cost(us, Scenario::Dns), cost(them, Scenario::Dns)) {
+            let what = "sluice-dns CPU-µs/query < dnsdist's";
+            let _ = writeln!(o, "  {what:<55} {:>6.2}  {}", ours / theirs, verdict(ours < theirs));
+        }
+        let p50 = |t| median(runs, t, Scenario::Dns, |r| r.p50_us);
+        if let (Some(ours), Some(direct)) = (p50(us), p50(Target::DnsDirect)) {
+            let what = "sluice-dns p50 added at 10k q/s ≤ 40 µs";
+            let _ = writeln!(o, "  {what:<55} {:>6.1}  {}", ours - direct, verdict(ours - direct <= 40.0));
+        }
+    }
     if o.is_empty() { o } else { format!("\ntargets\n{o}") }
 }
