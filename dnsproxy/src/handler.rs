@@ -26,7 +26,7 @@ use crate::metrics::{self as m, Action};
 use crate::upstream::Upstreams;
 
 /// The UDP payload size the proxy advertises in answers it makes itself.
-const LOCAL_PAYLOAD: u16 = 1232;
+pub(crate) const LOCAL_PAYLOAD: u16 = 1232;
 
 /// What the policy says about a query name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,8 +18,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, SockaddrIn6, SockaddrStorage, recvmmsg,
-    sendmsg, setsockopt, sockopt,
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, setsockopt, sockopt,
 };
 use smallvec::SmallVec;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -169,41 +168,32 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
 
-/// Sends `bytes` to `to` without blocking, from the address the query
-/// arrived on when the socket is bound to a wildcard address.
-pub(crate) fn send_from(socket: &impl AsRawFd, bytes: &[u8], to: SocketAddr, from: Option<Arrival>) -> io::Result<()> {
-    let iov = [IoSlice::new(bytes)];
-    let flags = MsgFlags::MSG_DONTWAIT;
-    let fd = socket.as_raw_fd();
-    let sent = match (to, from) {
-        (SocketAddr::V4(to), Some(Arrival { ip: IpAddr::V4(ip), .. })) => {
-            let info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr { s_addr: u32::from(ip).to_be() },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            sendmsg(fd, &iov, &[ControlMessage::Ipv4PacketInfo(&info)], flags, Some(&SockaddrIn::from(to)))
-        }
-        (SocketAddr::V6(to), Some(Arrival { ip: IpAddr::V6(ip), ifindex })) => {
-            let info = libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: ip.octets() }, ipi6_ifindex: ifindex };
-            sendmsg(fd, &iov, &[ControlMessage::Ipv6PacketInfo(&info)], flags, Some(&SockaddrIn6::from(to)))
-        }
-        (SocketAddr::V4(to), _) => sendmsg(fd, &iov, &[], flags, Some(&SockaddrIn::from(to))),
-        (SocketAddr::V6(to), _) => sendmsg(fd, &iov, &[], flags, Some(&SockaddrIn6::from(to))),
-    };
-    sent.map(drop).map_err(io::Error::from)
-}
-
 /// Sends every message of `msgs` (bytes, and the destination unless the
-/// socket is connected) with one `sendmmsg` per [`BATCH`], all from
-/// `from` (see [`send_from`]). Returns how many went out: a full socket
-/// buffer or an error stops the batch there (the error only when the very
-/// first message failed), so the caller can tell which were not sent.
-pub(crate) fn send_many(
+/// socket is connected) without blocking, with one `sendmmsg` per
+/// [`BATCH`], all from `from`: the address the queries arrived on, for a
+/// socket bound to a wildcard address. `unsent` hears of each message that
+/// could not go (a full socket buffer, an error) with its index and why.
+pub(crate) fn send_all(
     socket: &impl AsRawFd,
     msgs: &[(&[u8], Option<SocketAddr>)],
     from: Option<Arrival>,
-) -> io::Result<usize> {
+    mut unsent: impl FnMut(usize, io::Error),
+) {
+    let mut done = 0;
+    while done < msgs.len() {
+        match send_many(socket, &msgs[done..], from) {
+            Ok(n) => done += n.max(1),
+            Err(error) => {
+                unsent(done, error);
+                done += 1;
+            }
+        }
+    }
+}
+
+/// One pass of [`send_all`]: how many went out before a full socket buffer
+/// or an error stopped it (the error only when the very first message failed).
+fn send_many(socket: &impl AsRawFd, msgs: &[(&[u8], Option<SocketAddr>)], from: Option<Arrival>) -> io::Result<usize> {
     let v4;
     let v6;
     let cmsg: &[ControlMessage<'_>] = match from {

@@ -34,10 +34,11 @@ use metrics::{Gauge, Histogram};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-use crate::handler::{Gate, blocked_soa, gate, now};
+use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, now};
 use crate::learn::learn;
 use crate::metrics::{self as m, Action};
 use crate::sys::{self, Arrival, Batch};
+use crate::upstream::failure;
 use crate::{Config, Shared};
 
 /// Connected sockets per upstream: answers spread over a few source ports.
@@ -52,8 +53,6 @@ const QUERY_MAX: usize = 4_096;
 const ANSWER_MAX: usize = 16_384;
 /// The most UDP queries in flight, whatever the config says.
 const MAX_IN_FLIGHT: usize = 16_384;
-/// The UDP payload size the proxy advertises in answers it makes itself.
-const LOCAL_PAYLOAD: u16 = 1232;
 
 /// A client-facing socket.
 #[derive(Debug)]
@@ -365,10 +364,10 @@ impl UdpProxy {
     fn reply(&self, listener: usize, client: SocketAddr, arrival: Option<Arrival>, bytes: &[u8]) {
         let Some(l) = self.listeners.get(listener) else { return };
         let from = if l.wildcard { arrival } else { None };
-        if let Err(error) = sys::send_from(&l.socket, bytes, client, from) {
+        sys::send_all(&l.socket, &[(bytes, Some(client))], from, |_, error| {
             // A full socket buffer under a flood: the client asks again.
             tracing::debug!(%error, %client, "could not send a DNS reply");
-        }
+        });
     }
 
     fn on_query(&self, listener: usize, bytes: &[u8], d: sys::Datagram, out: &mut Vec<Outgoing>) {
@@ -460,17 +459,10 @@ impl UdpProxy {
             for group in out.chunk_by(|a, b| a.socket == b.socket) {
                 let Some(socket) = self.sockets.get(group[0].socket) else { continue };
                 let msgs: Vec<(&[u8], Option<SocketAddr>)> = group.iter().map(|o| (&o.wire[..], None)).collect();
-                let mut done = 0;
-                while done < msgs.len() {
-                    match sys::send_many(socket, &msgs[done..], None) {
-                        Ok(n) => done += n.max(1),
-                        Err(error) => {
-                            tracing::debug!(%error, "upstream send failed");
-                            unsent.push(group[done].key);
-                            done += 1;
-                        }
-                    }
-                }
+                sys::send_all(socket, &msgs, None, |i, error| {
+                    tracing::debug!(%error, "upstream send failed");
+                    unsent.push(group[i].key);
+                });
             }
             let mut again = Vec::new();
             let mut failed = Vec::new();
@@ -478,7 +470,7 @@ impl UdpProxy {
             for key in unsent {
                 let Some(p) = table.pending.remove(&key) else { continue };
                 if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
-                    failure(up.addr, "io");
+                    failure(up.addr, "io").increment(1);
                 }
                 failed.extend(self.send_next(&mut table, p, &mut again));
             }
@@ -498,17 +490,10 @@ impl UdpProxy {
             let Some(l) = self.listeners.get(group[0].listener) else { continue };
             let from = if l.wildcard { group[0].arrival } else { None };
             let msgs: Vec<(&[u8], Option<SocketAddr>)> = group.iter().map(|r| (&r.bytes[..], Some(r.client))).collect();
-            let mut done = 0;
-            while done < msgs.len() {
-                match sys::send_many(&l.socket, &msgs[done..], from) {
-                    Ok(n) => done += n.max(1),
-                    Err(error) => {
-                        // A full socket buffer under a flood: the client asks again.
-                        tracing::debug!(%error, client = %group[done].client, "could not send a DNS reply");
-                        done += 1;
-                    }
-                }
-            }
+            sys::send_all(&l.socket, &msgs, from, |i, error| {
+                // A full socket buffer under a flood: the client asks again.
+                tracing::debug!(%error, client = %group[i].client, "could not send a DNS reply");
+            });
         }
     }
 
@@ -629,7 +614,7 @@ impl UdpProxy {
         for key in keys {
             let Some(p) = table.pending.remove(&key) else { continue };
             if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
-                failure(up.addr, "refused");
+                failure(up.addr, "refused").increment(1);
             }
             failed.extend(self.send_next(&mut table, p, &mut out));
         }
@@ -661,7 +646,7 @@ impl UdpProxy {
                 let Some(p) = table.pending.remove(&key) else { continue };
                 if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
                     tracing::debug!(upstream = %up.addr, "upstream attempt timed out");
-                    failure(up.addr, "timeout");
+                    failure(up.addr, "timeout").increment(1);
                 }
                 failed.extend(self.send_next(&mut table, p, &mut out));
             }
@@ -681,11 +666,6 @@ impl UdpProxy {
 /// datagram that arrives later raises a new event.
 fn drained(n: usize) -> std::io::Result<()> {
     if n < sys::BATCH { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
-}
-
-fn failure(addr: SocketAddr, reason: &'static str) {
-    // Failures are the slow path: the labelled macro is fine here.
-    metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => reason).increment(1);
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ impl Upstreams {
                 }
                 Err(e) => {
                     tracing::debug!(upstream = %up.addr, transport = "tcp", error = %e, "upstream attempt failed");
-                    failure_counter(up.addr, &e).increment(1);
+                    failure(up.addr, e.label()).increment(1);
                     last = e;
                 }
             }
@@ -96,9 +96,11 @@ impl Upstreams {
     }
 }
 
-fn failure_counter(addr: SocketAddr, e: &UpstreamError) -> Counter {
+/// The failure counter of `addr` for `reason` (`timeout`, `io`, `mismatch`,
+/// `refused`), for both transports.
+pub(crate) fn failure(addr: SocketAddr, reason: &'static str) -> Counter {
     // Failures are the slow path: the labelled macro is fine here.
-    metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => e.label())
+    metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => reason)
 }
 
 impl Upstream {
