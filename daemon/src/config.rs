@@ -51,6 +51,8 @@ pub(crate) struct FileForwarder {
     pub(crate) max_connections_per_worker: Option<usize>,
     /// Bytes per splice pipe (per direction, only while bytes are in flight).
     pub(crate) pipe_size: Option<usize>,
+    /// What a bulk transfer's pipe grows to.
+    pub(crate) pipe_max_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +203,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         sniff_timeout: duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
         max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
         pipe_size: f.pipe_size.unwrap_or(defaults.pipe_size).clamp(4096, 16 << 20),
+        pipe_max_size: f.pipe_max_size.unwrap_or(defaults.pipe_max_size).clamp(4096, 16 << 20),
     };
     let mut forwarder = forwarder;
     let mut dns_listen = if !o.dns_listen.is_empty() {

@@ -11,7 +11,7 @@ use monoio::net::TcpStream;
 use sluice_policy::{Connection, Snapshot, Timestamp, Verdict, decide};
 
 use crate::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
-use crate::splice::{End, splice_both};
+use crate::splice::{End, PipeSizes, splice_both};
 use crate::{Config, Intercept, Shared, sys};
 
 /// Per-worker state every connection reads.
@@ -39,6 +39,8 @@ impl Ctx {
 pub(crate) struct Listener {
     pub(crate) intercept: Intercept,
     pub(crate) v6: bool,
+    /// The port it listens on.
+    pub(crate) port: u16,
 }
 
 /// How a connection ended, for metrics and logs.
@@ -93,13 +95,17 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
         sys::reset_on_close(&client);
         return;
     }
-    let local = client.local_addr().ok().map(unmap_v4);
+    let local = || client.local_addr().ok().map(unmap_v4);
     let dst = match l.intercept {
         // Not NATed: conntrack's original destination is where the socket
-        // was accepted, i.e. the client dialed sluice itself.
-        Intercept::Redirect => sys::original_dst(&client, l.v6).ok().map(unmap_v4).filter(|d| Some(*d) != local),
+        // was accepted, i.e. the client dialed sluice itself. Only a
+        // destination on our own port can be that (REDIRECT changes the
+        // port), so only then is the local address asked for.
+        Intercept::Redirect => {
+            sys::original_dst(&client, l.v6).ok().map(unmap_v4).filter(|d| d.port() != l.port || Some(*d) != local())
+        }
         // The local address is the destination; one of ours means nobody tproxied it.
-        Intercept::Tproxy => local.filter(|d| !ctx.is_own(*d)),
+        Intercept::Tproxy => local().filter(|d| !ctx.is_own(*d)),
     };
     match dst {
         Some(dst) => {
@@ -173,7 +179,8 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         report.sent = n;
         meter.upstream.increment(n);
     }
-    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, ctx.config.pipe_size, &meter).await;
+    let pipes = PipeSizes { base: ctx.config.pipe_size, max: ctx.config.pipe_max_size };
+    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, &meter).await;
     report.sent += o.sent;
     report.received = o.received;
     report.outcome = Outcome::Spliced(o.end);

@@ -75,6 +75,9 @@ pub struct Config {
     pub max_connections_per_worker: usize,
     /// Pipe buffer per direction per connection (bounded memory per connection).
     pub pipe_size: usize,
+    /// What a bulk transfer's pipe grows to (at most 16 such pipes per
+    /// worker); `pipe_size` or less turns growing off.
+    pub pipe_max_size: usize,
 }
 
 impl Default for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             sniff_timeout: Duration::from_millis(500),
             max_connections_per_worker: 16_384,
             pipe_size: 64 * 1024,
+            pipe_max_size: 1024 * 1024,
         }
     }
 }

@@ -51,8 +51,15 @@ pub(crate) fn with_sock<S: AsRawFd, R>(stream: &S, f: impl FnOnce(socket2::SockR
 
 /// `splice(2)`'s `SPLICE_F_NONBLOCK` only covers the pipe: the socket must
 /// be non-blocking itself, or a splice waits for data with the worker stuck.
+/// One `ioctl(FIONBIO)` rather than socket2's `fcntl` get-then-set pair: it
+/// runs once per accepted connection (io_uring's accept, as monoio issues
+/// it, has no `SOCK_NONBLOCK`).
 pub(crate) fn set_nonblocking<S: AsRawFd>(stream: &S) -> io::Result<()> {
-    with_sock(stream, |s| s.set_nonblocking(true))
+    let on: nix::libc::c_int = 1;
+    // SAFETY: FIONBIO reads one c_int through the pointer, which outlives the
+    // call; the fd is owned by `stream`, alive for the call.
+    let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), nix::libc::FIONBIO, &on) };
+    if r == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Make the next close send a RST instead of a FIN (SO_LINGER 0).
@@ -72,17 +79,38 @@ pub(crate) fn shutdown<S: AsRawFd>(stream: &S, how: Shutdown) -> io::Result<()> 
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Its capacity in bytes, as the kernel set it.
+    size: usize,
 }
+
+/// A new pipe's capacity when nobody resizes it.
+const PIPE_DEFAULT: usize = 65_536;
 
 impl Pipe {
     /// `size` is a hint (rounded to pages by the kernel); failure to resize
     /// (e.g. over `/proc/sys/fs/pipe-max-size`) keeps the default 64 KiB.
     pub(crate) fn new(size: usize) -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io_err)?;
-        if size != 65_536 {
-            let _ = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size.try_into().unwrap_or(i32::MAX)));
+        let mut pipe = Pipe { read, write, size: PIPE_DEFAULT };
+        if size != PIPE_DEFAULT {
+            let _ = pipe.resize(size);
         }
-        Ok(Pipe { read, write })
+        Ok(pipe)
+    }
+
+    /// Bytes it holds when full.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Sets the capacity (`F_SETPIPE_SZ`; never below the bytes it holds).
+    /// Over `/proc/sys/fs/pipe-max-size` without CAP_SYS_RESOURCE, or over
+    /// the user's pipe pages, it fails and the pipe keeps its size.
+    pub(crate) fn resize(&mut self, size: usize) -> io::Result<()> {
+        let want = FcntlArg::F_SETPIPE_SZ(size.try_into().unwrap_or(i32::MAX));
+        let got = nix::fcntl::fcntl(&self.write, want).map_err(io_err)?;
+        self.size = usize::try_from(got).unwrap_or(self.size);
+        Ok(())
     }
 
     /// Moves up to `len` bytes from the socket into the pipe. `Ok(0)` is EOF.

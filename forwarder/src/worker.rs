@@ -184,7 +184,8 @@ async fn accept_loop(
 ) {
     let max = ctx.config.max_connections_per_worker.max(1);
     let mut backoff = Duration::from_millis(10);
-    let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6() };
+    let port = l.local_addr().map_or(listen.addr.port(), |a| a.port());
+    let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6(), port };
     while !ctx.stopping.get() {
         beat.fetch_add(1, Ordering::Relaxed);
         if active.get() >= max {

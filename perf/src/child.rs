@@ -32,8 +32,14 @@ pub(crate) struct ProxyChild {
 impl ProxyChild {
     /// Starts `t` (a sluice target) in a child process and waits until it is ready.
     pub(crate) fn start(netns: &Netns, t: Target, p: &Params) -> Result<ProxyChild> {
-        let args =
-            [FLAG.to_owned(), t.name().to_owned(), netns.name.clone(), p.workers.to_string(), p.pipe_size.to_string()];
+        let args = [
+            FLAG.to_owned(),
+            t.name().to_owned(),
+            netns.name.clone(),
+            p.workers.to_string(),
+            p.pipe_size.to_string(),
+            p.pipe_max_size.to_string(),
+        ];
         let exe = std::env::current_exe()?;
         let cmd =
             Command::new(exe).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
@@ -77,7 +83,7 @@ impl Drop for ProxyChild {
 /// Child side: `args` are what [`ProxyChild::start`] passes after the flag.
 /// Runs the forwarder until stdin closes (the parent is done, or gone).
 pub(crate) fn main(args: &[String]) -> Result<()> {
-    let [target, netns, workers, pipe_size] = args else { bail!("{FLAG}: wrong arguments {args:?}") };
+    let [target, netns, workers, pipe_size, pipe_max_size] = args else { bail!("{FLAG}: wrong arguments {args:?}") };
     let t = Target::parse(target).filter(|t| t.is_sluice()).context("target")?;
     ns::raise_nofile();
     let netns = Netns::attach(netns);
@@ -89,6 +95,7 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         hold: Duration::ZERO,
         workers: workers.parse()?,
         pipe_size: pipe_size.parse()?,
+        pipe_max_size: pipe_max_size.parse()?,
     };
     let up = Up::start(&netns, t, &p, None)?;
     println!("{READY}");

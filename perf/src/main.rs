@@ -51,6 +51,7 @@ struct Opts {
     idle_conns: Option<usize>,
     workers: usize,
     pipe_size: usize,
+    pipe_max_size: usize,
     targets: String,
     scenarios: String,
     out: PathBuf,
@@ -73,6 +74,10 @@ fn opts() -> OptionParser<Opts> {
         .help("Pipe bytes per direction per connection: forwarder pipe_size, HAProxy tune.pipesize")
         .argument::<usize>("BYTES")
         .fallback(65536);
+    let pipe_max_size = long("pipe-max-size")
+        .help("What sluice grows a bulk transfer's pipe to (forwarder pipe_max_size; ≤ pipe-size: never grows)")
+        .argument::<usize>("BYTES")
+        .fallback(sluice_forwarder::Config::default().pipe_max_size);
     let all_scenarios: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
     let scenarios = long("scenarios")
         .help("Comma-separated: bulk-1, bulk-4, short, keepalive, idle, dns, reload (default: all)")
@@ -96,6 +101,7 @@ fn opts() -> OptionParser<Opts> {
         idle_conns,
         workers,
         pipe_size,
+        pipe_max_size,
         targets,
         scenarios,
         out
@@ -187,7 +193,9 @@ fn list<T>(s: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec
 fn params(o: &Opts, idle: bool) -> (usize, Params) {
     let (rounds, secs, hold) = if o.quick { (1, 1.0, 1.0) } else { (o.rounds.clamp(1, 20), o.duration, 2.0) };
     let mut conns = o.idle_conns.unwrap_or(if o.quick { IDLE_CONNS_QUICK } else { IDLE_CONNS });
-    if idle && conns > idle::max_conns() {
+    // Capped even when the idle scenario does not run: HAProxy's maxconn
+    // follows it, and HAProxy refuses to start above the descriptor limit.
+    if conns > idle::max_conns() && idle {
         eprintln!(
             "note: {conns} idle connections need {} descriptors in the proxy's process and in this one, \
              RLIMIT_NOFILE is {} (raising the hard limit needs CAP_SYS_RESOURCE): holding {} instead",
@@ -195,8 +203,8 @@ fn params(o: &Opts, idle: bool) -> (usize, Params) {
             ns::nofile_limit(),
             idle::max_conns()
         );
-        conns = idle::max_conns();
     }
+    conns = conns.min(idle::max_conns());
     let p = Params {
         warmup: Duration::from_secs_f64(o.warmup.clamp(0.0, 5.0)),
         duration: Duration::from_secs_f64(secs.clamp(0.2, 30.0)),
@@ -205,6 +213,7 @@ fn params(o: &Opts, idle: bool) -> (usize, Params) {
         hold: Duration::from_secs_f64(hold),
         workers: o.workers.clamp(1, 64),
         pipe_size: o.pipe_size.clamp(4096, 1 << 20),
+        pipe_max_size: o.pipe_max_size.clamp(4096, 16 << 20),
     };
     (rounds, p)
 }
@@ -237,12 +246,13 @@ fn bench(o: Opts) -> Result<()> {
     let (warm, secs) = (p.warmup.as_secs_f64(), p.duration.as_secs_f64());
     println!("params: {rounds} round(s) alternating targets, {secs:.1} s measured after {warm:.1} s warm-up,");
     println!(
-        "        {} short-connection clients, {} idle connections held {:.0} s, {} proxy workers, pipe {} B",
+        "        {} short-connection clients, {} idle connections held {:.0} s, {} proxy workers, pipe {} B (sluice grows bulk pipes to {} B)",
         p.clients,
         p.idle_conns,
         p.hold.as_secs_f64(),
         p.workers,
-        p.pipe_size
+        p.pipe_size,
+        p.pipe_max_size
     );
 
     let started = Instant::now();

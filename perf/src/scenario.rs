@@ -138,6 +138,8 @@ pub(crate) struct Params {
     pub(crate) workers: usize,
     /// Pipe size per direction per connection (forwarder `pipe_size`, HAProxy `tune.pipesize`).
     pub(crate) pipe_size: usize,
+    /// What sluice grows a bulk transfer's pipe to (forwarder `pipe_max_size`).
+    pub(crate) pipe_max_size: usize,
 }
 
 /// CPU used during the measured window, in cores (CPU-seconds per second).

@@ -283,6 +283,7 @@ fn start_sluice(ns: &Netns, driver: Driver, p: &Params) -> Result<Sluice> {
         driver,
         mark: MARK,
         pipe_size: p.pipe_size,
+        pipe_max_size: p.pipe_max_size,
         ..Config::default()
     };
     let policy = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
