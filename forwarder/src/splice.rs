@@ -129,7 +129,6 @@ impl Link<'_> {
         }
         loop {
             if self.failed.get().is_some() {
-                held.release();
                 return moved;
             }
             // Fill the pipe from the source, unless it still holds bytes.
@@ -149,13 +148,11 @@ impl Link<'_> {
                         held.idle(); // idle directions hold no pipe (unless grown)
                         if let Err(end) = self.wait(src, true, from).await {
                             self.fail(end);
-                            held.release();
                             return moved;
                         }
                         continue;
                     }
                     Err(_) => {
-                        held.release();
                         self.fail(error_end(from));
                         return moved;
                     }
@@ -178,13 +175,11 @@ impl Link<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(end) = self.wait(dst, false, from).await {
                         self.fail(end);
-                        held.release();
                         return moved;
                     }
                 }
                 Err(_) => {
                     self.fail(error_end(other(from)));
-                    held.release();
                     return moved;
                 }
             }
@@ -266,6 +261,7 @@ thread_local! {
 }
 
 /// The pipe one direction holds, the bytes in it, and whether it has grown.
+/// Dropping it releases the pipe (however the direction ends).
 #[derive(Default)]
 struct Held {
     pipe: Option<Pipe>,
@@ -339,6 +335,12 @@ impl Held {
             });
         }
         self.bytes = 0;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
