@@ -12,8 +12,9 @@
 //! `fs.pipe-user-pages-soft`, past which new pipes shrink to 8 KiB), and
 //! short connections create none once the pool is warm. A direction that
 //! fills its pipe again and again is a bulk transfer: its pipe grows (one
-//! `F_SETPIPE_SZ`) and stays with it until the connection ends, within a
-//! small per-worker budget, so bulk memory stays bounded.
+//! `F_SETPIPE_SZ`) and stays with it while the transfer moves (a pause of a
+//! second gives it back), within a small per-worker budget, so bulk memory
+//! stays bounded.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -145,8 +146,7 @@ impl Link<'_> {
                     }
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        held.idle(); // idle directions hold no pipe (unless grown)
-                        if let Err(end) = self.wait(src, true, from).await {
+                        if let Err(end) = self.wait_for_source(src, from, &mut held).await {
                             self.fail(end);
                             return moved;
                         }
@@ -182,6 +182,25 @@ impl Link<'_> {
                     self.fail(error_end(other(from)));
                     return moved;
                 }
+            }
+        }
+    }
+
+    /// Waits for the source to have bytes again. Idle directions hold no
+    /// pipe: a base pipe goes back to the pool at once; a grown one is kept
+    /// through a short pause (the next burst of the transfer), and given back
+    /// if the pause lasts longer than [`BULK_PAUSE`], so the per-worker budget
+    /// serves transfers that are moving.
+    async fn wait_for_source(&self, src: &TcpStream, from: Side, held: &mut Held) -> Result<(), End> {
+        if !held.grown {
+            held.release();
+            return self.wait(src, true, from).await;
+        }
+        match monoio::time::timeout(BULK_PAUSE, self.wait(src, true, from)).await {
+            Ok(r) => r,
+            Err(_paused) => {
+                held.release();
+                self.wait(src, true, from).await
             }
         }
     }
@@ -255,6 +274,10 @@ const GROWN_MAX: usize = 16;
 /// bulk transfer and its pipe grown.
 const GROW_AFTER: u32 = 4;
 
+/// A bulk transfer quiet for this long gives its grown pipe back; it grows
+/// again if it resumes.
+const BULK_PAUSE: Duration = Duration::from_secs(1);
+
 thread_local! {
     static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
     static GROWN: Cell<usize> = const { Cell::new(0) };
@@ -270,7 +293,7 @@ struct Held {
     full: u32,
     /// Grown past the base size: counts against [`GROWN_MAX`] until released.
     grown: bool,
-    /// Growing was tried (once per direction; a failed resize is not retried).
+    /// A resize was refused: this direction does not try again.
     tried: bool,
 }
 
@@ -293,11 +316,15 @@ impl Held {
         let n = p.fill(src, p.size())?;
         self.bytes = n;
         self.full = if n == p.size() { self.full + 1 } else { 0 };
-        if self.full >= GROW_AFTER && !self.tried && sizes.max > p.size() {
-            self.tried = true;
-            if GROWN.get() < GROWN_MAX && p.resize(sizes.max).is_ok() {
-                GROWN.set(GROWN.get() + 1);
-                self.grown = true;
+        // With the budget spent, a later fill tries again; a refused resize
+        // (EPERM: pipe-max-size or the user's pipe pages) is not retried.
+        if self.full >= GROW_AFTER && !self.tried && sizes.max > p.size() && GROWN.get() < GROWN_MAX {
+            match p.resize(sizes.max) {
+                Ok(()) => {
+                    GROWN.set(GROWN.get() + 1);
+                    self.grown = true;
+                }
+                Err(_) => self.tried = true,
             }
         }
         Ok(n)
@@ -311,20 +338,14 @@ impl Held {
         Ok(n)
     }
 
-    /// The direction waits for its source: an empty base pipe goes back to
-    /// the pool; a grown one is kept for the next burst of the transfer.
-    fn idle(&mut self) {
-        if !self.grown {
-            self.release();
-        }
-    }
-
     /// Lets the pipe go: back to the pool when empty and of the base size,
     /// closed otherwise (a pipe that may hold bytes is never pooled).
     fn release(&mut self) {
         let Some(p) = self.pipe.take() else { return };
         if self.grown {
+            // The transfer paused or ended: it proves itself bulk again before regrowing.
             self.grown = false;
+            self.full = 0;
             GROWN.set(GROWN.get().saturating_sub(1));
         } else if self.bytes == 0 {
             POOL.with(|pool| {

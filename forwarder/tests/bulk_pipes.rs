@@ -28,40 +28,56 @@ fn grown_pipes() -> std::collections::BTreeSet<u64> {
 }
 
 /// Bulk transfers grow their pipes, within the per-worker budget (16 per
-/// worker), keep them while the connection lives, and let them go with it.
+/// worker); a transfer that pauses gives its grown pipe back, and none
+/// outlives its connection.
 #[test]
-fn bulk_pipes_grow_within_the_budget_and_go_with_their_connection() {
+fn bulk_pipes_grow_within_the_budget_and_go_back_when_the_transfer_pauses() {
     const CONNS: usize = 40;
+    const BYTES: usize = 16 << 20;
     for driver in DRIVERS {
         let ns = Netns::new();
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(9), 7007);
         let l = ns.within(move || TcpListener::bind(dst).unwrap());
-        let chunk = vec![7u8; 1 << 20];
-        let mut buf = vec![0u8; 1 << 20];
-        let mut held = Vec::new();
-        for _ in 0..CONNS {
-            let c = ns.within(move || TcpStream::connect(dst).unwrap());
-            let (s, _) = l.accept().unwrap();
-            // 16 MiB down, read as it comes: the forwarder fills its pipe again and again.
-            let writer = {
-                let (s, chunk) = (s.try_clone().unwrap(), chunk.clone());
-                std::thread::spawn(move || (0..16).for_each(|_| (&s).write_all(&chunk).unwrap()))
-            };
-            let mut got = 0;
-            while got < 16 << 20 {
-                got += (&c).read(&mut buf).unwrap();
-            }
-            writer.join().unwrap();
-            held.push((c, s));
+        let pairs: Vec<(TcpStream, TcpStream)> = (0..CONNS)
+            .map(|_| {
+                let c = ns.within(move || TcpStream::connect(dst).unwrap());
+                (c, l.accept().unwrap().0)
+            })
+            .collect();
+        // Every connection downloads at once; the pipes are looked at while they run.
+        let mut transfers = Vec::new();
+        for (c, s) in &pairs {
+            let (c, s) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            transfers.push(std::thread::spawn(move || {
+                let chunk = vec![7u8; 1 << 20];
+                (0..BYTES / chunk.len()).for_each(|_| (&s).write_all(&chunk).unwrap());
+            }));
+            transfers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = 0;
+                while got < BYTES {
+                    got += (&c).read(&mut buf).unwrap();
+                }
+            }));
         }
-        let grown = grown_pipes().len();
-        assert!(grown > 0, "{driver:?}: no bulk transfer grew its pipe");
-        assert!(grown <= 16 * 2, "{driver:?}: {grown} grown pipes held by 2 workers (budget 16 each)");
-        drop(held);
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(grown_pipes().len(), 0, "{driver:?}: grown pipes outlived their connections");
+        let mut most = 0;
+        while !transfers.iter().all(|t| t.is_finished()) {
+            most = most.max(grown_pipes().len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        transfers.into_iter().for_each(|t| t.join().unwrap());
+        assert!(most > 0, "{driver:?}: no bulk transfer grew its pipe");
+        assert!(most <= 16 * 2, "{driver:?}: {most} grown pipes at once in 2 workers (budget 16 each)");
+        // The connections stay open but quiet: past the pause (1 s) the grown pipes go back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !grown_pipes().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let left = grown_pipes().len();
+        assert_eq!(left, 0, "{driver:?}: {left} grown pipes still held by quiet connections after 5 s");
+        drop(pairs);
         drop(fwd);
     }
 }
