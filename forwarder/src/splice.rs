@@ -312,7 +312,7 @@ impl Held {
     /// Splices from `src` into the (empty, held) pipe, up to its capacity;
     /// grows the pipe once the direction looks like a bulk transfer.
     fn fill<S: std::os::fd::AsRawFd>(&mut self, src: &S, sizes: PipeSizes) -> io::Result<usize> {
-        let Some(p) = self.pipe.as_mut() else { return Ok(0) };
+        let Some(p) = self.pipe.as_mut() else { return Err(no_pipe()) };
         let n = p.fill(src, p.size())?;
         self.bytes = n;
         self.full = if n == p.size() { self.full + 1 } else { 0 };
@@ -332,7 +332,7 @@ impl Held {
 
     /// Splices what the pipe holds into `dst`.
     fn drain<S: std::os::fd::AsRawFd>(&mut self, dst: &S) -> io::Result<usize> {
-        let Some(p) = self.pipe.as_ref() else { return Ok(0) };
+        let Some(p) = self.pipe.as_ref() else { return Err(no_pipe()) };
         let n = p.drain(dst, self.bytes)?;
         self.bytes -= n;
         Ok(n)
@@ -357,6 +357,11 @@ impl Held {
         }
         self.bytes = 0;
     }
+}
+
+/// Filling or draining without a pipe held: a bug, and never taken for EOF.
+fn no_pipe() -> io::Error {
+    io::Error::other("no pipe held")
 }
 
 impl Drop for Held {
