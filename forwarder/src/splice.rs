@@ -196,7 +196,9 @@ impl Link<'_> {
             held.release();
             return self.wait(src, true, from).await;
         }
-        match monoio::time::timeout(BULK_PAUSE, self.wait(src, true, from)).await {
+        // Boxed: only bulk transfers take this path, and inline its timer
+        // would grow every connection's task (~1.5 KiB on idle connections).
+        match Box::pin(monoio::time::timeout(BULK_PAUSE, self.wait(src, true, from))).await {
             Ok(r) => r,
             Err(_paused) => {
                 held.release();
