@@ -328,13 +328,15 @@ mod tests {
     #[test]
     fn flags_override_the_file() {
         let (_d, p) = write(
-            "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\nadmin: {listen: '127.0.0.1:8'}\n",
+            "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\n  pipeSize: 131072\n  pipeMaxSize: 999999999\nadmin: {listen: '127.0.0.1:8'}\n",
         );
         let o = Overrides { config: Some(p), workers: Some(1), ..Overrides::default() };
         let c = resolve(o).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.forwarder.workers, 1);
         assert_eq!(c.forwarder.listen[0].addr.to_string(), "127.0.0.1:9");
         assert_eq!(c.forwarder.idle_timeout, Duration::from_secs(120));
+        // Pipe sizes are read, and held to their bounds (16 MiB at most).
+        assert_eq!((c.forwarder.pipe_size, c.forwarder.pipe_max_size), (131_072, 16 << 20));
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8");
     }
 
