@@ -2,10 +2,10 @@
 //! to the real upstream resolvers unchanged, and every answer teaches the
 //! [`NameTable`] which IPs belong to which names before the app sees it.
 //!
-//! Three tasks, all on the control plane's tokio current-thread runtime:
-//! - [`serve`]: UDP on sluice's own batched loop (`udp`: queries
-//!   multiplexed over a few long-lived upstream sockets, answers relayed
-//!   byte for byte), TCP on hickory-server (`handler`); both walk the CNAME
+//! Three tasks on the control plane's tokio current-thread runtime:
+//! - [`serve`]: UDP on sluice's own batched loop (`udp`: a receiving thread
+//!   per socket, queries multiplexed over a few long-lived upstream sockets,
+//!   answers relayed byte for byte), TCP on hickory-server (`handler`); both walk the CNAME
 //!   chain and learn before replying, and answer NXDOMAIN for unregistered
 //!   names when the policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
 //! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`
@@ -123,12 +123,13 @@ pub async fn serve(
     let addrs = resolve_upstreams(&config, &ours)?;
     tracing::info!(upstreams = ?addrs, listen = ?ours, "DNS proxy starting");
     let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout);
-    let udp = Arc::new(udp::UdpProxy::new(&config, shared.clone(), &addrs, udp).map_err(DnsError::Socket)?);
-    // Dropping the set (on shutdown or error) stops the UDP tasks.
+    let udp = udp.into_iter().map(tokio::net::UdpSocket::into_std).collect::<Result<Vec<_>, _>>();
+    let udp = udp::UdpProxy::new(&config, shared.clone(), &addrs, udp.map_err(DnsError::Socket)?);
+    let udp = Arc::new(udp.map_err(DnsError::Socket)?);
+    // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
+    let _receivers = udp.start().map_err(DnsError::Socket)?;
     let mut udp_tasks = tokio::task::JoinSet::new();
-    for task in udp.tasks() {
-        udp_tasks.spawn(task);
-    }
+    udp_tasks.spawn(Arc::clone(&udp).sweep());
     if tcp.is_empty() {
         shutdown.await;
         return Ok(());

@@ -42,11 +42,11 @@ fn unspecified(like: SocketAddr) -> SocketAddr {
 /// A UDP socket on an ephemeral port, connected to `upstream`: the kernel
 /// drops datagrams from anyone else, and an ICMP port-unreachable shows up
 /// as `ConnectionRefused` on the next receive (fast failover).
-pub(crate) fn udp_connected(upstream: SocketAddr, mark: u32) -> io::Result<tokio::net::UdpSocket> {
+pub(crate) fn udp_connected(upstream: SocketAddr, mark: u32) -> io::Result<std::net::UdpSocket> {
     let socket = new_socket(upstream, Type::DGRAM, Protocol::UDP, mark)?;
     socket.bind(&SockAddr::from(unspecified(upstream)))?;
     socket.connect(&SockAddr::from(upstream))?;
-    tokio::net::UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// An unconnected UDP socket bound to `local` (for hickory-resolver, which
@@ -67,7 +67,7 @@ pub(crate) struct Arrival {
 
 /// Asks the kernel to tell, for every datagram `socket` receives, which
 /// local address it was sent to (read by [`Batch::recv`]).
-pub(crate) fn want_arrival(socket: &tokio::net::UdpSocket) -> io::Result<()> {
+pub(crate) fn want_arrival(socket: &std::net::UdpSocket) -> io::Result<()> {
     let done = if socket.local_addr()?.is_ipv4() {
         setsockopt(socket, sockopt::Ipv4PacketInfo, &true)
     } else {
@@ -75,6 +75,13 @@ pub(crate) fn want_arrival(socket: &tokio::net::UdpSocket) -> io::Result<()> {
         setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &true)
     };
     done.map_err(io::Error::from)
+}
+
+/// Wakes a thread blocked receiving on `socket` (its receive returns zero
+/// datagrams): `shutdown(SHUT_RD)`, which Linux applies to a UDP socket
+/// even when it is not connected (and then reports `ENOTCONN`).
+pub(crate) fn wake_receiver(socket: &std::net::UdpSocket) {
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read);
 }
 
 /// One received datagram of a [`Batch`].
@@ -116,9 +123,11 @@ impl Batch {
         }
     }
 
-    /// Takes what is waiting on `socket` (at most [`BATCH`] datagrams) without
-    /// blocking: `WouldBlock` when there was nothing.
-    pub(crate) fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
+    /// Takes what is waiting on `socket` (at most [`BATCH`] datagrams):
+    /// without blocking (`WouldBlock` when there was nothing), or, with
+    /// `wait` on a blocking socket, after waiting for the first one (up to
+    /// the socket's receive timeout).
+    pub(crate) fn recv(&mut self, socket: &impl AsRawFd, wait: bool) -> io::Result<usize> {
         self.got.clear();
         // An array (no Drop), as recvmmsg borrows the slices for as long as the headers.
         let mut chunks = self.bufs.chunks_mut(self.slot);
@@ -128,7 +137,7 @@ impl Batch {
             socket.as_raw_fd(),
             &mut self.headers,
             slices.iter_mut(),
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_TRUNC,
+            if wait { MsgFlags::MSG_WAITFORONE } else { MsgFlags::MSG_DONTWAIT } | MsgFlags::MSG_TRUNC,
             None,
         )
         .map_err(io::Error::from)?;

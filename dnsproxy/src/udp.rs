@@ -4,6 +4,11 @@
 //! hickory-server's UDP loop (a task, a parse, a re-encode and a channel hop
 //! per query) cost more CPU per query than dnsdist and could not answer
 //! from the address a query was sent to; this loop is sluice's own:
+//! - a thread per socket, asleep in a blocking `recvmmsg`: the thread of a
+//!   client socket sends the queries it reads upstream, the thread of an
+//!   upstream socket learns from the answers it reads and replies (dnsdist's
+//!   layout; see [`UdpProxy::start`] for what it measured against tasks on
+//!   the control plane's runtime);
 //! - client sockets are read in batches (`recvmmsg`), each datagram with
 //!   the local address it was sent to, and answered from that address;
 //! - queries go upstream over a few long-lived connected sockets per
@@ -27,7 +32,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,8 +40,7 @@ use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, Res
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use metrics::{Gauge, Histogram};
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
 
 use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, now};
 use crate::learn::learn;
@@ -128,8 +132,9 @@ struct Table {
     pick: usize,
 }
 
-/// What the UDP path shares between its tasks (all on the control-plane
-/// thread; the lock is never contended or held across an await).
+/// What the UDP path's threads share (the receiving threads of
+/// [`start`](Self::start) and the sweep task on the control plane; the table
+/// lock is held for a lookup or an insert, never across a system call).
 #[derive(Debug)]
 pub(crate) struct UdpProxy {
     shared: Shared,
@@ -142,12 +147,36 @@ pub(crate) struct UdpProxy {
     timeout: Duration,
     max_in_flight: usize,
     ips: Gauge,
+    /// Tells the receiving threads to return.
+    stop: AtomicBool,
 }
 
-thread_local! {
-    static QUERIES: std::cell::RefCell<Batch> = std::cell::RefCell::new(Batch::new(QUERY_MAX));
-    static ANSWERS: std::cell::RefCell<Batch> = std::cell::RefCell::new(Batch::new(ANSWER_MAX));
+/// The threads that receive (one per client socket, one per upstream
+/// socket); dropping this stops them and waits for them to end.
+#[derive(Debug)]
+pub(crate) struct Receivers {
+    proxy: Arc<UdpProxy>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        self.proxy.stop.store(true, Ordering::Relaxed);
+        let sockets = self.proxy.listeners.iter().map(|l| &l.socket).chain(&self.proxy.sockets);
+        for socket in sockets {
+            sys::wake_receiver(socket);
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a DNS receiving thread panicked");
+            }
+        }
+    }
+}
+
+/// How long a receiving thread pauses after an unexpected receive error
+/// (never a busy loop).
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 /// The parts of a query the proxy reads; the rest is passed on as it is.
 #[derive(Debug)]
@@ -313,20 +342,8 @@ impl UdpProxy {
             // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
             max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
             ips: metrics::gauge!(m::IPS_TRACKED),
+            stop: AtomicBool::new(false),
         })
-    }
-
-    /// Every task of the UDP path, to be spawned by the caller.
-    pub(crate) fn tasks(self: &Arc<Self>) -> Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> {
-        let mut tasks: Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = Vec::new();
-        for i in 0..self.listeners.len() {
-            tasks.push(Box::pin(Arc::clone(self).listen(i)));
-        }
-        for i in 0..self.sockets.len() {
-            tasks.push(Box::pin(Arc::clone(self).answers(i)));
-        }
-        tasks.push(Box::pin(Arc::clone(self).sweep()));
-        tasks
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -334,37 +351,97 @@ impl UdpProxy {
         self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn listen(self: Arc<Self>, index: usize) {
-        let Some(listener) = self.listeners.get(index) else { return };
-        loop {
-            if let Err(error) = listener.socket.readable().await {
-                tracing::error!(%error, "DNS socket failed; no more UDP queries on it");
-                return;
-            }
-            QUERIES.with_borrow_mut(|batch| {
-                loop {
-                    let drained = listener.socket.try_io(Interest::READABLE, || {
-                        let n = batch.recv(&listener.socket)?;
-                        let mut out = Vec::with_capacity(n);
-                        for i in 0..n {
-                            if let Some((bytes, d)) = batch.get(i) {
-                                self.on_query(index, bytes, d, &mut out);
-                            }
-                        }
-                        self.flush_queries(out);
-                        drained(n)
-                    });
-                    match drained {
-                        Ok(()) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(error) => {
-                            tracing::debug!(%error, "receiving DNS queries");
-                            break;
-                        }
-                    }
-                }
-            });
+    /// Starts the receiving threads: one per socket, asleep in a blocking
+    /// `recvmmsg` until datagrams arrive. The thread that reads a query sends
+    /// it upstream; the thread that reads the answer learns from it and
+    /// replies. Measured against tasks on the control plane's runtime
+    /// (epoll, one thread for both directions): the same CPU per query and
+    /// about 25 µs less added latency at 10k q/s, as each direction wakes
+    /// straight into its receive and neither queues behind the other.
+    pub(crate) fn start(self: &Arc<Self>) -> std::io::Result<Receivers> {
+        let mut receivers = Receivers { proxy: Arc::clone(self), threads: Vec::new() };
+        for socket in self.listeners.iter().map(|l| &l.socket).chain(&self.sockets) {
+            socket.set_nonblocking(false)?;
         }
+        for i in 0..self.listeners.len() {
+            let me = Arc::clone(self);
+            let thread = std::thread::Builder::new().name("sluice-dns-in".into()).spawn(move || me.queries(i))?;
+            receivers.threads.push(thread);
+        }
+        for i in 0..self.sockets.len() {
+            let me = Arc::clone(self);
+            let thread = std::thread::Builder::new().name("sluice-dns-up".into()).spawn(move || me.answers(i))?;
+            receivers.threads.push(thread);
+        }
+        Ok(receivers)
+    }
+
+    /// Waits for the next datagrams on `socket`; `None` once the UDP path stops.
+    fn next(&self, batch: &mut Batch, socket: &UdpSocket) -> Option<std::io::Result<usize>> {
+        loop {
+            let got = batch.recv(socket, true);
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match got {
+                // Zero datagrams from a blocking receive: the socket was shut down.
+                Ok(0) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                got => return Some(got),
+            }
+        }
+    }
+
+    /// A client socket's thread: queries in, upstream.
+    fn queries(&self, index: usize) {
+        let Some(listener) = self.listeners.get(index) else { return };
+        let mut batch = Batch::new(QUERY_MAX);
+        while let Some(got) = self.next(&mut batch, &listener.socket) {
+            match got {
+                Ok(n) => self.on_queries(index, &batch, n),
+                Err(error) => {
+                    tracing::debug!(%error, "receiving DNS queries");
+                    std::thread::sleep(ERROR_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// An upstream socket's thread: answers in, learned, to their clients.
+    fn answers(&self, index: usize) {
+        let Some(socket) = self.sockets.get(index) else { return };
+        let mut batch = Batch::new(ANSWER_MAX);
+        while let Some(got) = self.next(&mut batch, socket) {
+            match got {
+                Ok(n) => self.on_answers(index, &batch, n),
+                // ICMP port unreachable: nobody answers there. Move its queries on now.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.refused(index),
+                Err(error) => {
+                    tracing::debug!(%error, "receiving upstream answers");
+                    std::thread::sleep(ERROR_PAUSE);
+                }
+            }
+        }
+    }
+
+    fn on_queries(&self, index: usize, batch: &Batch, n: usize) {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            if let Some((bytes, d)) = batch.get(i) {
+                self.on_query(index, bytes, d, &mut out);
+            }
+        }
+        self.flush_queries(out);
+    }
+
+    fn on_answers(&self, index: usize, batch: &Batch, n: usize) {
+        let mut replies = Vec::with_capacity(n);
+        for i in 0..n {
+            if let Some((bytes, d)) = batch.get(i) {
+                self.on_answer(index, bytes, d.truncated, &mut replies);
+            }
+        }
+        self.flush_replies(replies);
     }
 
     fn reply(&self, listener: usize, client: SocketAddr, arrival: Option<Arrival>, bytes: &[u8]) {
@@ -527,57 +604,6 @@ impl UdpProxy {
         self.reply(p.listener, p.client, p.arrival, &reply);
     }
 
-    async fn answers(self: Arc<Self>, index: usize) {
-        let Some(socket) = self.sockets.get(index) else { return };
-        loop {
-            let ready = match socket.ready(Interest::READABLE | Interest::ERROR).await {
-                Ok(ready) => ready,
-                Err(error) => {
-                    tracing::error!(%error, "upstream DNS socket failed");
-                    return;
-                }
-            };
-            if ready.is_error() {
-                // An ICMP error (port unreachable: nobody answers there) is pending on the socket.
-                let refused = socket.try_io(Interest::ERROR, || match socket.take_error() {
-                    Ok(Some(e)) => Ok(e),
-                    Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
-                    Err(e) => Ok(e),
-                });
-                if refused.is_ok() {
-                    self.refused(index);
-                }
-            }
-            ANSWERS.with_borrow_mut(|batch| {
-                loop {
-                    let drained = socket.try_io(Interest::READABLE, || {
-                        let n = batch.recv(socket)?;
-                        let mut replies = Vec::with_capacity(n);
-                        for i in 0..n {
-                            if let Some((bytes, d)) = batch.get(i) {
-                                self.on_answer(index, bytes, d.truncated, &mut replies);
-                            }
-                        }
-                        self.flush_replies(replies);
-                        drained(n)
-                    });
-                    match drained {
-                        Ok(()) => continue,
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                            // ICMP port unreachable: nobody answers there. Move its queries on now.
-                            self.refused(index);
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "receiving upstream answers");
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    }
-
     fn on_answer(&self, socket: usize, bytes: &[u8], truncated: bool, replies: &mut Vec<Reply>) {
         if bytes.len() < 12 {
             return;
@@ -643,8 +669,9 @@ impl UdpProxy {
         }
     }
 
-    /// Moves queries whose attempt timed out to the next upstream.
-    async fn sweep(self: Arc<Self>) {
+    /// Moves queries whose attempt timed out to the next upstream (a task
+    /// on the control plane's runtime, to be spawned by the caller).
+    pub(crate) async fn sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SWEEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -670,15 +697,6 @@ impl UdpProxy {
             }
         }
     }
-}
-
-/// After a receive of `n` datagrams: `WouldBlock` when it took fewer than a
-/// full batch, i.e. the queue was empty, so tokio forgets the readiness and
-/// the task sleeps without one more receive that would only say `EAGAIN`
-/// (a system call per wake-up saved). Safe with edge-triggered epoll: every
-/// datagram that arrives later raises a new event.
-fn drained(n: usize) -> std::io::Result<()> {
-    if n < sys::BATCH { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
 }
 
 #[cfg(test)]

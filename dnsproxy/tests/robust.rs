@@ -172,3 +172,17 @@ fn a_flood_against_a_dead_upstream_stays_bounded() {
     let answer = udp_exchange(proxy.addr, &query(1, "after.flood.test.", RecordType::A, None), Duration::from_secs(3));
     assert_eq!(rcode(&answer.unwrap()), ResponseCode::ServFail);
 }
+
+/// The UDP path's threads sleep in blocking receives; stopping the proxy
+/// wakes and ends them, so when `stop` returns its port is free again.
+#[test]
+fn stopping_ends_the_receiving_threads_and_frees_the_port() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    let addr = proxy.addr;
+    assert_eq!(status(&dig(addr, &["api.sluice.test", "A"])), "NOERROR");
+    let t = Instant::now();
+    proxy.stop().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "stopping took {:?}", t.elapsed());
+    UdpSocket::bind(addr).expect("the proxy's UDP port is free once it stopped");
+}
