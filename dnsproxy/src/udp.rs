@@ -174,6 +174,16 @@ impl Drop for Receivers {
     }
 }
 
+/// Runs one batch's work; a panic in it (a bug) is logged and the thread
+/// goes on, so one bad datagram cannot silently end DNS on a socket. The
+/// table it may have left half-updated is taken back (see `UdpProxy::table`).
+fn survive(what: &str, work: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        let why = panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str));
+        tracing::error!(panic = why.unwrap_or("?"), "BUG: handling DNS {what} panicked; the batch is dropped");
+    }
+}
+
 /// How long a receiving thread pauses after an unexpected receive error
 /// (never a busy loop).
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
@@ -398,7 +408,7 @@ impl UdpProxy {
         let mut batch = Batch::new(QUERY_MAX);
         while let Some(got) = self.next(&mut batch, &listener.socket) {
             match got {
-                Ok(n) => self.on_queries(index, &batch, n),
+                Ok(n) => survive("queries", || self.on_queries(index, &batch, n)),
                 Err(error) => {
                     tracing::debug!(%error, "receiving DNS queries");
                     std::thread::sleep(ERROR_PAUSE);
@@ -413,7 +423,7 @@ impl UdpProxy {
         let mut batch = Batch::new(ANSWER_MAX);
         while let Some(got) = self.next(&mut batch, socket) {
             match got {
-                Ok(n) => self.on_answers(index, &batch, n),
+                Ok(n) => survive("answers", || self.on_answers(index, &batch, n)),
                 // ICMP port unreachable: nobody answers there. Move its queries on now.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.refused(index),
                 Err(error) => {
@@ -750,6 +760,14 @@ mod tests {
         assert_ne!(t[2] & 0x02, 0, "TC");
         let m = Message::from_vec(&t).unwrap();
         assert!(m.metadata.truncation && m.answers.is_empty() && m.queries.len() == 1);
+    }
+
+    #[test]
+    fn a_panicking_batch_does_not_end_its_thread() {
+        let mut after = false;
+        survive("queries", || panic!("a bug"));
+        survive("answers", || after = true);
+        assert!(after);
     }
 
     #[test]
