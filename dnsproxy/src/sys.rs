@@ -123,11 +123,10 @@ impl Batch {
         }
     }
 
-    /// Takes what is waiting on `socket` (at most [`BATCH`] datagrams):
-    /// without blocking (`WouldBlock` when there was nothing), or, with
-    /// `wait` on a blocking socket, after waiting for the first one (up to
-    /// the socket's receive timeout).
-    pub(crate) fn recv(&mut self, socket: &impl AsRawFd, wait: bool) -> io::Result<usize> {
+    /// Waits (on a blocking socket) for the first datagram on `socket`, then
+    /// takes it and whatever else is waiting, at most [`BATCH`] in all
+    /// (`MSG_WAITFORONE`). Zero datagrams: the socket was shut down.
+    pub(crate) fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         self.got.clear();
         // An array (no Drop), as recvmmsg borrows the slices for as long as the headers.
         let mut chunks = self.bufs.chunks_mut(self.slot);
@@ -137,7 +136,7 @@ impl Batch {
             socket.as_raw_fd(),
             &mut self.headers,
             slices.iter_mut(),
-            if wait { MsgFlags::MSG_WAITFORONE } else { MsgFlags::MSG_DONTWAIT } | MsgFlags::MSG_TRUNC,
+            MsgFlags::MSG_WAITFORONE | MsgFlags::MSG_TRUNC,
             None,
         )
         .map_err(io::Error::from)?;

@@ -389,7 +389,7 @@ impl UdpProxy {
     /// Waits for the next datagrams on `socket`; `None` once the UDP path stops.
     fn next(&self, batch: &mut Batch, socket: &UdpSocket) -> Option<std::io::Result<usize>> {
         loop {
-            let got = batch.recv(socket, true);
+            let got = batch.recv(socket);
             if self.stop.load(Ordering::Relaxed) {
                 return None;
             }
