@@ -183,6 +183,6 @@ fn stopping_ends_the_receiving_threads_and_frees_the_port() {
     assert_eq!(status(&dig(addr, &["api.sluice.test", "A"])), "NOERROR");
     let t = Instant::now();
     proxy.stop().unwrap();
-    assert!(t.elapsed() < Duration::from_secs(1), "stopping took {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5), "stopping took {:?}", t.elapsed());
     UdpSocket::bind(addr).expect("the proxy's UDP port is free once it stopped");
 }
