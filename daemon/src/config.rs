@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
-use sluice_forwarder::{Driver, Intercept};
+use sluice_forwarder::{Accept, Driver, Intercept};
 
 /// The policy directory used when neither the file nor a flag names one.
 pub(crate) const DEFAULT_POLICY_DIR: &str = "/etc/sluice/policy.d";
@@ -43,6 +43,8 @@ pub(crate) struct FileForwarder {
     pub(crate) listen: Vec<SocketAddr>,
     pub(crate) workers: Option<usize>,
     pub(crate) io_driver: Option<DriverName>,
+    /// One listening socket shared by the workers, or one per worker.
+    pub(crate) accept: Option<AcceptName>,
     pub(crate) intercept: Option<InterceptName>,
     pub(crate) mark: Option<u32>,
     pub(crate) connect_timeout: Option<String>,
@@ -96,6 +98,14 @@ pub(crate) enum DriverName {
     Auto,
     Uring,
     Epoll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum AcceptName {
+    Auto,
+    Shared,
+    PerWorker,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -197,6 +207,11 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         listen: listen.into_iter().map(|addr| sluice_forwarder::Listen { addr, intercept }).collect(),
         workers,
         driver,
+        accept: match f.accept {
+            Some(AcceptName::Shared) => Accept::Shared,
+            Some(AcceptName::PerWorker) => Accept::PerWorker,
+            Some(AcceptName::Auto) | None => Accept::Auto,
+        },
         mark: f.mark.unwrap_or(DEFAULT_MARK),
         connect_timeout: duration("forwarder.connectTimeout", f.connect_timeout.as_deref(), defaults.connect_timeout)?,
         idle_timeout: duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
@@ -328,7 +343,7 @@ mod tests {
     #[test]
     fn flags_override_the_file() {
         let (_d, p) = write(
-            "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\n  pipeSize: 131072\n  pipeMaxSize: 999999999\nadmin: {listen: '127.0.0.1:8'}\n",
+            "forwarder:\n  listen: ['127.0.0.1:9']\n  workers: 3\n  idleTimeout: 2m\n  pipeSize: 131072\n  pipeMaxSize: 999999999\n  accept: perWorker\nadmin: {listen: '127.0.0.1:8'}\n",
         );
         let o = Overrides { config: Some(p), workers: Some(1), ..Overrides::default() };
         let c = resolve(o).unwrap_or_else(|e| panic!("{e}"));
@@ -337,6 +352,7 @@ mod tests {
         assert_eq!(c.forwarder.idle_timeout, Duration::from_secs(120));
         // Pipe sizes are read, and held to their bounds (16 MiB at most).
         assert_eq!((c.forwarder.pipe_size, c.forwarder.pipe_max_size), (131_072, 16 << 20));
+        assert_eq!(c.forwarder.accept, sluice_forwarder::Accept::PerWorker);
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8");
     }
 

@@ -50,6 +50,22 @@ pub enum Driver {
     Epoll,
 }
 
+/// How the workers share an address's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accept {
+    /// `Shared` on io_uring, `PerWorker` on epoll.
+    #[default]
+    Auto,
+    /// One listening socket that every worker accepts from: a new connection
+    /// goes to a worker that is waiting for one. io_uring's accept waits are
+    /// exclusive (one worker woken per connection); monoio's epoll ones are
+    /// not, so on epoll every worker would wake for every connection.
+    Shared,
+    /// A `SO_REUSEPORT` socket per worker: the kernel picks the worker by a
+    /// hash of the connection's addresses, busy or not; no socket shared.
+    PerWorker,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen {
     pub addr: SocketAddr,
@@ -63,6 +79,7 @@ pub struct Config {
     /// Worker threads (one runtime and one listener per address each).
     pub workers: usize,
     pub driver: Driver,
+    pub accept: Accept,
     /// `SO_MARK` on upstream sockets, so the node's redirect rules let them
     /// out (loop guard). 0 leaves the mark unset.
     pub mark: u32,
@@ -86,6 +103,7 @@ impl Default for Config {
             listen: Vec::new(),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             driver: Driver::Auto,
+            accept: Accept::Auto,
             mark: 0,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),

@@ -1,5 +1,6 @@
-//! Listening sockets: one per worker per address, `SO_REUSEPORT` so the
-//! kernel spreads connections across workers.
+//! Listening sockets: per address either one socket every worker accepts
+//! from, or one per worker with `SO_REUSEPORT` so the kernel spreads
+//! connections across workers (see [`Accept`](crate::Accept)).
 
 use std::io;
 use std::net::SocketAddr;

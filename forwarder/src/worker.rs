@@ -14,7 +14,7 @@ use std::time::Duration;
 use monoio::net::{TcpListener, UnixStream};
 
 use crate::conn::{self, Listener};
-use crate::{Config, Driver, Shared, listener};
+use crate::{Accept, Config, Driver, Shared, listener};
 
 /// The running forwarder. Dropping it does not stop it: call [`Handle::shutdown`].
 #[derive(Debug)]
@@ -57,21 +57,36 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
     let workers = config.workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
+    let uring = match config.driver {
+        Driver::Epoll => false,
+        Driver::Auto => monoio::utils::detect_uring(),
+        Driver::Uring if monoio::utils::detect_uring() => true,
+        Driver::Uring => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring is not available (kernel.io_uring_disabled, seccomp, or an old kernel)",
+            ));
+        }
+    };
+    // Shared on io_uring: measured on 2 workers against HAProxy in alternating
+    // runs, 1.07–1.10× its short-connection rate with one shared socket vs
+    // 0.95–1.06× with a SO_REUSEPORT socket per worker, bulk and keepalive
+    // unchanged (perf/RESULTS.md). A connection then waits for no busy worker.
+    let one_socket = match config.accept {
+        Accept::Shared => true,
+        Accept::PerWorker => false,
+        Accept::Auto => uring,
+    };
     for l in &config.listen {
         let first = listener::bind(l, l.addr)?;
         let bound = first.local_addr()?;
         local_addrs.push(bound);
-        per_worker[0].push(first);
         for w in per_worker.iter_mut().skip(1) {
-            w.push(listener::bind(l, bound)?);
+            w.push(if one_socket { first.try_clone()? } else { listener::bind(l, bound)? });
         }
+        per_worker[0].push(first);
     }
-    if config.driver == Driver::Uring && !monoio::utils::detect_uring() {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "io_uring is not available (kernel.io_uring_disabled, seccomp, or an old kernel)",
-        ));
-    }
+    tracing::info!(accept = if one_socket { "shared" } else { "per-worker" }, "forwarder listeners bound");
     let mut threads = Vec::new();
     let mut stop = Vec::new();
     let mut drivers = Vec::new();
@@ -89,16 +104,14 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                 let _ = ready.send(Ok(driver));
                 tracing::info!(worker = id, driver, "forwarder worker started");
             };
-            let res = match (config.driver, monoio::utils::detect_uring()) {
-                (Driver::Epoll, _) | (Driver::Auto, false) => {
-                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
-                        rt.block_on(async {
-                            run("epoll");
-                            worker(id, socks, listens, theirs, config, shared, beat).await
-                        })
+            let res = match uring {
+                false => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
+                    rt.block_on(async {
+                        run("epoll");
+                        worker(id, socks, listens, theirs, config, shared, beat).await
                     })
-                }
-                _ => uring_runtime(id).map(|mut rt| {
+                }),
+                true => uring_runtime(id).map(|mut rt| {
                     rt.block_on(async {
                         run("io_uring");
                         worker(id, socks, listens, theirs, config, shared, beat).await

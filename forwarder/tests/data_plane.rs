@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{ALLOW_ANY, Bytes, DRIVERS, Fwd, Netns};
 use sluice_forwarder::splice::End;
-use sluice_forwarder::{ConnOutcome, Driver};
+use sluice_forwarder::{Accept, ConnOutcome, Driver};
 
 const MIB: usize = 1 << 20;
 
@@ -388,5 +388,45 @@ fn accepting_pauses_at_the_connection_cap() {
         drop(first);
         let more = accept_all(&l, Duration::from_millis(1500));
         assert_eq!(more.len(), 1, "{driver:?}: ...and the waiting one is served");
+    }
+}
+
+/// Both ways of sharing the listening address (one socket every worker
+/// accepts from, or a SO_REUSEPORT socket per worker) serve connections on
+/// both drivers, whichever the default picks for a driver.
+#[test]
+fn both_accept_modes_serve_connections() {
+    const CONNS: usize = 16;
+    for driver in DRIVERS {
+        for accept in [Accept::Shared, Accept::PerWorker] {
+            let ns = Netns::new();
+            let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.accept = accept);
+            ns.redirect_to(&fwd);
+            let dst = SocketAddr::new(ns.v4(7), 7);
+            let server = ns.spawn(move || {
+                let l = TcpListener::bind(dst).unwrap();
+                for _ in 0..CONNS {
+                    let (mut s, _) = l.accept().unwrap();
+                    let mut buf = [0u8; 5];
+                    s.read_exact(&mut buf).unwrap();
+                    s.write_all(&buf).unwrap();
+                }
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let echoed = ns.within(move || {
+                (0..CONNS)
+                    .filter(|_| {
+                        let mut c = TcpStream::connect(dst).unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        c.write_all(b"hello").unwrap();
+                        let mut buf = [0u8; 5];
+                        c.read_exact(&mut buf).is_ok() && &buf == b"hello"
+                    })
+                    .count()
+            });
+            server.join().unwrap();
+            assert_eq!(echoed, CONNS, "{driver:?} {accept:?}");
+            assert_eq!(fwd.wait_reports(CONNS).len(), CONNS, "{driver:?} {accept:?}");
+        }
     }
 }
