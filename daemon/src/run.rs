@@ -1,7 +1,8 @@
 //! `sluice run`: the runtime layout. N forwarder worker threads (monoio,
-//! started by the forwarder) and this thread as the control plane: one
-//! tokio current-thread runtime with the admin API, the policy watcher and
-//! signal handling.
+//! started by the forwarder), the DNS proxy's UDP receiving threads (one per
+//! socket, started by it), and this thread as the control plane: one tokio
+//! current-thread runtime with the DNS proxy's TCP side and timeouts, the
+//! admin API, the policy watcher and signal handling.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
