@@ -391,6 +391,21 @@ fn accepting_pauses_at_the_connection_cap() {
     }
 }
 
+/// TCP sockets listening on `port` (IPv4) in the calling thread's network
+/// namespace, from /proc's table (state 0A is LISTEN).
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&local) && f[3] == "0A"
+        })
+        .count()
+}
+
 /// Both ways of sharing the listening address (one socket every worker
 /// accepts from, or a SO_REUSEPORT socket per worker) serve connections on
 /// both drivers, whichever the default picks for a driver.
@@ -402,6 +417,11 @@ fn both_accept_modes_serve_connections() {
             let ns = Netns::new();
             let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.accept = accept);
             ns.redirect_to(&fwd);
+            // The mode took effect: one listening socket on the port, or one per worker (2).
+            let port = fwd.addr.port();
+            let listening = ns.within(move || listening_sockets(port));
+            let expect = if accept == Accept::Shared { 1 } else { 2 };
+            assert_eq!(listening, expect, "{driver:?} {accept:?}: listening sockets on :{port}");
             let dst = SocketAddr::new(ns.v4(7), 7);
             let server = ns.spawn(move || {
                 let l = TcpListener::bind(dst).unwrap();
