@@ -104,19 +104,20 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                 let _ = ready.send(Ok(driver));
                 tracing::info!(worker = id, driver, "forwarder worker started");
             };
-            let res = match uring {
-                false => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
-                    rt.block_on(async {
-                        run("epoll");
-                        worker(id, socks, listens, theirs, config, shared, beat).await
-                    })
-                }),
-                true => uring_runtime(id).map(|mut rt| {
+            let res = if uring {
+                uring_runtime(id).map(|mut rt| {
                     rt.block_on(async {
                         run("io_uring");
                         worker(id, socks, listens, theirs, config, shared, beat).await
                     })
-                }),
+                })
+            } else {
+                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
+                    rt.block_on(async {
+                        run("epoll");
+                        worker(id, socks, listens, theirs, config, shared, beat).await
+                    })
+                })
             };
             if let Err(e) = res {
                 let _ = ready.send(Err(e));
@@ -149,20 +150,19 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
 /// the only thread that submits to it, which is what the flags require.
 /// Older kernels: a plain ring.
 fn uring_runtime(id: usize) -> io::Result<monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>> {
+    let build = |ring: io_uring::Builder| {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .uring_builder(ring)
+            .with_entries(1024)
+            .build()
+    };
     let mut deferred = io_uring::IoUring::builder();
     deferred.setup_single_issuer().setup_defer_taskrun();
-    let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .enable_timer()
-        .uring_builder(deferred)
-        .with_entries(1024)
-        .build();
-    match rt {
-        Ok(rt) => Ok(rt),
-        Err(error) => {
-            tracing::info!(worker = id, %error, "io_uring without DEFER_TASKRUN (needs Linux 6.1)");
-            monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(1024).build()
-        }
-    }
+    build(deferred).or_else(|error| {
+        tracing::info!(worker = id, %error, "io_uring without DEFER_TASKRUN (needs Linux 6.1)");
+        build(io_uring::IoUring::builder())
+    })
 }
 
 async fn worker(
