@@ -128,8 +128,13 @@ struct Table {
     pending: HashMap<(u16, u16), Pending>,
     deadlines: VecDeque<(Instant, (u16, u16), u64)>,
     serial: u64,
-    /// Which of an upstream's sockets this batch of queries goes out on.
-    pick: usize,
+}
+
+/// Which of an upstream's sockets a batch of queries goes out on: drawn once
+/// per batch (receive batch, sweep, failover), so the batch leaves in one
+/// `sendmmsg`.
+fn pick() -> usize {
+    usize::from(rand::random::<u16>())
 }
 
 /// What the UDP path's threads share (the receiving threads of
@@ -436,9 +441,10 @@ impl UdpProxy {
 
     fn on_queries(&self, index: usize, batch: &Batch, n: usize) {
         let mut out = Vec::with_capacity(n);
+        let pick = pick();
         for i in 0..n {
             if let Some((bytes, d)) = batch.get(i) {
-                self.on_query(index, bytes, d, &mut out);
+                self.on_query(index, bytes, d, pick, &mut out);
             }
         }
         self.flush_queries(out);
@@ -463,7 +469,7 @@ impl UdpProxy {
         });
     }
 
-    fn on_query(&self, listener: usize, bytes: &[u8], d: sys::Datagram, out: &mut Vec<Outgoing>) {
+    fn on_query(&self, listener: usize, bytes: &[u8], d: sys::Datagram, pick: usize, out: &mut Vec<Outgoing>) {
         let parsed = match parse_query(bytes, d.truncated) {
             Ok(p) => p,
             Err(Refuse::Drop) => return,
@@ -507,23 +513,24 @@ impl UdpProxy {
             sent: Instant::now(),
             serial: 0,
         };
-        if let Some(failed) = self.send_next(&mut table, pending, out) {
+        if let Some(failed) = self.send_next(&mut table, pending, pick, out) {
             drop(table);
             self.servfail(failed);
         }
     }
 
-    /// Readies `p` for the next upstream it has not tried (the bytes go into
-    /// `out`, for [`flush_queries`](Self::flush_queries)); gives it back when
-    /// there is none left (the caller answers SERVFAIL).
-    fn send_next(&self, table: &mut Table, mut p: Pending, out: &mut Vec<Outgoing>) -> Option<Pending> {
+    /// Readies `p` for the next upstream it has not tried, on that upstream's
+    /// socket number `pick` (the bytes go into `out`, for
+    /// [`flush_queries`](Self::flush_queries)); gives it back when there is
+    /// none left (the caller answers SERVFAIL).
+    fn send_next(&self, table: &mut Table, mut p: Pending, pick: usize, out: &mut Vec<Outgoing>) -> Option<Pending> {
         let n = self.upstreams.len();
         if p.tries >= n {
             return Some(p);
         }
         p.tries += 1;
         let Some(up) = self.upstreams.get(p.upstream(n)) else { return Some(p) };
-        let socket = up.sockets.start + table.pick % up.sockets.len().max(1);
+        let socket = up.sockets.start + pick % up.sockets.len().max(1);
         // A random ID that is free on this socket (at most max_in_flight of 65,536 are taken).
         let key = loop {
             let key = (socket as u16, rand::random::<u16>());
@@ -550,6 +557,7 @@ impl UdpProxy {
         table: &mut Table,
         key: (u16, u16),
         reason: &'static str,
+        pick: usize,
         out: &mut Vec<Outgoing>,
     ) -> Option<Pending> {
         let p = table.pending.remove(&key)?;
@@ -557,7 +565,7 @@ impl UdpProxy {
             tracing::debug!(upstream = %up.addr, reason, "upstream attempt failed");
             failure(up.addr, reason).increment(1);
         }
-        self.send_next(table, p, out)
+        self.send_next(table, p, pick, out)
     }
 
     /// Sends what [`send_next`](Self::send_next) readied, one `sendmmsg` per
@@ -575,13 +583,15 @@ impl UdpProxy {
                     unsent.push(group[i].key);
                 });
             }
+            if unsent.is_empty() {
+                return;
+            }
             let mut again = Vec::new();
             let mut failed = Vec::new();
             let mut table = self.table();
-            // The next batch goes out on another socket, picked at random.
-            table.pick = usize::from(rand::random::<u16>());
+            let pick = pick();
             for key in unsent {
-                failed.extend(self.retry(&mut table, key, "io", &mut again));
+                failed.extend(self.retry(&mut table, key, "io", pick, &mut again));
             }
             drop(table);
             for p in failed {
@@ -669,8 +679,9 @@ impl UdpProxy {
         let mut out = Vec::new();
         let mut table = self.table();
         let keys: Vec<(u16, u16)> = table.pending.keys().filter(|k| usize::from(k.0) == socket).copied().collect();
+        let pick = pick();
         for key in keys {
-            failed.extend(self.retry(&mut table, key, "refused", &mut out));
+            failed.extend(self.retry(&mut table, key, "refused", pick, &mut out));
         }
         drop(table);
         self.flush_queries(out);
@@ -690,6 +701,7 @@ impl UdpProxy {
             let mut failed = Vec::new();
             let mut out = Vec::new();
             let mut table = self.table();
+            let pick = pick();
             while let Some(&(deadline, key, serial)) = table.deadlines.front() {
                 if deadline > now {
                     break;
@@ -698,7 +710,7 @@ impl UdpProxy {
                 if table.pending.get(&key).is_none_or(|p| p.serial != serial) {
                     continue; // answered (the key may be in use again by a later query)
                 }
-                failed.extend(self.retry(&mut table, key, "timeout", &mut out));
+                failed.extend(self.retry(&mut table, key, "timeout", pick, &mut out));
             }
             drop(table);
             self.flush_queries(out);
