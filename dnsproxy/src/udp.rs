@@ -167,8 +167,7 @@ pub(crate) struct Receivers {
 impl Drop for Receivers {
     fn drop(&mut self) {
         self.proxy.stop.store(true, Ordering::Relaxed);
-        let sockets = self.proxy.listeners.iter().map(|l| &l.socket).chain(&self.proxy.sockets);
-        for socket in sockets {
+        for socket in self.proxy.all_sockets() {
             sys::wake_receiver(socket);
         }
         for thread in self.threads.drain(..) {
@@ -361,6 +360,11 @@ impl UdpProxy {
         })
     }
 
+    /// The client sockets, then the upstream ones: each has a receiving thread.
+    fn all_sockets(&self) -> impl Iterator<Item = &UdpSocket> {
+        self.listeners.iter().map(|l| &l.socket).chain(&self.sockets)
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         // A panic cannot leave the table half-updated in a way that matters: take it back.
         self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -375,7 +379,7 @@ impl UdpProxy {
     /// straight into its receive and neither queues behind the other.
     pub(crate) fn start(self: &Arc<Self>) -> std::io::Result<Receivers> {
         let mut receivers = Receivers { proxy: Arc::clone(self), threads: Vec::new() };
-        for socket in self.listeners.iter().map(|l| &l.socket).chain(&self.sockets) {
+        for socket in self.all_sockets() {
             socket.set_nonblocking(false)?;
         }
         for i in 0..self.listeners.len() {
