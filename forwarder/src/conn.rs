@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use sluice_policy::{Connection, Snapshot, Timestamp, Verdict, decide};
 
@@ -56,6 +56,9 @@ pub enum Outcome {
     NotIntercepted,
     /// The upstream did not accept the connection in time, or refused it: client reset.
     ConnectFailed,
+    /// The client reset or failed while its first bytes were read, before any
+    /// upstream connection: nothing was forwarded.
+    ClientFailed,
 }
 
 /// Everything known about one finished connection.
@@ -136,15 +139,19 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
     let mut first = Vec::new();
     let mut seen = Sniff::NeedMore;
     let mut conn = Connection { source: unmap_v4(report.source).ip(), destination: dst, sniffed: None };
+    let mut failed = None;
     if snapshot.sniff_useful(dst) {
-        seen = read_first(&mut client, &mut first, ctx.config.sniff_timeout).await;
+        match read_first(&client, &mut first, ctx.config.sniff_timeout).await {
+            Ok(s) => seen = s,
+            Err(e) => failed = Some(e),
+        }
         conn.sniffed = seen.sniffed();
     }
     let mut verdict = decide(&snapshot, names, &conn, now());
-    if !verdict.allow && !seen.is_final() && first.is_empty() {
+    if !verdict.allow && !seen.is_final() && first.is_empty() && failed.is_none() {
         // Refusing anyway: waiting for the client's bytes costs nothing, and
         // tells whether to answer HTTP 502 (and which Host it wanted).
-        seen = read_first(&mut client, &mut first, ctx.config.sniff_timeout).await;
+        seen = read_first(&client, &mut first, ctx.config.sniff_timeout).await.unwrap_or(Sniff::NeedMore);
         if let Some(s) = seen.sniffed() {
             conn.sniffed = Some(s);
             verdict = decide(&snapshot, names, &conn, now());
@@ -154,6 +161,14 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
     let meter = crate::metrics::opened(&verdict, &snapshot, dst);
     report.verdict = Some(verdict.clone());
     report.snapshot = Some(snapshot.clone());
+    if let Some(e) = failed {
+        // Reset at once: the partial first bytes of a client that reset or
+        // failed must not reach the upstream as if they were a whole request.
+        tracing::debug!(source = %report.source, %dst, error = %e, "client failed while its first bytes were read");
+        sys::reset_on_close(&client);
+        report.outcome = Outcome::ClientFailed;
+        return;
+    }
     if !verdict.allow {
         report.outcome = refuse(&mut client, &verdict, &seen, dst).await;
         return;
@@ -192,21 +207,34 @@ fn now() -> Timestamp {
 
 /// Reads the client's first bytes until sniffing can tell, the cap, the
 /// deadline, or EOF — whichever comes first. What was read is kept in `buf`.
-async fn read_first(client: &mut TcpStream, buf: &mut Vec<u8>, deadline: Duration) -> Sniff {
+///
+/// Only the wait for readiness runs under the deadline; the read itself is a
+/// non-blocking `recv`. (An io_uring read dropped by a timer can lose bytes
+/// the kernel has already copied into it.)
+async fn read_first(client: &TcpStream, buf: &mut Vec<u8>, deadline: Duration) -> io::Result<Sniff> {
     let until = Instant::now() + deadline;
     loop {
         let seen = sniff(buf);
         if seen.is_final() || buf.len() >= MAX_SNIFF_BYTES {
-            return seen;
+            return Ok(seen);
         }
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Sniff::NeedMore;
+            return Ok(Sniff::NeedMore);
         }
-        let chunk = Vec::with_capacity(MAX_SNIFF_BYTES - buf.len());
-        match monoio::time::timeout(left, client.read(chunk)).await {
-            Ok((Ok(n), chunk)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return sniff(buf),
+        match monoio::time::timeout(left, client.readable(false)).await {
+            Err(_deadline) => return Ok(sniff(buf)),
+            Ok(ready) => ready?,
+        }
+        let start = buf.len();
+        buf.resize(MAX_SNIFF_BYTES, 0);
+        let read = sys::recv_now(client, &mut buf[start..]);
+        buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        match read {
+            Ok(0) => return Ok(sniff(buf)), // EOF
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }

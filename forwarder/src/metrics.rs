@@ -106,7 +106,7 @@ fn fixed(s: &LazyLock<Arc<str>>) -> Arc<str> {
 fn response_flags(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Spliced(End::Closed) => "-",
-        Outcome::Spliced(End::ClientError) => "DC",
+        Outcome::Spliced(End::ClientError) | Outcome::ClientFailed => "DC",
         Outcome::Spliced(End::UpstreamError) => "UC",
         Outcome::Spliced(End::Idle) => "SI",
         Outcome::Spliced(End::Internal) => "UO",

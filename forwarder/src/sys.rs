@@ -67,6 +67,12 @@ pub(crate) fn reset_on_close<S: AsRawFd>(stream: &S) {
     let _ = with_sock(stream, |s| s.set_linger(Some(std::time::Duration::ZERO)));
 }
 
+/// Reads what the socket holds now, without waiting (`WouldBlock` when
+/// nothing): for reads whose readiness the runtime already waited for.
+pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usize> {
+    nix::sys::socket::recv(stream.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io_err)
+}
+
 pub(crate) fn shutdown<S: AsRawFd>(stream: &S, how: Shutdown) -> io::Result<()> {
     match nix::sys::socket::shutdown(stream.as_raw_fd(), how) {
         Ok(()) | Err(Errno::ENOTCONN) => Ok(()),

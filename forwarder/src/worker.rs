@@ -16,15 +16,19 @@ use monoio::net::{TcpListener, UnixStream};
 use crate::conn::{self, Listener};
 use crate::{Accept, Config, Driver, Shared, listener};
 
-/// The running forwarder. Dropping it does not stop it: call [`Handle::shutdown`].
+/// How often each worker's event loop bumps its heartbeat counter.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// The running forwarder. [`Handle::shutdown`] stops it with a drain;
+/// dropping the handle stops the workers at once (no drain).
 #[derive(Debug)]
 pub struct Handle {
     /// The bound address of each configured listener (port 0 resolved).
     pub local_addrs: Vec<SocketAddr>,
     /// Which driver each worker got ("io_uring" or "epoll").
     pub drivers: Vec<&'static str>,
-    /// One counter per worker, bumped by its event loop at least every
-    /// 250 ms: a counter that stops moving means a stuck worker (watchdog).
+    /// One counter per worker, bumped by its event loop every [`HEARTBEAT`]
+    /// (250 ms): a counter that stops moving means a stuck worker (watchdog).
     pub heartbeats: Vec<Arc<AtomicU64>>,
     stop: Vec<StdUnixStream>,
     threads: Vec<JoinHandle<()>>,
@@ -176,16 +180,27 @@ async fn worker(
 ) {
     let ctx = Rc::new(conn::Ctx::new(config, shared, &socks));
     let active = Rc::new(Cell::new(0usize));
-    let mut accepters = Vec::new();
+    // Stopping cancels the waiting accepts. Not a timeout: an io_uring accept
+    // dropped by a timer can lose a connection the kernel has just accepted
+    // (its fd is never seen, the client left hanging); a cancelled one still
+    // returns that connection.
+    let accepts = monoio::io::Canceller::new();
     for (listen, sock) in listens.into_iter().zip(socks) {
         match TcpListener::from_std(sock) {
             Ok(l) => {
-                let (ctx, active) = (ctx.clone(), active.clone());
-                accepters.push(monoio::spawn(accept_loop(id, l, listen, ctx, active, beat.clone())));
+                let (ctx, active, cancel) = (ctx.clone(), active.clone(), accepts.handle());
+                monoio::spawn(accept_loop(id, l, listen, ctx, active, cancel));
             }
             Err(e) => tracing::error!(worker = id, error = %e, "cannot register listener"),
         }
     }
+    let heart = ctx.clone();
+    monoio::spawn(async move {
+        while !heart.stopping.get() {
+            beat.fetch_add(1, Ordering::Relaxed);
+            monoio::time::sleep(HEARTBEAT).await;
+        }
+    });
     // Wait for the stop message: 4 bytes, the drain time in milliseconds.
     let drain = match UnixStream::from_std(stop) {
         Ok(mut s) => {
@@ -199,7 +214,7 @@ async fn worker(
         Err(_) => Duration::ZERO,
     };
     ctx.stopping.set(true);
-    drop(accepters); // dropping the tasks' handles does not stop them; the flag does
+    let _ = accepts.cancel();
     let deadline = std::time::Instant::now() + drain;
     while active.get() > 0 && std::time::Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -215,23 +230,21 @@ async fn accept_loop(
     listen: crate::Listen,
     ctx: Rc<conn::Ctx>,
     active: Rc<Cell<usize>>,
-    beat: Arc<AtomicU64>,
+    cancel: monoio::io::CancelHandle,
 ) {
     let max = ctx.config.max_connections_per_worker.max(1);
     let mut backoff = Duration::from_millis(10);
     let port = l.local_addr().map_or(listen.addr.port(), |a| a.port());
     let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6(), port };
     while !ctx.stopping.get() {
-        beat.fetch_add(1, Ordering::Relaxed);
         if active.get() >= max {
             // Accepting pauses: the backlog holds new connections meanwhile.
             monoio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
-        let accepted = monoio::time::timeout(Duration::from_millis(250), l.accept()).await;
-        match accepted {
-            Err(_) => continue, // periodic wake to notice shutdown
-            Ok(Ok((stream, peer))) => {
+        match l.cancelable_accept(cancel.clone()).await {
+            // Accepted as the accept was cancelled: served (the drain waits for it).
+            Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
                 active.set(active.get() + 1);
                 let (ctx, active) = (ctx.clone(), active.clone());
@@ -240,12 +253,13 @@ async fn accept_loop(
                     active.set(active.get() - 1);
                 });
             }
-            Ok(Err(e)) if is_resource_exhaustion(&e) => {
+            Err(_) if ctx.stopping.get() => break,
+            Err(e) if is_resource_exhaustion(&e) => {
                 tracing::warn!(worker = id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept: out of file descriptors or memory, backing off");
                 monoio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Ok(Err(e)) => tracing::debug!(worker = id, error = %e, "accept failed"),
+            Err(e) => tracing::debug!(worker = id, error = %e, "accept failed"),
         }
     }
 }

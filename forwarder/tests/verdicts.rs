@@ -302,3 +302,31 @@ fn bytes_are_counted_while_the_connection_is_open() {
         drop((c, s));
     }
 }
+
+/// A client that resets while its first bytes are being sniffed is reset in
+/// turn: its partial request never reaches the upstream as if it were whole
+/// (after a reset, reads return EOF; a FIN to the upstream would look like a
+/// complete, short request).
+#[test]
+fn a_client_reset_while_sniffed_reaches_no_upstream() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let allow_any_with_http = entries(8300).replace("REGISTRY_ONLY", "ALLOW_ANY");
+        let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(7), 8300); // the ServiceEntry's HTTP port: sniffed
+        let (accepted, server) = server(&ns, dst, b"");
+        ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            c.write_all(b"POST /transfer HTTP/1.1\r\nHost: ht").unwrap();
+            std::thread::sleep(Duration::from_millis(300)); // read by the forwarder, which waits for more
+            socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        }); // closed with SO_LINGER 0: a reset
+        let r = &fwd.wait_reports(1)[0];
+        assert_eq!(r.outcome, ConnOutcome::ClientFailed, "{driver:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "{driver:?}: nothing was forwarded");
+        drop(fwd);
+        drop(server);
+    }
+}
