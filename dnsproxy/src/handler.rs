@@ -15,7 +15,7 @@ use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 use sluice_policy::model::{Enforcement, Mode};
 use sluice_policy::{Hostname, Retention, Snapshot, Timestamp};
 use tokio::sync::Semaphore;
@@ -60,6 +60,7 @@ pub(crate) struct Proxy {
     upstreams: Upstreams,
     in_flight: Arc<Semaphore>,
     ips: Gauge,
+    unparsed: Counter,
 }
 
 impl Proxy {
@@ -69,6 +70,7 @@ impl Proxy {
             upstreams,
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
             ips: metrics::gauge!(m::IPS_TRACKED),
+            unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "tcp"),
         }
     }
 }
@@ -154,7 +156,10 @@ impl RequestHandler for Proxy {
         let answer = match exchanged.map(|bytes| Message::from_vec(&bytes)) {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
+                // hickory-server sends only what it encodes itself: the
+                // bytes cannot go back as they came, as they do over UDP.
                 tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
+                self.unparsed.increment(1);
                 m::request(qtype, ResponseCode::ServFail, Action::Failed);
                 return local_reply(request, response, ResponseCode::ServFail).await;
             }

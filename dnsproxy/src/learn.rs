@@ -15,14 +15,26 @@ use sluice_policy::{Hostname, NameTable, Retention, Timestamp};
 /// Longer chains than this are cut (resolvers give up around 8–16).
 pub const MAX_CHAIN: usize = 16;
 
-/// The query name and the CNAMEs it leads to, in order, each with the TTL
-/// of the CNAME record that leaves it (`u32::MAX` for the last).
+/// The longest TTL learning believes (seconds; `minTtl` and `grace` come on
+/// top): a bogus or hostile huge TTL must not pin a name to an IP in the
+/// table for years. A day, like unbound's default `cache-max-ttl`.
+pub const MAX_TTL: u32 = 86_400;
+
+/// A record's TTL as learning reads it: one with the top bit set is 0 (RFC
+/// 2181 §8: TTLs are 31 bits), and none is longer than [`MAX_TTL`].
+fn usable_ttl(ttl: u32) -> u32 {
+    if ttl & 0x8000_0000 != 0 { 0 } else { ttl.min(MAX_TTL) }
+}
+
+/// The query name and the CNAMEs it leads to, in order, each with the
+/// [usable](usable_ttl) TTL of the CNAME record that leaves it (`u32::MAX`
+/// for the last).
 fn chain<'a>(qname: &'a Name, answers: &'a [Record]) -> Vec<(&'a Name, u32)> {
     let mut links: Vec<(&Name, u32)> = Vec::with_capacity(2);
     let mut current = qname;
     while links.len() < MAX_CHAIN {
         let next = answers.iter().find_map(|r| match &r.data {
-            RData::CNAME(target) if &r.name == current => Some((&target.0, r.ttl)),
+            RData::CNAME(target) if &r.name == current => Some((&target.0, usable_ttl(r.ttl))),
             _ => None,
         });
         let Some((target, ttl)) = next else { break };
@@ -73,7 +85,7 @@ pub fn learn(table: &NameTable, qname: &Name, answers: &[Record], now: Timestamp
         };
         learned.ips += 1;
         for (host, chain_ttl) in &names {
-            let ttl = Duration::from_secs(u64::from(record.ttl.min(*chain_ttl)));
+            let ttl = Duration::from_secs(u64::from(usable_ttl(record.ttl).min(*chain_ttl)));
             table.record(ip, host, ttl, now, keep);
             learned.records += 1;
         }

@@ -15,8 +15,16 @@ use metrics::Counter;
 pub const REQUESTS: &str = "sluice_dns_requests_total";
 /// Time from sending a query upstream to a matching answer: `upstream`, `transport`.
 pub const UPSTREAM_DURATION: &str = "sluice_dns_upstream_duration_seconds";
-/// Upstream attempts that failed: `upstream`, `reason` (`timeout`, `io`, `mismatch`).
+/// Upstream attempts that failed: `upstream`, `reason` (`timeout`, `io`,
+/// `refused`, `mismatch`: an answer that is not the query's — over UDP also a
+/// stray datagram: late, duplicate or forged).
 pub const UPSTREAM_FAILURES: &str = "sluice_dns_upstream_failures_total";
+/// Upstream answers hickory could not parse, so nothing was learned from
+/// them: `transport`. Over UDP only NOERROR answers are parsed (to learn
+/// from) and an unparseable one is relayed as it came; over TCP every answer
+/// is parsed (hickory-server re-encodes replies) and an unparseable one gets
+/// SERVFAIL.
+pub const UNPARSED_ANSWERS: &str = "sluice_dns_unparsed_answers_total";
 /// IPs in the name table.
 pub const IPS_TRACKED: &str = "sluice_dns_ips_tracked";
 /// Alive (IP, name) pairs in the name table, as of the last save.

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
-use metrics::{Gauge, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use std::net::UdpSocket;
 
 use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, now};
@@ -76,6 +76,8 @@ struct Upstream {
     /// Indexes into [`UdpProxy::sockets`].
     sockets: std::ops::Range<usize>,
     latency: Histogram,
+    /// Datagrams on its sockets that answer no query in flight.
+    mismatch: Counter,
 }
 
 /// A query waiting for an upstream's answer.
@@ -152,6 +154,7 @@ pub(crate) struct UdpProxy {
     timeout: Duration,
     max_in_flight: usize,
     ips: Gauge,
+    unparsed: Counter,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
 }
@@ -252,23 +255,53 @@ fn client_edns(
     Ok(None)
 }
 
-/// The answer section of an upstream's answer, and its response code; the
+/// The RCODE in an answer's header (the four bits; the extension in the OPT
+/// record is not needed to tell NOERROR). `answer` has a header.
+fn header_rcode(answer: &[u8]) -> ResponseCode {
+    ResponseCode::from(0, answer.get(3).map_or(0, |b| b & 0x0f))
+}
+
+/// What an upstream's answer (one that [`answers`](crate::upstream::answers)
+/// its query) holds for learning.
+#[derive(Debug)]
+enum Lesson {
+    /// Not NOERROR: not parsed at all, nothing to learn.
+    Nothing,
+    /// The question's name and the answer section.
+    Records(Name, Vec<Record>),
+    /// A NOERROR answer hickory cannot read: relayed as it came, unlearned.
+    Unparsed(hickory_proto::ProtoError),
+}
+
+/// Reads what `answer` can teach. Only NOERROR answers are parsed, and only
+/// their question and answer section: an error answer, or bytes after the
+/// answer section that hickory would reject, never costs the client its
+/// answer.
+fn lesson(answer: &[u8]) -> Lesson {
+    if header_rcode(answer) != ResponseCode::NoError {
+        return Lesson::Nothing;
+    }
+    match parse_answer(answer) {
+        Ok((qname, records)) => Lesson::Records(qname, records),
+        Err(error) => Lesson::Unparsed(error),
+    }
+}
+
+/// The question's name and the answer section of an upstream's answer; the
 /// authority and additional sections are not needed for learning.
-fn parse_answer(bytes: &[u8]) -> Result<(ResponseCode, Name, Vec<Record>), hickory_proto::ProtoError> {
+fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::ProtoError> {
     let mut decoder = BinDecoder::new(bytes);
     let header = hickory_proto::op::Header::read(&mut decoder)?;
-    let mut qname = None;
-    for _ in 0..header.counts.queries {
-        let q = Query::read(&mut decoder)?;
-        qname.get_or_insert(q.name);
+    if header.counts.queries != 1 {
+        // `answers` lets only rejections through without their question.
+        return Err(hickory_proto::ProtoError::from("a NOERROR answer without exactly one question"));
     }
+    let qname = Query::read(&mut decoder)?.name;
     let mut records = Vec::with_capacity(usize::from(header.counts.answers));
     for _ in 0..header.counts.answers {
         records.push(Record::read(&mut decoder)?);
     }
-    // The extended RCODE bits live in the OPT record; NOERROR is all learning needs.
-    let rcode = ResponseCode::from(0, header.metadata.response_code.low());
-    Ok((rcode, qname.unwrap_or_else(Name::root), records))
+    Ok((qname, records))
 }
 
 /// A reply made here: the client's ID and question, `rcode`, no records
@@ -304,16 +337,70 @@ fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
     h
 }
 
-/// An answer too long for the client: the upstream's header with TC set and
-/// the question only, so the client asks again over TCP (RFC 1035 4.2.1).
-fn truncated_reply(answer: &[u8], question: &[u8]) -> Vec<u8> {
-    let mut reply = Vec::with_capacity(12 + question.len());
+/// An answer too long for the client: the upstream's header with TC set, the
+/// question, and the upstream's OPT record when it fits in `max_udp` (an
+/// EDNS client expects one back: its payload size, DO bit and extended
+/// RCODE), so the client asks again over TCP (RFC 1035 4.2.1, RFC 6891 7).
+/// `answer` has a header.
+fn truncated_reply(answer: &[u8], question: &[u8], max_udp: usize) -> Vec<u8> {
+    let opt = opt_record(answer).filter(|opt| 12 + question.len() + opt.len() <= max_udp).unwrap_or_default();
+    let mut reply = Vec::with_capacity(12 + question.len() + opt.len());
     reply.extend_from_slice(&answer[..12]);
     reply[2] |= 0x02;
     reply[4..6].copy_from_slice(&1u16.to_be_bytes());
-    reply[6..12].fill(0);
+    reply[6..10].fill(0);
+    reply[10..12].copy_from_slice(&u16::from(!opt.is_empty()).to_be_bytes());
     reply.extend_from_slice(question);
+    reply.extend_from_slice(opt);
     reply
+}
+
+/// The bytes of `answer`'s OPT record, if its additional section has one
+/// (within the bytes received) whose owner is the root written out, as RFC
+/// 6891 has it; one behind a compression pointer could not be copied as is.
+/// The sections before it are skipped, not parsed: their records' data is
+/// never read.
+fn opt_record(answer: &[u8]) -> Option<&[u8]> {
+    let count = |at: usize| answer.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    let (questions, records, additionals) = (count(4)?, count(6)? + count(8)?, count(10)?);
+    let mut at = 12;
+    for _ in 0..questions {
+        at = skip_name(answer, at)? + 4;
+    }
+    for _ in 0..records {
+        at = skip_record(answer, at)?;
+    }
+    for _ in 0..additionals {
+        let end = skip_record(answer, at)?;
+        if answer.get(at..at + 3) == Some(&[0, 0, 41][..]) {
+            return answer.get(at..end);
+        }
+        at = end;
+    }
+    None
+}
+
+/// Where the name at `at` ends: after its root label or its compression
+/// pointer. `None` for a label type that does not exist.
+fn skip_name(bytes: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *bytes.get(at)?;
+        match len >> 6 {
+            0 if len == 0 => return Some(at + 1),
+            0 => at += 1 + usize::from(len),
+            3 => return Some(at + 2),
+            _ => return None,
+        }
+    }
+}
+
+/// Where the resource record at `at` ends (owner, type, class, TTL, data
+/// length, data), if it ends within `bytes`.
+fn skip_record(bytes: &[u8], at: usize) -> Option<usize> {
+    let at = skip_name(bytes, at)?;
+    let len = bytes.get(at + 8..at + 10)?;
+    let end = at + 10 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+    (end <= bytes.len()).then_some(end)
 }
 
 impl UdpProxy {
@@ -333,7 +420,7 @@ impl UdpProxy {
             }
             let latency =
                 metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "udp");
-            list.push(Upstream { addr, sockets: first..sockets.len(), latency });
+            list.push(Upstream { addr, sockets: first..sockets.len(), latency, mismatch: failure(addr, "mismatch") });
         }
         let listeners = listeners
             .into_iter()
@@ -356,6 +443,7 @@ impl UdpProxy {
             // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
             max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
             ips: metrics::gauge!(m::IPS_TRACKED),
+            unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
             stop: AtomicBool::new(false),
         })
     }
@@ -628,19 +716,15 @@ impl UdpProxy {
         self.reply(p.listener, p.client, p.arrival, &reply);
     }
 
+    /// An upstream's datagram: learned from, then readied for its client
+    /// byte for byte but the client's ID.
     fn on_answer(&self, socket: usize, bytes: &[u8], truncated: bool, replies: &mut Vec<Reply>) {
-        if bytes.len() < 12 {
-            return;
-        }
-        let key = (socket as u16, u16::from_be_bytes([bytes[0], bytes[1]]));
-        let p = {
-            let mut table = self.table();
-            let Some(p) = table.pending.get(&key) else { return };
-            if !crate::upstream::answers(&key.1.to_be_bytes(), &p.query[12..p.question_end], bytes) {
-                return; // a stray or forged datagram: the query keeps waiting
+        let Some(p) = self.take_pending(socket, bytes) else {
+            // A stray or forged datagram: a query it claims keeps waiting.
+            if let Some(up) = self.upstreams.iter().find(|up| up.sockets.contains(&socket)) {
+                up.mismatch.increment(1);
             }
-            let Some(p) = table.pending.remove(&key) else { return };
-            p
+            return;
         };
         let n = self.upstreams.len();
         let idx = p.upstream(n);
@@ -652,29 +736,44 @@ impl UdpProxy {
         }
         let mut answer = bytes.to_vec();
         answer[..2].copy_from_slice(&p.query[..2]);
+        let rcode = header_rcode(&answer);
         if truncated || answer.len() > p.max_udp {
-            let reply = truncated_reply(&answer, &p.query[12..p.question_end]);
-            m::request(p.qtype, ResponseCode::from(0, answer[3] & 0x0f), Action::Forwarded);
-            return replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: reply });
+            answer = truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp);
+        } else {
+            self.learn(&answer);
         }
-        let rcode = match parse_answer(&answer) {
-            Ok((rcode, qname, records)) => {
-                if rcode == ResponseCode::NoError {
-                    let keep = sluice_policy::Retention::from(&self.shared.policy.load().settings().dns);
-                    let learned = learn(&self.shared.names, &qname, &records, now(), keep);
-                    if learned.ips > 0 {
-                        self.ips.set(self.shared.names.len() as f64);
-                    }
-                }
-                rcode
-            }
-            Err(error) => {
-                tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
-                return self.servfail(p);
-            }
-        };
         m::request(p.qtype, rcode, Action::Forwarded);
         replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: answer });
+    }
+
+    /// Takes the query in flight that `bytes`, read on `socket`, answers:
+    /// its ID on that socket and exactly its question.
+    fn take_pending(&self, socket: usize, bytes: &[u8]) -> Option<Pending> {
+        let id = bytes.get(..2)?;
+        let key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
+        let mut table = self.table();
+        let p = table.pending.get(&key)?;
+        if !crate::upstream::answers(id, &p.query[12..p.question_end], bytes) {
+            return None;
+        }
+        table.pending.remove(&key)
+    }
+
+    /// Records what a NOERROR answer teaches, before it is relayed.
+    fn learn(&self, answer: &[u8]) {
+        match lesson(answer) {
+            Lesson::Nothing => {}
+            Lesson::Records(qname, records) => {
+                let keep = sluice_policy::Retention::from(&self.shared.policy.load().settings().dns);
+                if learn(&self.shared.names, &qname, &records, now(), keep).ips > 0 {
+                    self.ips.set(self.shared.names.len() as f64);
+                }
+            }
+            Lesson::Unparsed(error) => {
+                tracing::debug!(%error, "unparseable upstream answer: relayed as it came, nothing learned");
+                self.unparsed.increment(1);
+            }
+        }
     }
 
     /// The upstream behind `socket` refused: its queries go to the next one.
@@ -730,6 +829,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::str::FromStr;
 
+    use hickory_proto::rr::RData;
+    use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
+
     use super::*;
 
     fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
@@ -762,20 +864,100 @@ mod tests {
         assert!(matches!(parse_query(&answer[..5], false), Err(Refuse::Drop)));
     }
 
+    /// The upstream's answer to `q` with three AAAA records, its EDNS (if
+    /// any) after them.
+    fn long_answer(q: &[u8], edns: Option<Edns>) -> Vec<u8> {
+        let mut m = Message::from_vec(q).unwrap();
+        m.metadata.message_type = MessageType::Response;
+        for i in 0..3 {
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            m.add_answer(Record::from_rdata(m.queries[0].name().clone(), 60, RData::AAAA(ip.into())));
+        }
+        m.edns = edns;
+        m.to_vec().unwrap()
+    }
+
     #[test]
     fn a_too_long_answer_becomes_a_truncated_one() {
         let q = query(0x0102, "a.example.", None);
-        let mut answer = q.clone();
-        answer[2] |= 0x80;
-        answer[7] = 3; // claims three answers
-        answer.extend_from_slice(&[0xde; 40]);
         let question_end = parse_query(&q, false).unwrap().question_end;
-        let t = truncated_reply(&answer, &q[12..question_end]);
+        let answer = long_answer(&q, None);
+        let t = truncated_reply(&answer, &q[12..question_end], 512);
         assert_eq!(t.len(), question_end);
         assert_eq!(t[..2], [1, 2]);
         assert_ne!(t[2] & 0x02, 0, "TC");
         let m = Message::from_vec(&t).unwrap();
         assert!(m.metadata.truncation && m.answers.is_empty() && m.queries.len() == 1);
+        assert!(m.additionals.is_empty() && m.edns.is_none());
+        // Junk where the records should be: still header and question, no panic.
+        let mut junk = answer[..question_end].to_vec();
+        junk.extend_from_slice(&[0xde; 40]);
+        assert_eq!(truncated_reply(&junk, &q[12..question_end], 512).len(), question_end);
+    }
+
+    #[test]
+    fn a_truncated_answer_keeps_the_upstreams_opt_record_when_it_fits() {
+        let q = query(0x0102, "a.example.", Some(1_232));
+        let question_end = parse_query(&q, false).unwrap().question_end;
+        let mut edns = Edns::new();
+        edns.set_max_payload(1_232).set_dnssec_ok(true);
+        edns.options_mut().insert(EdnsOption::Unknown(65_001, b"upstream".to_vec()));
+        let answer = long_answer(&q, Some(edns));
+        let t = truncated_reply(&answer, &q[12..question_end], 512);
+        let m = Message::from_vec(&t).unwrap();
+        assert!(m.metadata.truncation && m.answers.is_empty() && m.queries.len() == 1);
+        assert_eq!(t[10..12], [0, 1], "ARCOUNT");
+        let got = m.edns.unwrap();
+        assert_eq!((got.max_payload(), got.flags().dnssec_ok), (1_232, true));
+        assert_eq!(got.option(EdnsCode::from(65_001)), Some(&EdnsOption::Unknown(65_001, b"upstream".to_vec())));
+        assert_eq!(opt_record(&answer), Some(&t[question_end..]), "the OPT record's bytes, as they came");
+
+        // An OPT record that does not fit in what the client takes is left out.
+        let tight = truncated_reply(&answer, &q[12..question_end], t.len() - 1);
+        assert_eq!((tight.len(), tight[10..12].to_vec()), (question_end, vec![0, 0]));
+        // One cut off by the receive buffer too.
+        assert_eq!(opt_record(&answer[..answer.len() - 1]), None);
+    }
+
+    #[test]
+    fn skipping_records_never_reads_past_the_bytes() {
+        let q = query(7, "a.example.", Some(1_232));
+        let answer = long_answer(&q, Some(Edns::new()));
+        for len in 0..answer.len() {
+            assert_eq!(opt_record(&answer[..len]), None, "{len}");
+        }
+        for seed in 0..=255u8 {
+            let mut junk = answer.clone();
+            for (i, b) in junk.iter_mut().enumerate().skip(4) {
+                *b ^= seed.wrapping_mul(i as u8);
+            }
+            let _ = opt_record(&junk);
+        }
+        let mut bad_label = q[..12].to_vec();
+        bad_label[5] = 1;
+        bad_label.extend_from_slice(&[0x80, 12, 0, 0, 0, 0]); // a label type that does not exist
+        assert_eq!(opt_record(&bad_label), None);
+    }
+
+    #[test]
+    fn only_noerror_answers_are_parsed_and_an_unparseable_one_is_still_relayed() {
+        let q = query(3, "a.example.", None);
+        let answer = long_answer(&q, None);
+        assert!(
+            matches!(lesson(&answer), Lesson::Records(name, records) if name.to_string() == "a.example." && records.len() == 3)
+        );
+        // A NOERROR answer whose answer section hickory cannot read.
+        let question_end = parse_query(&q, false).unwrap().question_end;
+        let mut bad = answer[..question_end].to_vec();
+        bad[2] |= 0x80;
+        bad[7] = 1;
+        bad.extend_from_slice(&[0xc0, 0xff, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]); // a pointer past the end
+        bad.extend_from_slice(&[0; 16]);
+        assert!(matches!(lesson(&bad), Lesson::Unparsed(_)));
+        // An error answer is not parsed at all: nothing to learn, whatever it holds.
+        bad[3] |= 2;
+        assert!(matches!(lesson(&bad), Lesson::Nothing));
+        assert_eq!(header_rcode(&bad), ResponseCode::ServFail);
     }
 
     #[test]

@@ -122,20 +122,40 @@ impl Upstream {
     }
 }
 
+/// RCODEs (the header's four bits) of answers that may come without their
+/// question: some servers drop it when they reject the query. Nothing else
+/// may: a question-less NOERROR would be an answer to anything.
+const QUESTIONLESS: [u8; 4] = [
+    1, // FORMERR
+    2, // SERVFAIL
+    4, // NOTIMP
+    5, // REFUSED
+];
+
 /// Whether `answer` is the response to the query with ID `id` and question
-/// section `question`: same ID, QR set, and the same question (the name
-/// compared without case, as resolvers using 0x20 randomisation expect), or
-/// no question at all (some error replies).
+/// section `question` (exactly one question): same ID, QR set, and exactly
+/// that question — the name compared without case, as resolvers using 0x20
+/// randomisation expect, the type and class exactly. A rejection
+/// ([`QUESTIONLESS`]) may carry no question at all; it carries no records to
+/// learn from either, and learning only reads NOERROR answers.
 pub(crate) fn answers(id: &[u8], question: &[u8], answer: &[u8]) -> bool {
-    if answer.len() < 12 || answer[..2] != *id || answer[2] & 0x80 == 0 {
+    let Some(header) = answer.get(..12) else { return false };
+    if header[..2] != *id || header[2] & 0x80 == 0 {
         return false;
     }
-    let qdcount = u16::from_be_bytes([answer[4], answer[5]]);
-    if qdcount == 0 {
-        return true;
+    match u16::from_be_bytes([header[4], header[5]]) {
+        0 => QUESTIONLESS.contains(&(header[3] & 0x0f)),
+        1 => same_question(question, &answer[12..]),
+        _ => false,
     }
-    let Some(got) = answer.get(12..12 + question.len()) else { return false };
-    let split = question.len().saturating_sub(4);
+}
+
+/// Whether `section` starts with `question` (name, type, class), the name
+/// without regard to ASCII case. Label lengths are below `A`, so comparing
+/// the name's bytes without case compares its labels and nothing else.
+fn same_question(question: &[u8], section: &[u8]) -> bool {
+    let Some(split) = question.len().checked_sub(4) else { return false };
+    let Some(got) = section.get(..question.len()) else { return false };
     got[..split].eq_ignore_ascii_case(&question[..split]) && got[split..] == question[split..]
 }
 
@@ -199,30 +219,64 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn answer_matching() {
-        // id 0x1234, RD, 1 question: "Ab." A IN
-        let q = [0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2, b'A', b'b', 0, 0, 1, 0, 1];
-        let question = &q[12..];
-        let mut a = q.to_vec();
+    /// Query ID 0x1234, RD, one question: "Ab." A IN.
+    const QUERY: [u8; 20] = [0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0, 2, b'A', b'b', 0, 0, 1, 0, 1];
+
+    /// The answer to [`QUERY`], changed by `edit`.
+    fn answer(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut a = QUERY.to_vec();
         a[2] |= 0x80;
-        let id = &q[..2];
-        assert!(answers(id, question, &a));
-        a[13] = b'a'; // 0x20 case change is fine
-        assert!(answers(id, question, &a));
-        a[17] = 28; // different type
-        assert!(!answers(id, question, &a));
-        a[17] = 1;
-        a[1] = 0x35; // different id
-        assert!(!answers(id, question, &a));
-        a[1] = 0x34;
-        a[2] &= 0x7f; // a query, not an answer
-        assert!(!answers(id, question, &a));
-        assert!(!answers(id, question, &a[..5]));
-        let mut no_question = a[..12].to_vec();
-        no_question[2] |= 0x80;
-        no_question[5] = 0;
-        assert!(answers(id, question, &no_question));
+        edit(&mut a);
+        a
+    }
+
+    fn matches(answer: &[u8]) -> bool {
+        answers(&QUERY[..2], &QUERY[12..], answer)
+    }
+
+    #[test]
+    fn only_the_answer_to_the_question_asked_is_taken() {
+        assert!(matches(&answer(|_| {})));
+        assert!(matches(&answer(|a| a[13] = b'a')), "0x20 case change is fine");
+        assert!(matches(&answer(|a| a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]))));
+        assert!(!matches(&answer(|a| a[1] = 0x35)), "wrong ID");
+        assert!(!matches(&answer(|a| a[14] = b'c')), "wrong name");
+        assert!(!matches(&answer(|a| a[13] = b'A' + 1)), "wrong name, same length");
+        assert!(!matches(&answer(|a| a[17] = 28)), "wrong type");
+        assert!(!matches(&answer(|a| a[19] = 3)), "wrong class");
+        assert!(!matches(&answer(|a| a[2] &= 0x7f)), "a query, not an answer");
+        assert!(!matches(&answer(|a| a.truncate(5))), "no header");
+        assert!(!matches(&answer(|a| a.truncate(16))), "question cut short");
+        assert!(!matches(&answer(|a| a[5] = 2)), "two questions");
+        assert!(!matches(&answer(|a| {
+            a[5] = 2;
+            a.extend_from_slice(&QUERY[12..]);
+        })));
+    }
+
+    #[test]
+    fn only_a_rejection_may_come_without_its_question() {
+        let bare = |rcode: u8| {
+            answer(|a| {
+                a.truncate(12);
+                a[3] = 0x80 | rcode;
+                a[5] = 0;
+            })
+        };
+        assert!(!matches(&bare(0)), "NOERROR without the question");
+        assert!(!matches(&bare(3)), "NXDOMAIN without the question");
+        for rcode in [1, 2, 4, 5] {
+            assert!(matches(&bare(rcode)), "rcode {rcode}");
+        }
+        assert!(
+            !matches(&answer(|a| {
+                a.truncate(12);
+                a[3] = 0x82;
+                a[5] = 0;
+                a[1] = 0;
+            })),
+            "SERVFAIL with the wrong ID"
+        );
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod common;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Proxy, Upstream, config, dig, kdig, query, shared, status, udp_exchange};
@@ -185,4 +187,90 @@ fn stopping_ends_the_receiving_threads_and_frees_the_port() {
     proxy.stop().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "stopping took {:?}", t.elapsed());
     UdpSocket::bind(addr).expect("the proxy's UDP port is free once it stopped");
+}
+
+/// An upstream that sends, for each query, the datagrams `script` makes of
+/// it: what no real server sends. Stopped on drop.
+struct Scripted {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scripted {
+    fn start(script: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static) -> Scripted {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let addr = s.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4_096];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, from)) = s.recv_from(&mut buf) else { continue };
+                for datagram in script(&buf[..n]) {
+                    s.send_to(&datagram, from).unwrap();
+                }
+            }
+        });
+        Scripted { addr, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A response header to `query` (ID and RD kept): `rcode`, the counts given.
+fn header(query: &[u8], rcode: u8, questions: u16, answers: u16) -> Vec<u8> {
+    let mut h = query[..12].to_vec();
+    h[2] |= 0x80;
+    h[3] = 0x80 | rcode;
+    h[4..6].copy_from_slice(&questions.to_be_bytes());
+    h[6..8].copy_from_slice(&answers.to_be_bytes());
+    h[8..12].fill(0);
+    h
+}
+
+/// An A record for the name at offset 12, TTL 60.
+fn a_record(ip: [u8; 4]) -> Vec<u8> {
+    [&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4][..], &ip].concat()
+}
+
+/// Answers that are not the query's are ignored (and a forged address is not
+/// learned); a NOERROR answer hickory cannot parse reaches the client as it
+/// came, not as SERVFAIL; a rejection may come without its question.
+#[test]
+fn forged_answers_are_ignored_and_an_unparseable_one_is_relayed() {
+    let up = Scripted::start(|q| {
+        let question = &q[12..]; // the test's queries carry no EDNS
+        let forged_name = query(0, "evil.sluice.test.", RecordType::A, None);
+        let forged = [header(q, 0, 1, 1), forged_name[12..].to_vec(), a_record([192, 0, 2, 66])].concat();
+        let questionless = header(q, 0, 0, 0);
+        if question.windows(6).any(|w| w == b"refuse") {
+            return vec![questionless, header(q, 5, 0, 0)];
+        }
+        // A pointer past the end as the record's owner: hickory cannot read it.
+        let bad = [0xc0, 0xff, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 77];
+        let unparseable = [header(q, 0, 1, 1), question.to_vec(), bad.to_vec()].concat();
+        vec![forged, questionless, unparseable]
+    });
+    let proxy = Proxy::to(up.addr, shared(None));
+
+    let asked = query(0x4242, "bad.sluice.test.", RecordType::A, None);
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).unwrap();
+    assert_eq!(got[..2], [0x42, 0x42]);
+    assert_eq!(got[3] & 0x0f, 0, "NOERROR, not SERVFAIL");
+    assert_eq!(got[12..], [&asked[12..], &[0xc0, 0xff, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 77][..]].concat());
+    assert!(Message::from_vec(&got).is_err(), "the upstream's bytes, unparseable as they came");
+    assert!(proxy.names("192.0.2.66").is_empty(), "the forged answer taught nothing");
+
+    let asked = query(0x4343, "refuse.sluice.test.", RecordType::A, None);
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).unwrap();
+    assert_eq!(got, [&[0x43, 0x43][..], &header(&asked, 5, 0, 0)[2..]].concat(), "REFUSED, question and all dropped");
 }

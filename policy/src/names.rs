@@ -27,6 +27,12 @@ pub const MAX_NAMES_PER_IP: usize = 32;
 /// Renewals closer than this to the stored value are skipped, so hot IPs do
 /// not bounce a cache line between cores on every connection.
 const TOUCH_SLACK_MS: u64 = 1_000;
+/// The furthest past `now` a restored name may live: a day of TTL (the
+/// DNS proxy's cap) and a day of `minTtl`/`grace`. The file does not say
+/// which policy wrote it, so this is a fixed bound: a corrupt file cannot pin
+/// a name for ever, and a policy with a longer grace only loses the excess
+/// across a restart (the next answer or use puts it back).
+const RESTORE_HORIZON: Duration = Duration::from_secs(2 * 86_400);
 
 type Leases = smallvec::SmallVec<[Lease; 2]>;
 type Map = papaya::HashMap<IpAddr, IpNames, foldhash::fast::RandomState>;
@@ -98,7 +104,7 @@ impl AliveNames<'_> {
 
 fn renew(entry: &IpNames, now: Timestamp, grace: Duration) {
     let until = now.plus(grace).unix_millis();
-    if entry.used_until.load(Ordering::Relaxed) + TOUCH_SLACK_MS < until {
+    if entry.used_until.load(Ordering::Relaxed).saturating_add(TOUCH_SLACK_MS) < until {
         entry.used_until.fetch_max(until, Ordering::Relaxed);
         entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
     }
@@ -173,7 +179,8 @@ impl NameTable {
         // The same answer again (a popular name re-resolved): when it would
         // move the expiry by less than the slack, skip the copy-on-write.
         if let Some(old) = map.get(&ip) {
-            let fresh = old.leases.iter().any(|l| &l.name == name && l.expires + TOUCH_SLACK_MS >= expires);
+            let fresh =
+                old.leases.iter().any(|l| &l.name == name && l.expires.saturating_add(TOUCH_SLACK_MS) >= expires);
             if fresh && old.used_until.load(Ordering::Relaxed) >= used_until {
                 old.last_touch.fetch_max(now_ms, Ordering::Relaxed);
                 return;
@@ -332,6 +339,9 @@ impl NameTable {
 
     /// Loads names saved by [`save`](Self::save), skipping expired and
     /// malformed records. A missing file is an empty table, not an error.
+    /// Each line stands alone: one that is not UTF-8 or not a record is
+    /// skipped, and the lines after it still load. Lifetimes are cut to
+    /// [`RESTORE_HORIZON`] from `now`.
     pub fn restore(&self, path: &Path, now: Timestamp) -> std::io::Result<PersistStats> {
         let file = match std::fs::File::open(path) {
             Ok(f) => f,
@@ -341,15 +351,12 @@ impl NameTable {
             Err(e) => return Err(e),
         };
         let mut stats = PersistStats::default();
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line?;
-            let rec = serde_json::from_str::<Record>(&line).ok();
-            let name = rec.as_ref().and_then(|r| Hostname::parse(&r.name).ok());
-            match (rec, name) {
-                (Some(r), Some(name))
-                    if r.expires.max(r.used_until) > now.unix_millis() && self.len() < self.capacity =>
-                {
-                    self.record_until(r.ip, &name, r.expires, r.used_until, now.unix_millis());
+        let now_ms = now.unix_millis();
+        let horizon = now.plus(RESTORE_HORIZON).unix_millis();
+        for line in std::io::BufReader::new(file).split(b'\n') {
+            match restorable(&line?, now_ms, horizon) {
+                Some((ip, name, expires, used_until)) if self.len() < self.capacity => {
+                    self.record_until(ip, &name, expires, used_until, now_ms);
                     stats.entries += 1;
                 }
                 _ => stats.skipped += 1,
@@ -357,6 +364,15 @@ impl NameTable {
         }
         Ok(stats)
     }
+}
+
+/// One saved line, if it is a record still alive at `now_ms`, its lifetimes
+/// cut to `horizon`: (ip, name, expires, used until).
+fn restorable(line: &[u8], now_ms: u64, horizon: u64) -> Option<(IpAddr, Hostname, u64, u64)> {
+    let r = serde_json::from_slice::<Record>(line).ok()?;
+    let name = Hostname::parse(&r.name).ok()?;
+    let (expires, used_until) = (r.expires.min(horizon), r.used_until.min(horizon));
+    (expires.max(used_until) > now_ms).then_some((r.ip, name, expires, used_until))
 }
 
 #[cfg(test)]

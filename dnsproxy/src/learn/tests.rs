@@ -112,3 +112,23 @@ fn policy_retention_applies() {
     assert_eq!(names_at(&table, "192.0.2.9", after(39)), ["short.example"]);
     assert!(names_at(&table, "192.0.2.9", after(41)).is_empty());
 }
+
+#[test]
+fn ttls_with_the_top_bit_set_are_zero_and_the_rest_are_capped_at_a_day() {
+    let table = NameTable::new(100);
+    learn(&table, &name("neg.example."), &[a("neg.example.", 0x8000_0000 | 3_600, [192, 0, 2, 1])], NOW, KEEP);
+    assert!(names_at(&table, "192.0.2.1", after(1)).is_empty(), "RFC 2181 §8: read as 0");
+
+    learn(&table, &name("huge.example."), &[a("huge.example.", 0x7fff_ffff, [192, 0, 2, 2])], NOW, KEEP);
+    let day = u64::from(MAX_TTL);
+    assert_eq!(names_at(&table, "192.0.2.2", after(day - 1)), ["huge.example"]);
+    assert!(names_at(&table, "192.0.2.2", after(day + 1)).is_empty(), "capped at a day");
+
+    // The same rules for the CNAME links of a chain.
+    let answers = [cname("www.example.", u32::MAX, "cdn.example."), a("cdn.example.", 0x7fff_ffff, [192, 0, 2, 3])];
+    learn(&table, &name("www.example."), &answers, NOW, KEEP);
+    assert_eq!(names_at(&table, "192.0.2.3", after(1)), ["cdn.example"], "the link reads as 0: www is gone");
+    let answers = [cname("www.example.", 0x7fff_ffff, "cdn.example."), a("cdn.example.", 0x7fff_ffff, [192, 0, 2, 4])];
+    learn(&table, &name("www.example."), &answers, NOW, KEEP);
+    assert!(names_at(&table, "192.0.2.4", after(day + 1)).is_empty());
+}

@@ -171,3 +171,50 @@ fn recording_the_same_answer_again_keeps_one_lease_and_counts_names() {
     t.record(ip(1), &host("a.example"), Duration::from_secs(30), at(600), KEEP);
     assert_eq!(t.names(ip(1), at(600 + 90 - 1)).len(), 1, "a.example alive until 600 + 30 + 60");
 }
+
+#[test]
+fn a_bad_line_skips_only_itself() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("names.jsonl");
+    let line = |last: u8, name: &str| {
+        let until = at(3_600).unix_millis();
+        format!("{{\"ip\":\"198.18.0.{last}\",\"name\":\"{name}\",\"expires\":{until},\"used_until\":0}}\n")
+    };
+    let mut bytes = line(1, "before.example").into_bytes();
+    bytes.extend_from_slice(b"{\"ip\":\"198.18.0.2\",\"name\":\"\xff\xfe\",\"expires\":1,\"used_until\":1}\n");
+    bytes.extend_from_slice(b"\xc3\x28 not UTF-8, not JSON\n");
+    bytes.extend_from_slice(b"{\"ip\":\"198.18.0.3\"\n");
+    bytes.extend_from_slice(line(4, "after.example").as_bytes());
+    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
+
+    let t = NameTable::new(100);
+    let stats = t.restore(&path, at(10)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stats, PersistStats { entries: 2, skipped: 3 });
+    assert_eq!(t.names(ip(1), at(10)), vec![host("before.example")]);
+    assert_eq!(t.names(ip(4), at(10)), vec![host("after.example")]);
+}
+
+#[test]
+fn a_huge_restored_lifetime_is_cut_to_the_horizon() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("names.jsonl");
+    let max = u64::MAX;
+    let text = format!(
+        "{{\"ip\":\"198.18.0.1\",\"name\":\"pinned.example\",\"expires\":{max},\"used_until\":0}}\n\
+         {{\"ip\":\"198.18.0.2\",\"name\":\"used.example\",\"expires\":0,\"used_until\":{max}}}\n"
+    );
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    let t = NameTable::new(100);
+    assert_eq!(t.restore(&path, T0).ok(), Some(PersistStats { entries: 2, skipped: 0 }));
+    let horizon = RESTORE_HORIZON.as_secs();
+    for last in [1, 2] {
+        assert_eq!(t.names(ip(last), at(horizon - 1)).len(), 1);
+        assert!(t.names(ip(last), at(horizon + 1)).is_empty(), "198.18.0.{last}");
+    }
+    // Using and re-learning them does no arithmetic that overflows.
+    t.touch(ip(2), T0, Duration::MAX);
+    t.touch(ip(2), T0, Duration::MAX);
+    t.record(ip(1), &host("pinned.example"), Duration::MAX, T0, KEEP);
+    t.record(ip(1), &host("pinned.example"), Duration::MAX, T0, KEEP);
+    assert_eq!(t.names(ip(1), at(horizon + 1)).len(), 1);
+}
