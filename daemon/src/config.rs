@@ -228,6 +228,14 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
     } else {
         vec!["127.0.0.1:15053".parse()?]
     };
+    if o.intercept && intercept == Intercept::Tproxy {
+        // The rules `--intercept` installs redirect; a TPROXY listener would see
+        // every redirected connection addressed to itself and refuse it.
+        bail!(
+            "--intercept installs REDIRECT rules, but forwarder.intercept is tproxy: \
+             drop --intercept and install TPROXY rules yourself (docs/forwarder.md), or use intercept: redirect"
+        );
+    }
     let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &mut dns_listen, &file.intercept));
     let dns_defaults = sluice_dnsproxy::Config::default();
     let dns = sluice_dnsproxy::Config {
@@ -364,6 +372,10 @@ mod tests {
             e.as_deref().is_some_and(|e| e.contains("sluice.yaml:2:3") && e.contains("unknown field `listn`")),
             "{e:?}"
         );
+        let (_d3, p3) = write("forwarder: {intercept: tproxy}\n");
+        let e = resolve(Overrides { config: Some(p3.clone()), intercept: true, ..Overrides::default() }).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("forwarder.intercept is tproxy")));
+        assert!(resolve(Overrides { config: Some(p3), ..Overrides::default() }).is_ok(), "tproxy alone is fine");
         let (_d2, p2) = write("drainTimeout: soon\n");
         let e = resolve(Overrides { config: Some(p2), ..Overrides::default() }).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("drainTimeout")), "{e:?}");

@@ -24,7 +24,13 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         cli::Command::Check(args) => check::run(&args),
-        cli::Command::Run(overrides) => config::resolve(overrides).and_then(run::run),
+        // Bad configuration is a usage error (64); failing while starting or running is 1.
+        cli::Command::Run(overrides) => config::resolve(overrides).map(|config| {
+            run::run(config).unwrap_or_else(|e| {
+                eprintln!("sluice: {e:#}");
+                ExitCode::FAILURE
+            })
+        }),
         cli::Command::Rules(action, rules) => match action {
             cli::RulesAction::Print => {
                 print!("{}", rules.render());

@@ -27,10 +27,6 @@ const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Whether this process installed the nftables rules (and so must remove them).
 static RULES_INSTALLED: AtomicBool = AtomicBool::new(false);
 
-fn installed_rules() -> bool {
-    RULES_INSTALLED.load(Ordering::Relaxed)
-}
-
 pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     init_logging(&config);
     let prometheus = PrometheusBuilder::new()
@@ -79,6 +75,7 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
             "SO_MARK needs CAP_NET_ADMIN: upstream sockets go unmarked, so interception rules must exclude sluice's user instead"
         );
         config.forwarder.mark = 0;
+        config.dns.mark = 0;
     }
     let shared = Shared { policy: state.snapshot.clone(), names: names.clone(), report: Arc::new(refusal_log()) };
     let forwarder = sluice_forwarder::start(config.forwarder.clone(), shared).context("cannot start the forwarder")?;
@@ -86,15 +83,9 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
         tracing::info!(%addr, driver, workers = forwarder.drivers.len(), "forwarder listening");
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("control runtime")?;
-    let result = rt.block_on(control(&config, state, names.clone(), prometheus, &forwarder, names_path.clone()));
-    tracing::info!(drain = ?config.drain_timeout, "stopping: draining connections");
-    forwarder.shutdown(config.drain_timeout);
-    if config.intercept.is_some() && installed_rules() {
-        match crate::rules::remove() {
-            Ok(()) => tracing::info!("interception rules removed"),
-            Err(e) => tracing::error!(error = %e, "cannot remove the interception rules: run `sluice rules remove`"),
-        }
-    }
+    let result = rt.block_on(control(&config, state, names.clone(), prometheus, forwarder, names_path.clone()));
+    // Also when the control plane failed after installing them.
+    remove_rules(&config);
     if let Some(path) = &names_path {
         match names.save(path, now()) {
             Ok(s) => tracing::info!(saved = s.entries, path = %path.display(), "name table saved"),
@@ -108,13 +99,35 @@ fn now() -> Timestamp {
     Timestamp::from_system(SystemTime::now())
 }
 
-/// The control plane: admin API, policy watcher, signals; returns on SIGTERM/SIGINT.
+/// Stops intercepting, keeping what drains flowing ([`crate::rules::release`]).
+fn release_rules(config: &Config) {
+    if config.intercept.is_some() && RULES_INSTALLED.load(Ordering::Relaxed) {
+        match crate::rules::release() {
+            Ok(()) => tracing::info!("interception stopped: new connections and DNS go straight out"),
+            Err(e) => tracing::error!(error = %e, "cannot stop intercepting; the rules stay until the drain ends"),
+        }
+    }
+}
+
+/// Removes the nftables table when this process installed it (once).
+fn remove_rules(config: &Config) {
+    if config.intercept.is_some() && RULES_INSTALLED.swap(false, Ordering::Relaxed) {
+        match crate::rules::remove() {
+            Ok(()) => tracing::info!("interception rules removed"),
+            Err(e) => tracing::error!(error = %e, "cannot remove the interception rules: run `sluice rules remove`"),
+        }
+    }
+}
+
+/// The control plane: admin API, policy watcher, signals; on SIGTERM/SIGINT
+/// (or when the DNS proxy fails) it stops in order: policy watcher, the
+/// interception rules, the forwarder's drain, then the DNS proxy and admin API.
 async fn control(
     config: &Config,
     state: Arc<PolicyState>,
     names: Arc<NameTable>,
     prometheus: PrometheusHandle,
-    forwarder: &sluice_forwarder::Handle,
+    forwarder: sluice_forwarder::Handle,
     names_path: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
@@ -145,13 +158,10 @@ async fn control(
         tracing::info!(%addr, ?upstreams, "DNS proxy listening (UDP and TCP)");
     }
     let dns_shared = sluice_dnsproxy::Shared { policy: state.snapshot.clone(), names: names.clone() };
-    let dns = tokio::spawn(sluice_dnsproxy::serve(
-        config.dns.clone(),
-        dns_shared.clone(),
-        udp,
-        tcp,
-        stopped(stop_rx.clone()),
-    ));
+    let dns = sluice_dnsproxy::start(config.dns.clone(), dns_shared.clone(), udp, tcp).context("DNS proxy")?;
+    // The DNS proxy and the admin API stop last, after the drain.
+    let (end_tx, end_rx) = watch::channel(false);
+    let mut dns = tokio::spawn(dns.serve(stopped(end_rx.clone())));
     let warm = tokio::spawn(sluice_dnsproxy::warm(config.dns.clone(), dns_shared, stopped(stop_rx.clone())));
     if let Some(path) = names_path {
         let (names, mut stop) = (names.clone(), stop_rx.clone());
@@ -181,7 +191,7 @@ async fn control(
         .with_context(|| format!("cannot bind the admin API on {}", config.admin_listen))?;
     let admin_addr: SocketAddr = listener.local_addr()?;
     tracing::info!(addr = %admin_addr, "admin API listening (/metrics, /healthz, /readyz, /debug/policy, /debug/names)");
-    let mut admin_stop = stop_rx.clone();
+    let mut admin_stop = end_rx;
     let server = tokio::spawn(async move {
         let app = admin::router(admin);
         axum::serve(listener, app)
@@ -211,10 +221,23 @@ async fn control(
     ready.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!("sluice is ready");
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            // Serving until a stop was asked for: ending now is a failure (the
+            // node's DNS may be redirected here), and the daemon exits with it.
+            ended = &mut dns => {
+                let error = match ended {
+                    Ok(Err(e)) => anyhow::Error::new(e),
+                    Err(e) => anyhow::anyhow!("task failed: {e}"),
+                    Ok(Ok(())) => anyhow::anyhow!("stopped"),
+                };
+                tracing::error!(error = %format!("{error:#}"), "DNS proxy failed: stopping sluice");
+                failed = Some(error.context("DNS proxy failed"));
+                break;
+            }
             _ = hup.recv() => { let _ = hup_tx.send(()); }
             _ = watchdog.tick() => {
                 let beats = forwarder.beats();
@@ -232,14 +255,31 @@ async fn control(
     ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = watcher.await;
-    match dns.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "DNS proxy stopped with an error"),
-        Err(e) => tracing::error!(error = %e, "DNS proxy task failed"),
-        Ok(Ok(())) => {}
-    }
     let _ = warm.await;
+    // Interception ends first: new connections and DNS lookups go straight
+    // out, as they will once sluice has exited, instead of being refused for
+    // the whole drain; redirected connections keep flowing. (Rules installed
+    // by someone else stay: new connections are then refused until sluice
+    // is back.)
+    release_rules(config);
+    // The DNS proxy keeps answering meanwhile (queries in flight, and all of
+    // them where the rules are not sluice's), and stops after the drain.
+    tracing::info!(drain = ?config.drain_timeout, "stopping: draining connections");
+    let drain = config.drain_timeout;
+    if let Err(e) = tokio::task::spawn_blocking(move || forwarder.shutdown(drain)).await {
+        tracing::error!(error = %e, "forwarder shutdown failed");
+    }
+    let _ = end_tx.send(true);
+    if failed.is_none() {
+        match dns.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "DNS proxy stopped with an error"),
+            Err(e) => tracing::error!(error = %e, "DNS proxy task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    remove_rules(config);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// A DNS socket: non-blocking, `[::]` v6-only so it can sit beside `0.0.0.0`.

@@ -17,12 +17,24 @@ struct Sluice {
     child: Child,
     admin: SocketAddr,
     forwarder: Vec<SocketAddr>,
+    dns: Option<SocketAddr>,
     lines: mpsc::Receiver<String>,
 }
 
 impl Sluice {
     fn start(policy_dir: &Path, extra: &[&str]) -> Sluice {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        Sluice::start_under(&[], policy_dir, extra)
+    }
+
+    /// Started through `wrapper` (a command that execs the rest: `setpriv …`).
+    fn start_under(wrapper: &[&str], policy_dir: &Path, extra: &[&str]) -> Sluice {
+        let (program, wrapper_args) = match wrapper.split_first() {
+            Some((program, args)) => (*program, args),
+            None => (env!("CARGO_BIN_EXE_sluice"), &[][..]),
+        };
+        let mut child = Command::new(program)
+            .args(wrapper_args)
+            .args(if wrapper.is_empty() { None } else { Some(env!("CARGO_BIN_EXE_sluice")) })
             .args(["run", "--log-json", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "2"])
             // DNS on port 0, and an upstream where nothing listens: no query leaves the machine.
             .args(["--dns-listen", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9"])
@@ -41,7 +53,7 @@ impl Sluice {
                 }
             }
         });
-        let (mut admin, mut forwarder) = (None, Vec::new());
+        let (mut admin, mut forwarder, mut dns) = (None, Vec::new(), None);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else { continue };
@@ -54,8 +66,9 @@ impl Sluice {
                 Some("forwarder listening") => {
                     forwarder.extend(fields["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()))
                 }
+                Some("DNS proxy listening (UDP and TCP)") => dns = fields["addr"].as_str().and_then(|a| a.parse().ok()),
                 Some("sluice is ready") => {
-                    return Sluice { child, admin: admin.unwrap(), forwarder, lines };
+                    return Sluice { child, admin: admin.unwrap(), forwarder, dns, lines };
                 }
                 _ => {}
             }
@@ -243,4 +256,29 @@ fn a_closed_log_pipe_does_not_stop_sluice() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(alive, "sluice died when its log pipe closed");
+}
+
+/// Without CAP_NET_ADMIN (and CAP_NET_RAW), upstream sockets cannot carry the mark: sluice
+/// says so and runs unmarked — the DNS proxy too, which answers (here
+/// SERVFAIL, its upstream refusing) instead of failing behind a "ready".
+#[test]
+fn without_the_mark_capability_dns_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    // CAP_NET_RAW also allows SO_MARK (Linux 5.17): both go.
+    let caps = "-net_admin,-net_raw";
+    let without = ["setpriv", "--bounding-set", caps, "--inh-caps", caps, "--"];
+    let sluice = Sluice::start_under(&without, dir.path(), &[]);
+    let dns = sluice.dns.unwrap();
+    let out = Command::new("dig")
+        .args([&format!("@{}", dns.ip()), "-p", &dns.port().to_string(), "+time=2", "+tries=1", "a.example"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sluice.child.id())).unwrap();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    let (cap_net_admin, cap_net_raw) = (1 << 12, 1 << 13);
+    let eff = u64::from_str_radix(eff, 16).unwrap();
+    assert_eq!(eff & (cap_net_admin | cap_net_raw), 0, "the test runs sluice without them");
+    assert_eq!(sluice.get("/readyz").0, 200);
 }

@@ -64,7 +64,7 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     let download = |ns: &Ns, out: &str| {
         Command::new("ip")
             .args(["netns", "exec", &ns.0, "sh", "-c"])
-            .arg(format!("curl -s -m 30 --limit-rate 12M -o {out} http://httpbin.org/big && sha256sum {out}"))
+            .arg(format!("curl -s -m 30 --limit-rate 8M -o {out} http://httpbin.org/big && sha256sum {out}"))
             .output()
             .unwrap()
     };
@@ -111,16 +111,31 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     assert_eq!(metric(node, "istio_tcp_connections_opened_total", &se), 2.0);
 
     // SIGTERM drains: a download in flight completes intact, then sluice exits 0 and its rules are gone.
+    // The rules go first: while the download drains, the pod's DNS and new connections go straight out
+    // instead of failing, and the DNS proxy still answers whatever reaches it.
     let mut sluice: Proc = sluice;
     let last_out = site.path().join("during-drain").display().to_string();
     let (drained, status) = std::thread::scope(|scope| {
         let job = scope.spawn(|| download(pod, &last_out));
         std::thread::sleep(Duration::from_millis(500));
         assert!(sh(&format!("kill -TERM {}", sluice.0.id())).0);
+        let released = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !node.ok("nft list table inet sluice").contains("redirect")
+        });
+        assert!(released, "interception ends as the drain begins");
+        assert_eq!(pod.ok("dig +short +time=2 +tries=1 httpbin.org").trim(), "198.18.2.20");
+        let proxy = node.ok("dig @127.0.0.1 -p 15053 +short +time=2 +tries=1 exfil.example.com");
+        assert_eq!(proxy.trim(), "198.18.2.20", "the DNS proxy answers through the drain");
+        assert!(curl(pod, "exfil.example.com").ends_with("\n200"), "new connections go straight out");
+        assert!(sluice.0.try_wait().unwrap().is_none(), "all of this happened during the drain");
         let out = job.join().unwrap();
         (out, sluice.0.wait().unwrap())
     });
-    assert!(String::from_utf8_lossy(&drained.stdout).starts_with(&want), "the transfer across SIGTERM arrived intact");
+    assert!(
+        String::from_utf8_lossy(&drained.stdout).starts_with(&want),
+        "the transfer across SIGTERM arrived intact: {drained:?}"
+    );
     assert_eq!(status.code(), Some(0));
     assert_eq!(node.ok("nft list ruleset").trim(), "", "--intercept removes its rules at exit");
 }

@@ -110,6 +110,7 @@ pub enum DnsError {
 
 /// Answers DNS on `udp` and `tcp` until `shutdown` completes, then stops
 /// accepting and returns. Sockets are bound by the caller (port 0 in tests).
+/// [`start`] and [`Started::serve`] in one step.
 pub async fn serve(
     config: Config,
     shared: Shared,
@@ -117,6 +118,19 @@ pub async fn serve(
     tcp: Vec<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
+    start(config, shared, udp, tcp)?.serve(shutdown).await
+}
+
+/// Sets the proxy up — upstreams resolved, upstream sockets open (with their
+/// mark), UDP receiving threads running — so that whatever can fail at
+/// start fails here, before the caller reports itself ready. Call from
+/// within the control plane's tokio runtime.
+pub fn start(
+    config: Config,
+    shared: Shared,
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+) -> Result<Started, DnsError> {
     let mut ours = config.listen.clone();
     ours.extend(udp.iter().filter_map(|s| s.local_addr().ok()));
     ours.extend(tcp.iter().filter_map(|s| s.local_addr().ok()));
@@ -126,21 +140,40 @@ pub async fn serve(
     let udp = udp.into_iter().map(tokio::net::UdpSocket::into_std).collect::<Result<Vec<_>, _>>();
     let udp = udp::UdpProxy::new(&config, shared.clone(), &addrs, udp.map_err(DnsError::Socket)?);
     let udp = Arc::new(udp.map_err(DnsError::Socket)?);
-    // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
-    let _receivers = udp.start().map_err(DnsError::Socket)?;
-    let mut udp_tasks = tokio::task::JoinSet::new();
-    udp_tasks.spawn(Arc::clone(&udp).sweep());
-    if tcp.is_empty() {
-        shutdown.await;
-        return Ok(());
-    }
+    let receivers = udp.start().map_err(DnsError::Socket)?;
     let proxy = handler::Proxy::new(shared, upstreams, config.max_in_flight);
-    let mut server = hickory_server::Server::new(proxy);
-    for listener in tcp {
-        server.register_listener(listener, config.tcp_idle_timeout, 64);
-    }
-    tokio::select! {
-        done = server.block_until_done() => done.map_err(DnsError::Server),
-        () = shutdown => server.shutdown_gracefully().await.map_err(DnsError::Server),
+    Ok(Started { udp, receivers, proxy, tcp, tcp_idle_timeout: config.tcp_idle_timeout })
+}
+
+/// A DNS proxy [`start`]ed: UDP is being answered; [`serve`](Self::serve)
+/// adds TCP and the UDP timeouts. Dropping it stops the UDP threads.
+#[derive(Debug)]
+pub struct Started {
+    udp: Arc<udp::UdpProxy>,
+    receivers: udp::Receivers,
+    proxy: handler::Proxy,
+    tcp: Vec<tokio::net::TcpListener>,
+    tcp_idle_timeout: Duration,
+}
+
+impl Started {
+    /// Serves until `shutdown` completes, then stops accepting and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+        let Started { udp, receivers: _receivers, proxy, tcp, tcp_idle_timeout } = self;
+        // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
+        let mut udp_tasks = tokio::task::JoinSet::new();
+        udp_tasks.spawn(udp.sweep());
+        if tcp.is_empty() {
+            shutdown.await;
+            return Ok(());
+        }
+        let mut server = hickory_server::Server::new(proxy);
+        for listener in tcp {
+            server.register_listener(listener, tcp_idle_timeout, 64);
+        }
+        tokio::select! {
+            done = server.block_until_done() => done.map_err(DnsError::Server),
+            () = shutdown => server.shutdown_gracefully().await.map_err(DnsError::Server),
+        }
     }
 }
