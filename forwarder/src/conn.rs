@@ -256,11 +256,40 @@ async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: So
             .unwrap_or((Err(io::ErrorKind::TimedOut.into()), Vec::new()));
         if res.is_ok() {
             let _ = sys::shutdown(client, nix::sys::socket::Shutdown::Write);
+            linger(client).await;
             return Outcome::Refused502;
         }
     }
     sys::reset_on_close(client);
     Outcome::RefusedReset
+}
+
+/// After a 502: how long, and how many bytes of the rest of the request (a
+/// POST body) are read and dropped while waiting for the client to close.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 << 10;
+
+/// A lingering close (as web servers do): closing a socket that still holds
+/// unread bytes sends a reset, which can reach the client before it has read
+/// the 502 — it would then see "connection reset" instead. So the client's
+/// remaining bytes are read and dropped until it closes, bounded by
+/// [`LINGER`] and [`LINGER_BYTES`].
+async fn linger(client: &TcpStream) {
+    let until = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 16 << 10]; // on the heap: this path only
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || !matches!(monoio::time::timeout(left, client.readable(false)).await, Ok(Ok(()))) {
+            return;
+        }
+        match sys::recv_now(client, &mut sink) {
+            Ok(0) => return,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Connects to the original destination with `SO_MARK` set before connect

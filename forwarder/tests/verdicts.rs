@@ -330,3 +330,41 @@ fn a_client_reset_while_sniffed_reaches_no_upstream() {
         drop(server);
     }
 }
+
+/// A refused POST gets its 502, and the client can finish sending its body:
+/// the forwarder reads and drops the rest of the request before closing (a
+/// close with unread bytes sends a reset, and a client still sending — curl
+/// with a body — then fails with "connection reset" and never reads the 502).
+#[test]
+fn a_refused_request_with_a_body_still_gets_its_502() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, &entries(8400), |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(8), 8400); // HTTP port, but an unregistered Host
+        let (sent, reply) = ns.within(move || {
+            let c = TcpStream::connect(dst).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let body = vec![b'x'; 200 << 10];
+            let head =
+                format!("POST /upload HTTP/1.1\r\nHost: exfil.evil.test\r\ncontent-length: {}\r\n\r\n", body.len());
+            let mut w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                w.write_all(head.as_bytes())?;
+                // Slower than the forwarder's answer: the 502 comes while the body is still being sent.
+                for chunk in body.chunks(8 << 10) {
+                    w.write_all(chunk)?;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                w.shutdown(std::net::Shutdown::Write)
+            });
+            let mut reply = Vec::new();
+            let got = (&c).read_to_end(&mut reply).map(|_| reply).map_err(|e| e.kind());
+            (writer.join().unwrap().map_err(|e| e.kind()), got)
+        });
+        let reply = reply.unwrap_or_else(|e| panic!("{driver:?}: {e:?} instead of the 502"));
+        assert!(reply.starts_with(b"HTTP/1.1 502 Bad Gateway\r\n"), "{driver:?}: {}", String::from_utf8_lossy(&reply));
+        assert_eq!(sent, Ok(()), "{driver:?}: the client could send its whole body");
+        assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::Refused502);
+    }
+}
