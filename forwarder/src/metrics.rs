@@ -2,9 +2,16 @@
 //!
 //! Handles are registered once per label set and cached per worker thread
 //! (an increment is then a few ns, not the ~100 ns of a labelled
-//! `counter!`). Label values are bounded: at most [`MAX_DESTINATIONS`]
-//! distinct `destination_service` values per process; past that, new names
-//! fold into `other`.
+//! `counter!`). Label values are bounded, so that junk (a scan of many
+//! addresses or ports, made-up SNI or Host values) cannot grow the series
+//! without end, nor crowd out the names that matter:
+//! - what the policy names always has its own series: ServiceEntry hosts
+//!   (`destination_service_name`, and `destination_service` when it is that
+//!   host) and ServiceEntry ports — the policy bounds them;
+//! - other names (from DNS, SNI, Host): the first [`MAX_DESTINATIONS`] per
+//!   process, addresses (no name known): the first [`MAX_ADDRESSES`], other
+//!   ports: the first [`MAX_PORTS`]; past each cap, new values fold into
+//!   `other`.
 //!
 //! Bytes are counted as they move (per spliced chunk), so a long-lived
 //! connection shows its traffic while it is open; they carry
@@ -16,10 +23,10 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use metrics::{Counter, Label};
-use sluice_policy::{Cluster, HostPattern, Hostname, Snapshot, Verdict};
+use sluice_policy::{Cluster, HostPattern, Snapshot, Verdict};
 
 use crate::conn::{ConnReport, Outcome};
 use crate::splice::End;
@@ -34,8 +41,13 @@ pub const NOT_INTERCEPTED: &str = "sluice_forwarder_not_intercepted_total";
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
-/// Distinct `destination_service` values kept before folding into `other`.
+/// Distinct names (not a ServiceEntry host) kept as `destination_service`
+/// before folding into `other`.
 pub const MAX_DESTINATIONS: usize = 2_000;
+/// Distinct addresses kept as `destination_service` (no name known).
+pub const MAX_ADDRESSES: usize = 256;
+/// Distinct ports outside every ServiceEntry kept as `destination_port`.
+pub const MAX_PORTS: usize = 64;
 
 /// One connection's label set.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,7 +55,8 @@ struct Labels {
     workload: Arc<str>,
     service: Arc<str>,
     service_name: Arc<str>,
-    port: u16,
+    /// The port; `None`: `other`.
+    port: Option<u16>,
     flags: &'static str,
 }
 
@@ -69,28 +82,65 @@ thread_local! {
     static CLOSED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
 }
 
-/// The name itself if it may have its own series, else `other`. At most
-/// [`MAX_DESTINATIONS`] names per process; each worker remembers the names it
-/// has seen admitted, so the shared set's lock is taken once per name per
-/// worker, not per connection.
-fn admit(name: Arc<str>) -> Arc<str> {
-    static SEEN: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+/// A label's values past the policy's own: admitted up to a cap per process.
+struct Bounded {
+    cap: usize,
+    seen: LazyLock<Mutex<HashSet<Arc<str>>>>,
+}
+
+static NAMES: Bounded = Bounded::new(MAX_DESTINATIONS);
+static ADDRESSES: Bounded = Bounded::new(MAX_ADDRESSES);
+
+/// The port if it may have its own series (one outside every ServiceEntry:
+/// the first [`MAX_PORTS`] seen), else `None` (`other`).
+fn admit_port(port: u16) -> Option<u16> {
+    static SEEN: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
     thread_local! {
-        static LOCAL: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+        static LOCAL: RefCell<HashSet<u16>> = RefCell::new(HashSet::new());
     }
-    if LOCAL.with(|l| l.borrow().contains(&name)) {
-        return name;
+    if LOCAL.with(|l| l.borrow().contains(&port)) {
+        return Some(port);
     }
-    let seen = SEEN.get_or_init(|| Mutex::new(HashSet::new()));
-    let Ok(mut seen) = seen.lock() else { return fixed(&OTHER) };
-    if !seen.contains(&name) {
-        if seen.len() >= MAX_DESTINATIONS {
-            return fixed(&OTHER);
+    let mut seen = SEEN.lock().ok()?;
+    if !seen.contains(&port) {
+        if seen.len() >= MAX_PORTS {
+            return None;
         }
-        seen.insert(name.clone());
+        seen.insert(port);
     }
-    LOCAL.with(|l| l.borrow_mut().insert(name.clone()));
-    name
+    drop(seen);
+    LOCAL.with(|l| l.borrow_mut().insert(port));
+    Some(port)
+}
+
+impl Bounded {
+    const fn new(cap: usize) -> Bounded {
+        Bounded { cap, seen: LazyLock::new(|| Mutex::new(HashSet::new())) }
+    }
+
+    /// The value itself if it may have its own series, else `other`. Each
+    /// worker remembers the values it has seen admitted, so the shared
+    /// set's lock is taken once per value per worker, not per connection.
+    fn admit(&'static self, value: Arc<str>) -> Arc<str> {
+        thread_local! {
+            static LOCAL: RefCell<HashSet<(usize, Arc<str>)>> = RefCell::new(HashSet::new());
+        }
+        let key = (std::ptr::from_ref(self) as usize, value);
+        if LOCAL.with(|l| l.borrow().contains(&key)) {
+            return key.1;
+        }
+        let Ok(mut seen) = self.seen.lock() else { return fixed(&OTHER) };
+        if !seen.contains(&key.1) {
+            if seen.len() >= self.cap {
+                return fixed(&OTHER);
+            }
+            seen.insert(key.1.clone());
+        }
+        drop(seen);
+        let value = key.1.clone();
+        LOCAL.with(|l| l.borrow_mut().insert(key));
+        value
+    }
 }
 
 static OTHER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("other"));
@@ -122,20 +172,25 @@ fn labels(
     dst_ip: std::net::IpAddr,
     flags: &'static str,
 ) -> Labels {
-    let service_name = match verdict.cluster {
+    // What the policy names always has its own series.
+    let (service_name, entry_host) = match verdict.cluster {
         Cluster::ServiceEntry(r) => match snapshot.host(r) {
-            HostPattern::Exact(host) => admit(host.shared()),
-            wildcard => admit(Arc::from(wildcard.to_string())),
+            HostPattern::Exact(host) => (host.shared(), Some(host)),
+            wildcard => (Arc::from(wildcard.to_string()), None),
         },
-        Cluster::Passthrough => fixed(&PASSTHROUGH_NAME),
-        Cluster::BlackHole => fixed(&BLACKHOLE_NAME),
+        Cluster::Passthrough => (fixed(&PASSTHROUGH_NAME), None),
+        Cluster::BlackHole => (fixed(&BLACKHOLE_NAME), None),
     };
-    let service = verdict.name.as_ref().map_or_else(|| Arc::from(dst_ip.to_string()), Hostname::shared);
+    let service = match &verdict.name {
+        Some(name) if Some(name) == entry_host => name.shared(),
+        Some(name) => NAMES.admit(name.shared()),
+        None => ADDRESSES.admit(Arc::from(dst_ip.to_string())),
+    };
     Labels {
         workload: verdict.workload.clone().unwrap_or_else(|| fixed(&UNKNOWN)),
-        service: admit(service),
+        service,
         service_name,
-        port: dst_port,
+        port: if snapshot.serves_port(dst_port) { Some(dst_port) } else { admit_port(dst_port) },
         flags,
     }
 }
@@ -146,7 +201,7 @@ fn label_list(l: &Labels, protocol: &'static str) -> Vec<Label> {
         Label::new("source_workload", l.workload.to_string()),
         Label::new("destination_service", l.service.to_string()),
         Label::new("destination_service_name", l.service_name.to_string()),
-        Label::new("destination_port", l.port.to_string()),
+        Label::new("destination_port", l.port.map_or_else(|| "other".to_owned(), |p| p.to_string())),
         Label::new("request_protocol", protocol),
         Label::new("response_flags", l.flags),
     ]
@@ -195,12 +250,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn destination_names_past_the_cap_fold_into_other() {
-        for i in 0..MAX_DESTINATIONS {
+    fn values_past_the_cap_fold_into_other() {
+        static TEST: Bounded = Bounded::new(100);
+        for i in 0..100 {
             let name: Arc<str> = Arc::from(format!("n{i}.example"));
-            assert_eq!(admit(name.clone()), name);
+            assert_eq!(TEST.admit(name.clone()), name);
         }
-        assert_eq!(&*admit(Arc::from("one-too-many.example")), "other");
-        assert_eq!(&*admit(Arc::from("n7.example")), "n7.example", "admitted names keep their series");
+        assert_eq!(&*TEST.admit(Arc::from("one-too-many.example")), "other");
+        assert_eq!(&*TEST.admit(Arc::from("n7.example")), "n7.example", "admitted values keep their series");
+        assert_eq!(&*ADDRESSES.admit(Arc::from("n8.example")), "n8.example", "each label has its own cap");
+    }
+
+    #[test]
+    fn ports_past_the_cap_fold_into_other() {
+        for port in 40_000..40_000 + MAX_PORTS as u16 {
+            assert_eq!(admit_port(port), Some(port));
+        }
+        assert_eq!(admit_port(50_000), None);
+        assert_eq!(admit_port(40_001), Some(40_001), "admitted ports keep their series");
     }
 }

@@ -46,6 +46,8 @@ pub struct Snapshot {
     workloads: JointPrefixMap<IpNet, Arc<str>>,
     /// Ports where some ServiceEntry speaks HTTP or TLS: one bit per port.
     name_ports: Box<[u64; 1024]>,
+    /// Ports some ServiceEntry declares, whatever its protocol.
+    entry_ports: Box<[u64; 1024]>,
     settings: EgressSettings,
 }
 
@@ -59,6 +61,7 @@ impl Snapshot {
             deny: JointPrefixMap::new(),
             workloads: JointPrefixMap::new(),
             name_ports: Box::new([0; 1024]),
+            entry_ports: Box::new([0; 1024]),
             settings: set.settings.clone(),
         };
         for (e, entry) in set.entries.iter().enumerate() {
@@ -71,8 +74,11 @@ impl Snapshot {
                     HostPattern::Wildcard(suffix) => snap.wildcard.entry(suffix.as_str().into()).or_default().push(t),
                 }
             }
-            for p in entry.ports.iter().filter(|p| p.protocol.is_http() || p.protocol.is_tls()) {
-                snap.name_ports[usize::from(p.number / 64)] |= 1 << (p.number % 64);
+            for p in &entry.ports {
+                set_bit(&mut snap.entry_ports, p.number);
+                if p.protocol.is_http() || p.protocol.is_tls() {
+                    set_bit(&mut snap.name_ports, p.number);
+                }
             }
             for net in &entry.addresses {
                 match snap.addresses.get_mut(net) {
@@ -191,6 +197,19 @@ impl Snapshot {
 
     /// Whether some ServiceEntry serves HTTP or TLS on `port`.
     pub fn is_name_port(&self, port: u16) -> bool {
-        self.name_ports[usize::from(port / 64)] & (1 << (port % 64)) != 0
+        bit(&self.name_ports, port)
     }
+
+    /// Whether some ServiceEntry declares `port` (any protocol).
+    pub fn serves_port(&self, port: u16) -> bool {
+        bit(&self.entry_ports, port)
+    }
+}
+
+fn set_bit(bits: &mut [u64; 1024], port: u16) {
+    bits[usize::from(port / 64)] |= 1 << (port % 64);
+}
+
+fn bit(bits: &[u64; 1024], port: u16) -> bool {
+    bits[usize::from(port / 64)] & (1 << (port % 64)) != 0
 }
