@@ -22,12 +22,14 @@ pub(crate) struct Ctx {
     /// intercepted, and sluice is never an open relay.
     own: Vec<SocketAddr>,
     pub(crate) stopping: Cell<bool>,
+    /// Fired when the drain time is over.
+    pub(crate) abort: crate::splice::Abort,
 }
 
 impl Ctx {
     pub(crate) fn new(config: Config, shared: Shared, socks: &[std::net::TcpListener]) -> Ctx {
         let own = socks.iter().filter_map(|s| s.local_addr().ok()).collect();
-        Ctx { config, shared, own, stopping: Cell::new(false) }
+        Ctx { config, shared, own, stopping: Cell::new(false), abort: crate::splice::Abort::default() }
     }
 
     fn is_own(&self, dst: SocketAddr) -> bool {
@@ -195,7 +197,7 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         meter.upstream.increment(n);
     }
     let pipes = PipeSizes { base: ctx.config.pipe_size, max: ctx.config.pipe_max_size };
-    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, &meter).await;
+    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, &meter, &ctx.abort).await;
     report.sent += o.sent;
     report.received = o.received;
     report.outcome = Outcome::Spliced(o.end);

@@ -160,6 +160,8 @@ fn response_flags(outcome: Outcome) -> &'static str {
         Outcome::Spliced(End::UpstreamError) => "UC",
         Outcome::Spliced(End::Idle) => "SI",
         Outcome::Spliced(End::Internal) => "UO",
+        // Not one of Envoy's: sluice stopped, and the drain time was over.
+        Outcome::Spliced(End::Shutdown) => "SD",
         Outcome::ConnectFailed => "UF",
         Outcome::Refused502 | Outcome::RefusedReset | Outcome::NotIntercepted => "NR",
     }

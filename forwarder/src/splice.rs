@@ -17,6 +17,7 @@
 //! stays bounded.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -40,6 +41,29 @@ pub enum End {
     Idle,
     /// sluice itself ran out of a resource (no pipe could be made): both reset.
     Internal,
+    /// sluice stopped and the drain time was over: both reset.
+    Shutdown,
+}
+
+/// A worker's "drain time over" signal: every connection still splicing
+/// ends at once with [`End::Shutdown`] — both sides reset (not closed, which
+/// would tell them all went well) and the connection reported.
+#[derive(Default)]
+pub(crate) struct Abort {
+    fired: Cell<bool>,
+    /// The task of each connection that is splicing, by its slot.
+    tasks: RefCell<HashMap<u64, Waker>>,
+    next: Cell<u64>,
+}
+
+impl Abort {
+    /// Ends every connection that is splicing (they end as their tasks run).
+    pub(crate) fn fire(&self) {
+        self.fired.set(true);
+        for (_, task) in self.tasks.borrow_mut().drain() {
+            task.wake();
+        }
+    }
 }
 
 /// Bytes moved and how it ended.
@@ -69,6 +93,18 @@ struct Link<'a> {
     /// The connection task, to wake the other direction when one fails.
     waker: RefCell<Option<Waker>>,
     pipes: PipeSizes,
+    abort: &'a Abort,
+    /// This connection's slot in `abort` (its task is registered once).
+    slot: u64,
+    registered: Cell<bool>,
+}
+
+impl Drop for Link<'_> {
+    fn drop(&mut self) {
+        if self.registered.get() {
+            self.abort.tasks.borrow_mut().remove(&self.slot);
+        }
+    }
 }
 
 /// Pipe capacities: every direction starts with a `base` pipe; one that
@@ -90,7 +126,10 @@ pub(crate) async fn splice_both(
     idle: Duration,
     pipes: PipeSizes,
     meter: &Meter,
+    abort: &Abort,
 ) -> Outcome {
+    let slot = abort.next.get();
+    abort.next.set(slot + 1);
     let link = Link {
         meter,
         client,
@@ -100,6 +139,9 @@ pub(crate) async fn splice_both(
         failed: Cell::new(None),
         waker: RefCell::new(None),
         pipes,
+        abort,
+        slot,
+        registered: Cell::new(false),
     };
     let (sent, received) = monoio::join!(link.pump(Side::Client), link.pump(Side::Upstream));
     Outcome { sent, received, end: link.failed.get().unwrap_or(End::Closed) }
@@ -229,13 +271,22 @@ impl Link<'_> {
         }
     }
 
-    /// Resolves once either direction has failed.
+    /// Resolves once either direction has failed, or the worker's drain
+    /// time is over.
     fn failure(&self) -> impl std::future::Future<Output = End> + '_ {
-        std::future::poll_fn(|cx| match self.failed.get() {
-            Some(end) => Poll::Ready(end),
-            None => {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
-                Poll::Pending
+        std::future::poll_fn(|cx| {
+            if self.failed.get().is_none() && self.abort.fired.get() {
+                self.fail(End::Shutdown);
+            }
+            match self.failed.get() {
+                Some(end) => Poll::Ready(end),
+                None => {
+                    *self.waker.borrow_mut() = Some(cx.waker().clone());
+                    if !self.registered.replace(true) {
+                        self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
             }
         })
     }
@@ -251,7 +302,7 @@ impl Link<'_> {
         match end {
             End::ClientError => sys::reset_on_close(self.upstream),
             End::UpstreamError => sys::reset_on_close(self.client),
-            End::Idle | End::Internal => {
+            End::Idle | End::Internal | End::Shutdown => {
                 sys::reset_on_close(self.client);
                 sys::reset_on_close(self.upstream);
             }

@@ -220,7 +220,14 @@ async fn worker(
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     if active.get() > 0 {
-        tracing::info!(worker = id, open = active.get(), "drain time over: closing remaining connections");
+        tracing::info!(worker = id, open = active.get(), "drain time over: resetting the remaining connections");
+        ctx.abort.fire();
+        // Their tasks end them and report them; one still connecting or
+        // sniffing (bounded by its own timeout) is dropped when the worker ends.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while active.get() > 0 && std::time::Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

@@ -450,3 +450,30 @@ fn both_accept_modes_serve_connections() {
         }
     }
 }
+
+/// A connection still open when the drain time is over is reset on both
+/// sides (a close would tell them the transfer was complete) and reported.
+#[test]
+fn connections_left_when_the_drain_ends_are_reset_and_reported() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let mut fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(4), 7002);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        let (s, _) = l.accept().unwrap();
+        (&c).write_all(b"mid-transfer").unwrap();
+        let mut buf = [0u8; 12];
+        (&s).read_exact(&mut buf).unwrap();
+        let (started, handle) = (std::time::Instant::now(), fwd.handle.take().unwrap());
+        handle.shutdown(Duration::from_millis(300));
+        assert!(started.elapsed() >= Duration::from_millis(300), "{driver:?}: the drain waited");
+        for (side, mut sock) in [("client", &c), ("upstream", &s)] {
+            timeouts(sock);
+            let mut b = [0u8; 1];
+            assert_eq!(sock.read(&mut b).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "{driver:?}: {side}");
+        }
+        assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::Spliced(End::Shutdown), "{driver:?}");
+    }
+}
