@@ -38,6 +38,8 @@ pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
 pub const REQUESTS: &str = "istio_requests_total";
 /// Connections refused before any verdict: `reason` = `not_intercepted`.
 pub const NOT_INTERCEPTED: &str = "sluice_forwarder_not_intercepted_total";
+/// Times a connection found no pipe (out of file descriptors or memory) and waited.
+pub const PIPE_SHORTAGES: &str = "sluice_forwarder_pipe_shortages_total";
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -226,6 +228,11 @@ pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::Sock
         h.opened.increment(1);
         Meter { upstream: h.received.clone(), client: h.sent.clone() }
     })
+}
+
+/// A connection direction found no pipe and waits for one.
+pub(crate) fn pipe_shortage() {
+    metrics::counter!(PIPE_SHORTAGES).increment(1);
 }
 
 /// A connection ended: closed, with its response flags.

@@ -161,6 +161,7 @@ impl Link<'_> {
         let mut moved = 0u64;
         let mut held = Held::default();
         let mut eof = false;
+        let mut short = Shortage::default();
         // The upstream speaks after it has heard the client (or, for
         // server-first protocols, at once — readiness says so): a first
         // splice would only come back EAGAIN.
@@ -177,10 +178,13 @@ impl Link<'_> {
             // Fill the pipe from the source, unless it still holds bytes.
             if held.bytes == 0 && !eof {
                 if let Err(e) = held.take(self.pipes.base) {
-                    tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
-                    self.fail(End::Internal);
-                    return moved;
+                    if let Err(end) = self.wait_for_pipe(e, &mut short).await {
+                        self.fail(end);
+                        return moved;
+                    }
+                    continue;
                 }
+                short = Shortage::default();
                 match held.fill(src, self.pipes) {
                     Ok(0) => {
                         eof = true;
@@ -249,6 +253,29 @@ impl Link<'_> {
         }
     }
 
+    /// No pipe could be made (out of file descriptors or memory, the process
+    /// or the node): the bytes wait in the source socket meanwhile — TCP
+    /// holds the sender back, nothing is lost — and the pipe is tried again
+    /// after a pause, 10 ms doubling to 1 s. Past the idle timeout without
+    /// one, or on any other error, the connection is reset (`UO`).
+    async fn wait_for_pipe(&self, e: io::Error, short: &mut Shortage) -> Result<(), End> {
+        use nix::libc::{EMFILE, ENFILE, ENOMEM};
+        let since = *short.since.get_or_insert_with(Instant::now);
+        if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOMEM)) || since.elapsed() >= self.idle {
+            tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
+            return Err(End::Internal);
+        }
+        if short.pause.is_zero() {
+            crate::metrics::pipe_shortage();
+            warn_shortage(&e);
+        }
+        short.pause = (short.pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        monoio::select! {
+            () = monoio::time::sleep(short.pause) => Ok(()),
+            end = self.failure() => Err(end),
+        }
+    }
+
     /// Waits for readiness, waking at least every `idle` to check the whole
     /// connection's idleness (a one-way download leaves the other way quiet),
     /// and at once when the other direction fails.
@@ -311,6 +338,25 @@ impl Link<'_> {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
+    }
+}
+
+/// One direction's wait for a pipe: since when, and the current pause.
+#[derive(Default)]
+struct Shortage {
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+/// At most one line per worker every 10 s: a shortage hits many
+/// connections at once.
+fn warn_shortage(e: &io::Error) {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    if LAST.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        LAST.set(Some(Instant::now()));
+        tracing::warn!(error = %e, "no pipe for splicing: connections wait for one (raise LimitNOFILE?)");
     }
 }
 

@@ -91,6 +91,7 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
         per_worker[0].push(first);
     }
     tracing::info!(accept = if one_socket { "shared" } else { "per-worker" }, "forwarder listeners bound");
+    warn_if_few_descriptors(workers, config.max_connections_per_worker);
     let mut threads = Vec::new();
     let mut stop = Vec::new();
     let mut drivers = Vec::new();
@@ -268,6 +269,27 @@ async fn accept_loop(
             }
             Err(e) => tracing::debug!(worker = id, error = %e, "accept failed"),
         }
+    }
+}
+
+/// Descriptors one spliced connection can hold: its two sockets and a pipe
+/// (two ends) each way.
+const FDS_PER_CONNECTION: u64 = 6;
+
+/// Says so at start when the connection cap cannot be reached within
+/// `RLIMIT_NOFILE`: nothing breaks past it (accepts back off, connections
+/// wait for pipes), but the node's connections then wait.
+fn warn_if_few_descriptors(workers: usize, per_worker: usize) {
+    use nix::sys::resource::{Resource, getrlimit};
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let need = (workers as u64).saturating_mul(per_worker as u64).saturating_mul(FDS_PER_CONNECTION);
+    if soft < need {
+        tracing::warn!(
+            limit = soft,
+            need,
+            "RLIMIT_NOFILE is below what the connection cap may need (6 per connection): past it, accepting \
+             backs off and connections wait for pipes; raise LimitNOFILE or lower maxConnectionsPerWorker"
+        );
     }
 }
 

@@ -1,0 +1,74 @@
+//! Out of file descriptors mid-connection: a direction that needs a pipe
+//! waits for one (the bytes wait in the socket, TCP holds the sender back)
+//! instead of resetting the connection, and every byte arrives once
+//! descriptors are free again. In its own test binary: it lowers the
+//! process's RLIMIT_NOFILE.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::{ALLOW_ANY, DRIVERS, Fwd, Netns};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+const STUCK: usize = 1 << 20;
+const REPLY: usize = 256 << 10;
+
+#[test]
+fn a_connection_waits_for_a_pipe_while_descriptors_run_out() {
+    let prometheus = PrometheusBuilder::new().install_recorder().unwrap();
+    let shortages = || {
+        let text = prometheus.render();
+        let line = text.lines().find(|l| l.starts_with("sluice_forwarder_pipe_shortages_total "));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.workers = 1);
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(9), 7010);
+        let l = ns.within(move || TcpListener::bind(dst).unwrap());
+        // Three connections whose servers do not read yet: each client → upstream direction holds a
+        // full pipe, so the worker's pool of spare pipes is empty.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let c = ns.within(move || TcpStream::connect(dst).unwrap());
+            let (s, _) = l.accept().unwrap();
+            let w = c.try_clone().unwrap();
+            let writer = std::thread::spawn(move || (&w).write_all(&vec![7u8; STUCK]).map_err(|e| e.kind()));
+            conns.push((c, s, writer));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let before = shortages();
+
+        // No descriptor left for the process: the lowest free one is the limit.
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let lowest = std::fs::File::open("/dev/null").unwrap().as_raw_fd();
+        setrlimit(Resource::RLIMIT_NOFILE, lowest as u64, hard).unwrap();
+        // The first server answers: that direction needs a pipe it cannot make now.
+        let (c, s, _) = &conns[0];
+        (&*s).write_all(&vec![9u8; REPLY]).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        assert!(shortages() > before, "{driver:?}: the forwarder did run out of pipes");
+
+        // Everything arrives: the reply, and what each client sent.
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = vec![0u8; REPLY];
+        (&*c).read_exact(&mut reply).unwrap_or_else(|e| panic!("{driver:?}: {e}"));
+        assert!(reply.iter().all(|b| *b == 9));
+        assert!(fwd.reports.lock().unwrap().is_empty(), "{driver:?}: no connection was reset");
+        for (_, s, writer) in conns {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = vec![0u8; STUCK];
+            (&s).read_exact(&mut got).unwrap_or_else(|e| panic!("{driver:?}: {e}"));
+            assert!(got.iter().all(|b| *b == 7));
+            assert_eq!(writer.join().unwrap(), Ok(()));
+        }
+    }
+}
