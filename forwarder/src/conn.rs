@@ -32,9 +32,21 @@ impl Ctx {
         Ctx { config, shared, own, stopping: Cell::new(false), abort: crate::splice::Abort::default() }
     }
 
+    /// Whether `dst` (a TPROXY connection's local address) is one of our
+    /// listeners: on its port, and its address or — for a wildcard listener
+    /// — an address of this host. A remote destination that happens to use
+    /// the same port is not ours (with `net.ipv4.ip_nonlocal_bind` on, every
+    /// address binds, and such a destination is refused: fail-closed).
     fn is_own(&self, dst: SocketAddr) -> bool {
-        self.own.iter().any(|l| l.port() == dst.port() && (l.ip() == dst.ip() || l.ip().is_unspecified()))
+        self.own
+            .iter()
+            .any(|l| l.port() == dst.port() && (l.ip() == dst.ip() || (l.ip().is_unspecified() && is_local(dst.ip()))))
     }
+}
+
+/// Whether `ip` is an address of this host: only those can be bound.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -187,8 +199,9 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
     // The bytes read for sniffing go first, then the splice takes over.
     if !first.is_empty() {
         let n = first.len() as u64;
-        let (res, _) = upstream.write_all(first).await;
-        if res.is_err() {
+        // Bounded like any other wait: an upstream that never opens its window.
+        let written = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)).await;
+        if !matches!(written, Ok((Ok(_), _))) {
             sys::reset_on_close(&client);
             report.outcome = Outcome::Spliced(End::UpstreamError);
             return;

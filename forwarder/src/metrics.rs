@@ -36,7 +36,7 @@ pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
 pub const TCP_SENT_BYTES: &str = "istio_tcp_sent_bytes_total";
 pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
 pub const REQUESTS: &str = "istio_requests_total";
-/// Connections refused before any verdict: `reason` = `not_intercepted`.
+/// Connections refused before any verdict: not intercepted (addressed to sluice itself).
 pub const NOT_INTERCEPTED: &str = "sluice_forwarder_not_intercepted_total";
 /// Times a connection found no pipe (out of file descriptors or memory) and waited.
 pub const PIPE_SHORTAGES: &str = "sluice_forwarder_pipe_shortages_total";
@@ -82,6 +82,8 @@ pub struct Meter {
 thread_local! {
     static LIVE: RefCell<HashMap<Labels, Live>> = RefCell::new(HashMap::new());
     static CLOSED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
+    static REFUSED_HTTP: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
+    static NOT_INTERCEPTED_COUNT: Counter = metrics::counter!(NOT_INTERCEPTED);
 }
 
 /// A label's values past the policy's own: admitted up to a cap per process.
@@ -238,14 +240,20 @@ pub(crate) fn pipe_shortage() {
 /// A connection ended: closed, with its response flags.
 pub(crate) fn closed(r: &ConnReport) {
     let (Some(verdict), Some(snapshot), Some(dst)) = (&r.verdict, &r.snapshot, r.destination) else {
-        metrics::counter!(NOT_INTERCEPTED).increment(1);
+        NOT_INTERCEPTED_COUNT.with(|c| c.increment(1));
         return;
     };
     let l = labels(verdict, snapshot, dst.port(), dst.ip(), response_flags(r.outcome));
     if r.outcome == Outcome::Refused502 {
-        let mut ls = label_list(&l, "http");
-        ls.push(Label::new("response_code", "502"));
-        metrics::counter!(REQUESTS, ls).increment(1);
+        REFUSED_HTTP.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let c = cache.entry(l.clone()).or_insert_with_key(|l| {
+                let mut ls = label_list(l, "http");
+                ls.push(Label::new("response_code", "502"));
+                metrics::counter!(REQUESTS, ls)
+            });
+            c.increment(1);
+        });
     }
     CLOSED.with(|cache| {
         let mut cache = cache.borrow_mut();

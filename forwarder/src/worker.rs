@@ -109,8 +109,17 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
                 let _ = ready.send(Ok(driver));
                 tracing::info!(worker = id, driver, "forwarder worker started");
             };
-            let res = if uring {
-                uring_runtime(id).map(|mut rt| {
+            // A ring that cannot be set up in this worker (locked memory, a
+            // ring limit): with `auto`, this worker runs on epoll instead.
+            let ring = match uring.then(|| uring_runtime(id)) {
+                Some(Err(error)) if config.driver == Driver::Auto => {
+                    tracing::warn!(worker = id, %error, "cannot set up an io_uring ring: this worker uses epoll");
+                    None
+                }
+                ring => ring,
+            };
+            let res = if let Some(ring) = ring {
+                ring.map(|mut rt| {
                     rt.block_on(async {
                         run("io_uring");
                         worker(id, socks, listens, theirs, config, shared, beat).await

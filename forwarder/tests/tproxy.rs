@@ -62,7 +62,8 @@ fn tproxy_destination_is_the_local_address_v4_and_v6() {
 }}"
         ));
 
-        for dst in [format!("198.18.{w}.20:9000"), format!("[2001:db8:{w}::20]:9000")] {
+        // The third: a real destination on the listener's own port (not sluice, not refused).
+        for dst in [format!("198.18.{w}.20:9000"), format!("[2001:db8:{w}::20]:9000"), format!("198.18.{w}.20:{p4}")] {
             let dst: SocketAddr = dst.parse().unwrap();
             let l = world.within(move || TcpListener::bind(dst).unwrap());
             let echo = std::thread::spawn(move || {
@@ -84,9 +85,9 @@ fn tproxy_destination_is_the_local_address_v4_and_v6() {
             let upstream_peer = echo.join().unwrap();
             assert_ne!(upstream_peer.ip(), dst.ip());
         }
-        let reports = fwd.wait_reports(2);
+        let reports = fwd.wait_reports(3);
         let dsts: Vec<_> = reports.iter().map(|r| r.destination.map(|d| d.port())).collect();
-        assert_eq!(dsts, [Some(9000), Some(9000)], "{driver:?}");
+        assert_eq!(dsts, [Some(9000), Some(9000), Some(p4)], "{driver:?}");
         assert!(reports.iter().all(|r| matches!(r.outcome, ConnOutcome::Spliced(_))));
 
         // The forwarder's own port, reached directly from the pod: not intercepted, refused.
@@ -99,6 +100,6 @@ fn tproxy_destination_is_the_local_address_v4_and_v6() {
             c.read(&mut b).map_err(|e| e.kind())
         });
         assert!(matches!(direct, Err(std::io::ErrorKind::ConnectionReset) | Ok(0)), "{direct:?}");
-        assert_eq!(fwd.wait_reports(3)[2].outcome, ConnOutcome::NotIntercepted);
+        assert_eq!(fwd.wait_reports(4)[3].outcome, ConnOutcome::NotIntercepted);
     }
 }
