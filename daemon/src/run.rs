@@ -163,7 +163,7 @@ async fn control(
     let (end_tx, end_rx) = watch::channel(false);
     let mut dns = tokio::spawn(dns.serve(stopped(end_rx.clone())));
     let warm = tokio::spawn(sluice_dnsproxy::warm(config.dns.clone(), dns_shared, stopped(stop_rx.clone())));
-    if let Some(path) = names_path {
+    let saver = names_path.map(|path| {
         let (names, mut stop) = (names.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(SAVE_EVERY);
@@ -178,8 +178,8 @@ async fn control(
                     }
                 }
             }
-        });
-    }
+        })
+    });
     if let Some(rules) = &config.intercept {
         crate::rules::apply(rules).context("--intercept: cannot install the nftables rules")?;
         RULES_INSTALLED.store(true, Ordering::Relaxed);
@@ -256,6 +256,9 @@ async fn control(
     let _ = stop_tx.send(true);
     let _ = watcher.await;
     let _ = warm.await;
+    if let Some(saver) = saver {
+        let _ = saver.await; // a save under way ends before the final one starts: they share a file
+    }
     // Interception ends first: new connections and DNS lookups go straight
     // out, as they will once sluice has exited, instead of being refused for
     // the whole drain; redirected connections keep flowing. (Rules installed
