@@ -271,7 +271,7 @@ async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: So
             .unwrap_or((Err(io::ErrorKind::TimedOut.into()), Vec::new()));
         if res.is_ok() {
             let _ = sys::shutdown(client, nix::sys::socket::Shutdown::Write);
-            linger(client).await;
+            Box::pin(linger(client)).await; // boxed: rare, kept out of every connection's task
             return Outcome::Refused502;
         }
     }

@@ -161,7 +161,6 @@ impl Link<'_> {
         let mut moved = 0u64;
         let mut held = Held::default();
         let mut eof = false;
-        let mut short = Shortage::default();
         // The upstream speaks after it has heard the client (or, for
         // server-first protocols, at once — readiness says so): a first
         // splice would only come back EAGAIN.
@@ -178,13 +177,13 @@ impl Link<'_> {
             // Fill the pipe from the source, unless it still holds bytes.
             if held.bytes == 0 && !eof {
                 if let Err(e) = held.take(self.pipes.base) {
-                    if let Err(end) = self.wait_for_pipe(e, &mut short).await {
+                    // Boxed, with all its state: rare, and inline it would grow every
+                    // connection's task (measured: +256 B).
+                    if let Err(end) = Box::pin(self.wait_for_pipe(e, &mut held)).await {
                         self.fail(end);
                         return moved;
                     }
-                    continue;
                 }
-                short = Shortage::default();
                 match held.fill(src, self.pipes) {
                     Ok(0) => {
                         eof = true;
@@ -256,23 +255,29 @@ impl Link<'_> {
     /// No pipe could be made (out of file descriptors or memory, the process
     /// or the node): the bytes wait in the source socket meanwhile — TCP
     /// holds the sender back, nothing is lost — and the pipe is tried again
-    /// after a pause, 10 ms doubling to 1 s. Past the idle timeout without
-    /// one, or on any other error, the connection is reset (`UO`).
-    async fn wait_for_pipe(&self, e: io::Error, short: &mut Shortage) -> Result<(), End> {
+    /// after a pause, 10 ms doubling to 1 s, until `held` has one. Past the
+    /// idle timeout without one, or on any other error, the connection is
+    /// reset (`UO`).
+    async fn wait_for_pipe(&self, mut e: io::Error, held: &mut Held) -> Result<(), End> {
         use nix::libc::{EMFILE, ENFILE, ENOMEM};
-        let since = *short.since.get_or_insert_with(Instant::now);
-        if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOMEM)) || since.elapsed() >= self.idle {
-            tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
-            return Err(End::Internal);
-        }
-        if short.pause.is_zero() {
-            crate::metrics::pipe_shortage();
-            warn_shortage(&e);
-        }
-        short.pause = (short.pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        monoio::select! {
-            () = monoio::time::sleep(short.pause) => Ok(()),
-            end = self.failure() => Err(end),
+        let since = Instant::now();
+        crate::metrics::pipe_shortage();
+        warn_shortage(&e);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOMEM)) || since.elapsed() >= self.idle {
+                tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
+                return Err(End::Internal);
+            }
+            monoio::select! {
+                () = monoio::time::sleep(pause) => {}
+                end = self.failure() => return Err(end),
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+            match held.take(self.pipes.base) {
+                Ok(()) => return Ok(()),
+                Err(again) => e = again,
+            }
         }
     }
 
@@ -339,13 +344,6 @@ impl Link<'_> {
             w.wake();
         }
     }
-}
-
-/// One direction's wait for a pipe: since when, and the current pause.
-#[derive(Default)]
-struct Shortage {
-    since: Option<Instant>,
-    pause: Duration,
 }
 
 /// At most one line per worker every 10 s: a shortage hits many
