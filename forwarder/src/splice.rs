@@ -97,6 +97,8 @@ struct Link<'a> {
     /// This connection's slot in `abort` (its task is registered once).
     slot: u64,
     registered: Cell<bool>,
+    /// Directions that are done (the idle watch ends at 2).
+    pumps_done: Cell<u8>,
 }
 
 impl Drop for Link<'_> {
@@ -142,8 +144,9 @@ pub(crate) async fn splice_both(
         abort,
         slot,
         registered: Cell::new(false),
+        pumps_done: Cell::new(0),
     };
-    let (sent, received) = monoio::join!(link.pump(Side::Client), link.pump(Side::Upstream));
+    let (sent, received, ()) = monoio::join!(link.pumped(Side::Client), link.pumped(Side::Upstream), link.watch_idle());
     Outcome { sent, received, end: link.failed.get().unwrap_or(End::Closed) }
 }
 
@@ -152,6 +155,44 @@ impl Link<'_> {
         match from {
             Side::Client => (self.client, self.upstream),
             Side::Upstream => (self.upstream, self.client),
+        }
+    }
+
+    /// [`pump`](Self::pump), then tells [`watch_idle`](Self::watch_idle)
+    /// that one more direction is done.
+    async fn pumped(&self, from: Side) -> u64 {
+        let moved = self.pump(from).await;
+        self.pumps_done.set(self.pumps_done.get() + 1);
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+        moved
+    }
+
+    /// Ends the connection when no byte has moved either way for `idle` (a
+    /// one-way download leaves the other way quiet: the whole connection's
+    /// activity counts); returns once both directions are done. One timer
+    /// per connection, armed once per `idle`: the directions' readiness waits
+    /// carry none (a timer per wait cost 640 B of every connection's task
+    /// per direction, and a timer-wheel insert and removal per wait).
+    async fn watch_idle(&self) {
+        loop {
+            let deadline = self.last_activity.get() + self.idle;
+            let done = std::future::poll_fn(|cx| {
+                if self.pumps_done.get() == 2 || self.failed.get().is_some() {
+                    return Poll::Ready(());
+                }
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            });
+            monoio::select! {
+                () = monoio::time::sleep_until(deadline.into()) => {}
+                () = done => return,
+            }
+            if self.last_activity.get().elapsed() >= self.idle {
+                self.fail(End::Idle);
+                return;
+            }
         }
     }
 
@@ -281,26 +322,15 @@ impl Link<'_> {
         }
     }
 
-    /// Waits for readiness, waking at least every `idle` to check the whole
-    /// connection's idleness (a one-way download leaves the other way quiet),
-    /// and at once when the other direction fails.
+    /// Waits for readiness, or until the connection fails (the other
+    /// direction, the idle watch, the drain's end).
     async fn wait(&self, s: &TcpStream, read: bool, from: Side) -> Result<(), End> {
-        loop {
-            let ready = monoio::select! {
-                r = monoio::time::timeout(self.idle, s.readable(false)), if read => r,
-                r = monoio::time::timeout(self.idle, s.writable(false)), if !read => r,
-                end = self.failure() => return Err(end),
-            };
-            match ready {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(_)) => return Err(error_end(if read { from } else { other(from) })),
-                Err(_elapsed) => {
-                    if self.last_activity.get().elapsed() >= self.idle {
-                        return Err(End::Idle);
-                    }
-                }
-            }
-        }
+        let ready = async { if read { s.readable(false).await } else { s.writable(false).await } };
+        let ready = monoio::select! {
+            r = ready => r,
+            end = self.failure() => return Err(end),
+        };
+        ready.map_err(|_| error_end(if read { from } else { other(from) }))
     }
 
     /// Resolves once either direction has failed, or the worker's drain
