@@ -37,6 +37,13 @@ pub(crate) enum Gate {
     Block,
 }
 
+/// Zone transfers (AXFR, IXFR) are refused here, on both transports: the
+/// proxy relays one answer per query, and a transfer is a stream of them —
+/// relayed, it would end after its first message, silently cut short.
+pub(crate) fn is_transfer(qtype: RecordType) -> bool {
+    matches!(qtype, RecordType::AXFR | RecordType::IXFR)
+}
+
 /// Decides whether a query for `name` may go upstream. Names that are not
 /// valid host names (the root, escaped bytes) cannot be registered, so they
 /// are blocked too when blocking is on. Dry-run never blocks.
@@ -138,6 +145,10 @@ impl RequestHandler for Proxy {
             }
         };
         let qtype = query.query_type();
+        if is_transfer(qtype) {
+            m::request(qtype, ResponseCode::Refused, Action::Blocked);
+            return local_reply(request, response, ResponseCode::Refused).await;
+        }
         let (gate, keep) = {
             let snapshot = self.shared.policy.load();
             (gate(&snapshot, &Name::from(query.name())), Retention::from(&snapshot.settings().dns))

@@ -42,7 +42,7 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use metrics::{Counter, Gauge, Histogram};
 use std::net::UdpSocket;
 
-use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, now};
+use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, is_transfer, now};
 use crate::learn::learn;
 use crate::metrics::{self as m, Action};
 use crate::sys::{self, Arrival, Batch};
@@ -582,6 +582,9 @@ impl UdpProxy {
             let reply = local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode);
             self.reply(listener, d.from, d.to, &reply);
         };
+        if is_transfer(qtype) {
+            return refuse(ResponseCode::Refused, Action::Blocked);
+        }
         if gate(&self.shared.policy.load(), parsed.query.name()) == Gate::Block {
             return refuse(ResponseCode::NXDomain, Action::Blocked);
         }

@@ -153,3 +153,21 @@ fn a_wildcard_socket_answers_from_the_address_asked() {
         }
     }
 }
+
+/// Zone transfers are refused by the proxy on both transports: it relays one
+/// answer per query, and a transfer relayed that way would be cut short
+/// after its first message without anyone noticing.
+#[test]
+fn zone_transfers_are_refused() {
+    let up = Upstream::start();
+    let proxy = Proxy::to(up.addr, shared(None));
+    let refused = |answer: &[u8]| answer.len() >= 12 && answer[3] & 0x0f == 5;
+    let axfr = query(0x4a58, "sluice.test", RecordType::AXFR, None);
+    let answer = tcp_exchange(proxy.addr, &axfr);
+    assert!(refused(&answer) && answer[..2] == axfr[..2], "AXFR over TCP: {answer:?}");
+    let ixfr = query(0x1f58, "sluice.test", RecordType::IXFR, None);
+    let answer = udp_exchange(proxy.addr, &ixfr, Duration::from_secs(2)).unwrap();
+    assert!(refused(&answer) && answer[..2] == ixfr[..2], "IXFR over UDP: {answer:?}");
+    // Other queries still pass.
+    assert_eq!(status(&dig(proxy.addr, &["sluice.test", "SOA"])), "NOERROR");
+}
