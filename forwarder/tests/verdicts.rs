@@ -42,6 +42,7 @@ fn series(metric: &str, labels: &[(&str, &str)]) -> f64 {
     found
 }
 
+// Each test uses its own destination ports: the metrics recorder is shared by the whole binary.
 const REGISTRY_ONLY: &str =
     "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n";
 
@@ -311,10 +312,10 @@ fn bytes_are_counted_while_the_connection_is_open() {
 fn a_client_reset_while_sniffed_reaches_no_upstream() {
     for driver in DRIVERS {
         let ns = Netns::new();
-        let allow_any_with_http = entries(8300).replace("REGISTRY_ONLY", "ALLOW_ANY");
+        let allow_any_with_http = entries(8500).replace("REGISTRY_ONLY", "ALLOW_ANY");
         let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
         ns.redirect_to(&fwd);
-        let dst = SocketAddr::new(ns.v4(7), 8300); // the ServiceEntry's HTTP port: sniffed
+        let dst = SocketAddr::new(ns.v4(7), 8500); // the ServiceEntry's HTTP port: sniffed
         let (accepted, server) = server(&ns, dst, b"");
         ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
