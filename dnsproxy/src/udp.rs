@@ -620,7 +620,10 @@ impl UdpProxy {
     /// none left (the caller answers SERVFAIL).
     fn send_next(&self, table: &mut Table, mut p: Pending, pick: usize, out: &mut Vec<Outgoing>) -> Option<Pending> {
         let n = self.upstreams.len();
-        if p.tries >= n {
+        // Every upstream once — and a lone upstream twice: one lost datagram
+        // must not become a SERVFAIL (at the default 1.5 s timeout, the
+        // answer still comes well within a stub resolver's 5 s).
+        if p.tries >= n.max(2) {
             return Some(p);
         }
         p.tries += 1;

@@ -127,6 +127,27 @@ fn failover_to_the_next_upstream_and_servfail_when_all_fail() {
     assert!(kdig(proxy.addr, &["+tcp", "api.sluice.test", "A"]).contains("status: SERVFAIL"));
 }
 
+/// With a single upstream, a query whose datagram is lost is sent again
+/// after the timeout instead of becoming a SERVFAIL.
+#[test]
+fn a_lone_upstream_gets_a_second_try() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    let up = Scripted::start(move |q| {
+        if count.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Vec::new(); // the first datagram is lost
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 9])].concat()]
+    });
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
+    let asked = query(0x5151, "lossy.sluice.test.", RecordType::A, None);
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).unwrap();
+    assert_eq!(got[3] & 0x0f, 0, "NOERROR on the second try, not SERVFAIL");
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    assert_eq!(proxy.names("192.0.2.9"), ["lossy.sluice.test"]);
+}
+
 #[test]
 fn the_in_flight_cap_answers_servfail_at_once() {
     let (_hold, quiet) = silent();
