@@ -339,9 +339,7 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.idle_timeout = Duration::from_millis(300));
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(8), 7004);
-        let l = ns.within(move || TcpListener::bind(dst).unwrap());
-        let c = ns.within(move || TcpStream::connect(dst).unwrap());
-        let (s, _) = l.accept().unwrap();
+        let (c, s) = ns.connected(dst);
         (&c).write_all(b"one message, then silence").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut b = [0u8; 1];
@@ -460,9 +458,7 @@ fn connections_left_when_the_drain_ends_are_reset_and_reported() {
         let mut fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(4), 7002);
-        let l = ns.within(move || TcpListener::bind(dst).unwrap());
-        let c = ns.within(move || TcpStream::connect(dst).unwrap());
-        let (s, _) = l.accept().unwrap();
+        let (c, s) = ns.connected(dst);
         (&c).write_all(b"mid-transfer").unwrap();
         let mut buf = [0u8; 12];
         (&s).read_exact(&mut buf).unwrap();

@@ -242,9 +242,7 @@ fn a_reload_leaves_open_connections_alone() {
         let fwd = Fwd::start(&ns, driver, "", |_| {}); // ALLOW_ANY
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(4), 8200);
-        let l = ns.within(move || TcpListener::bind(dst).unwrap());
-        let c = ns.within(move || TcpStream::connect(dst).unwrap());
-        let (mut s, _) = l.accept().unwrap();
+        let (c, mut s) = ns.connected(dst);
         // Mode flips to REGISTRY_ONLY while the connection is open.
         fwd.policy.store(Arc::new(policy(REGISTRY_ONLY)));
         (&c).write_all(b"still here").unwrap();
@@ -274,9 +272,7 @@ fn bytes_are_counted_while_the_connection_is_open() {
         let fwd = Fwd::start(&ns, driver, "", |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(5), port);
-        let l = ns.within(move || TcpListener::bind(dst).unwrap());
-        let c = ns.within(move || TcpStream::connect(dst).unwrap());
-        let (mut s, _) = l.accept().unwrap();
+        let (c, mut s) = ns.connected(dst);
         (&c).write_all(&[3u8; 100_000]).unwrap();
         let mut got = vec![0u8; 100_000];
         s.read_exact(&mut got).unwrap();

@@ -77,6 +77,16 @@ impl Netns {
         self.spawn(f).join().unwrap()
     }
 
+    /// A server on `dst` and a client connected to it from the namespace
+    /// (through the forwarder once [`redirect_to`](Self::redirect_to) is
+    /// in place): (client, server).
+    pub fn connected(&self, dst: SocketAddr) -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = self.within(move || std::net::TcpListener::bind(dst).unwrap());
+        let c = self.within(move || std::net::TcpStream::connect(dst).unwrap());
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
     /// REDIRECT every TCP connection to the test hosts (any port) to the
     /// forwarder on `port`, except the forwarder's own (marked) ones.
     pub fn redirect_to(&self, fwd: &Fwd) {
