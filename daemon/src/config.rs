@@ -157,13 +157,17 @@ pub(crate) struct Overrides {
     pub(crate) intercept: bool,
 }
 
+/// The longest duration a setting takes: timers are set as "now + it", and
+/// a sum past what the clock can hold would panic the thread that sets it.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 fn duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
-    match v {
-        None => Ok(default),
-        Some(s) => {
-            humantime::parse_duration(s).with_context(|| format!("{field}: {s:?} is not a duration (e.g. 30s, 5m)"))
-        }
+    let Some(s) = v else { return Ok(default) };
+    let d = humantime::parse_duration(s).with_context(|| format!("{field}: {s:?} is not a duration (e.g. 30s, 5m)"))?;
+    if d > MAX_DURATION {
+        bail!("{field}: {s:?} is longer than a year");
     }
+    Ok(d)
 }
 
 pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -376,6 +380,9 @@ mod tests {
         let e = resolve(Overrides { config: Some(p3.clone()), intercept: true, ..Overrides::default() }).err();
         assert!(e.is_some_and(|e| e.to_string().contains("forwarder.intercept is tproxy")));
         assert!(resolve(Overrides { config: Some(p3), ..Overrides::default() }).is_ok(), "tproxy alone is fine");
+        let (_d4, p4) = write("forwarder: {idleTimeout: 500000000000y}\n");
+        let e = resolve(Overrides { config: Some(p4), ..Overrides::default() }).err().map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("forwarder.idleTimeout") && e.contains("longer than a year")));
         let (_d2, p2) = write("drainTimeout: soon\n");
         let e = resolve(Overrides { config: Some(p2), ..Overrides::default() }).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("drainTimeout")), "{e:?}");

@@ -177,7 +177,9 @@ impl Link<'_> {
     /// per direction, and a timer-wheel insert and removal per wait).
     async fn watch_idle(&self) {
         loop {
-            let deadline = self.last_activity.get() + self.idle;
+            // An idle timeout past what the clock holds: never idle.
+            let far = || Instant::now() + Duration::from_secs(365 * 86_400);
+            let deadline = self.last_activity.get().checked_add(self.idle).unwrap_or_else(far);
             let done = std::future::poll_fn(|cx| {
                 if self.pumps_done.get() == 2 || self.failed.get().is_some() {
                     return Poll::Ready(());
