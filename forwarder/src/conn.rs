@@ -222,34 +222,42 @@ fn now() -> Timestamp {
 
 /// Reads the client's first bytes until sniffing can tell, the cap, the
 /// deadline, or EOF — whichever comes first. What was read is kept in `buf`.
-///
-/// Only the wait for readiness runs under the deadline; the read itself is a
-/// non-blocking `recv`. (An io_uring read dropped by a timer can lose bytes
-/// the kernel has already copied into it.)
 async fn read_first(client: &TcpStream, buf: &mut Vec<u8>, deadline: Duration) -> io::Result<Sniff> {
     let until = Instant::now() + deadline;
-    loop {
-        let seen = sniff(buf);
-        if seen.is_final() || buf.len() >= MAX_SNIFF_BYTES {
-            return Ok(seen);
+    let mut filled = buf.len();
+    buf.resize(MAX_SNIFF_BYTES, 0); // zeroed once, read into in place
+    let seen = loop {
+        let seen = sniff(&buf[..filled]);
+        if seen.is_final() || filled >= MAX_SNIFF_BYTES {
+            break Ok(seen);
         }
+        match recv_by(client, until, &mut buf[filled..]).await {
+            Ok(Some(0) | None) => break Ok(seen), // EOF, or the deadline
+            Ok(Some(n)) => filled += n,
+            Err(e) => break Err(e),
+        }
+    };
+    buf.truncate(filled);
+    seen
+}
+
+/// Waits until `client` has bytes (or EOF, or an error), but not past
+/// `until`, then reads what is there without blocking; `Ok(None)`: the
+/// deadline came first. Only the wait runs under the deadline: an io_uring
+/// read dropped by a timer can lose bytes the kernel had already copied.
+async fn recv_by(client: &TcpStream, until: Instant, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(Sniff::NeedMore);
+            return Ok(None);
         }
         match monoio::time::timeout(left, client.readable(false)).await {
-            Err(_deadline) => return Ok(sniff(buf)),
+            Err(_deadline) => return Ok(None),
             Ok(ready) => ready?,
         }
-        let start = buf.len();
-        buf.resize(MAX_SNIFF_BYTES, 0);
-        let read = sys::recv_now(client, &mut buf[start..]);
-        buf.truncate(start + *read.as_ref().unwrap_or(&0));
-        match read {
-            Ok(0) => return Ok(sniff(buf)), // EOF
-            Ok(_) => {}
+        match sys::recv_now(client, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+            read => return read.map(Some),
         }
     }
 }
@@ -294,15 +302,9 @@ async fn linger(client: &TcpStream) {
     let mut sink = vec![0u8; 16 << 10]; // on the heap: this path only
     let mut dropped = 0;
     while dropped < LINGER_BYTES {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || !matches!(monoio::time::timeout(left, client.readable(false)).await, Ok(Ok(()))) {
-            return;
-        }
-        match sys::recv_now(client, &mut sink) {
-            Ok(0) => return,
-            Ok(n) => dropped += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+        match recv_by(client, until, &mut sink).await {
+            Ok(Some(n)) if n > 0 => dropped += n,
+            _ => return, // EOF, the deadline, or an error
         }
     }
 }

@@ -171,7 +171,9 @@ impl Link<'_> {
 
     /// Ends the connection when no byte has moved either way for `idle` (a
     /// one-way download leaves the other way quiet: the whole connection's
-    /// activity counts); returns once both directions are done. One timer
+    /// activity counts), and at once when the worker's drain time is over
+    /// ([`Abort`]: the connection's task is registered there from its first
+    /// wait); returns once both directions are done. One timer
     /// per connection, armed once per `idle`: the directions' readiness waits
     /// carry none (a timer per wait cost 640 B of every connection's task
     /// per direction, and a timer-wheel insert and removal per wait).
@@ -181,10 +183,16 @@ impl Link<'_> {
             let far = || Instant::now() + Duration::from_secs(365 * 86_400);
             let deadline = self.last_activity.get().checked_add(self.idle).unwrap_or_else(far);
             let done = std::future::poll_fn(|cx| {
+                if self.failed.get().is_none() && self.abort.fired.get() {
+                    self.fail(End::Shutdown);
+                }
                 if self.pumps_done.get() == 2 || self.failed.get().is_some() {
                     return Poll::Ready(());
                 }
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
+                if !self.registered.replace(true) {
+                    self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
+                }
                 Poll::Pending
             });
             monoio::select! {
@@ -302,13 +310,12 @@ impl Link<'_> {
     /// idle timeout without one, or on any other error, the connection is
     /// reset (`UO`).
     async fn wait_for_pipe(&self, mut e: io::Error, held: &mut Held) -> Result<(), End> {
-        use nix::libc::{EMFILE, ENFILE, ENOMEM};
         let since = Instant::now();
         crate::metrics::pipe_shortage();
         warn_shortage(&e);
         let mut pause = Duration::from_millis(10);
         loop {
-            if !matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOMEM)) || since.elapsed() >= self.idle {
+            if !sys::is_resource_exhaustion(&e) || since.elapsed() >= self.idle {
                 tracing::warn!(error = %e, "no pipe for splicing: resetting the connection");
                 return Err(End::Internal);
             }
@@ -335,22 +342,14 @@ impl Link<'_> {
         ready.map_err(|_| error_end(if read { from } else { other(from) }))
     }
 
-    /// Resolves once either direction has failed, or the worker's drain
-    /// time is over.
+    /// Resolves once the connection has failed: either direction, the idle
+    /// watch, or the worker's drain time over (both seen by the watch).
     fn failure(&self) -> impl std::future::Future<Output = End> + '_ {
-        std::future::poll_fn(|cx| {
-            if self.failed.get().is_none() && self.abort.fired.get() {
-                self.fail(End::Shutdown);
-            }
-            match self.failed.get() {
-                Some(end) => Poll::Ready(end),
-                None => {
-                    *self.waker.borrow_mut() = Some(cx.waker().clone());
-                    if !self.registered.replace(true) {
-                        self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
-                    }
-                    Poll::Pending
-                }
+        std::future::poll_fn(|cx| match self.failed.get() {
+            Some(end) => Poll::Ready(end),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
             }
         })
     }

@@ -67,6 +67,13 @@ pub(crate) fn reset_on_close<S: AsRawFd>(stream: &S) {
     let _ = with_sock(stream, |s| s.set_linger(Some(std::time::Duration::ZERO)));
 }
 
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM: the process or the node is short of
+/// descriptors or memory; retrying at once would spin, so callers back off.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
+    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
+
 /// Reads what the socket holds now, without waiting (`WouldBlock` when
 /// nothing): for reads whose readiness the runtime already waited for.
 pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usize> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use monoio::net::{TcpListener, UnixStream};
 
 use crate::conn::{self, Listener};
-use crate::{Accept, Config, Driver, Shared, listener};
+use crate::{Accept, Config, Driver, Shared, listener, sys};
 
 /// How often each worker's event loop bumps its heartbeat counter.
 const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -225,19 +225,21 @@ async fn worker(
     };
     ctx.stopping.set(true);
     let _ = accepts.cancel();
-    let deadline = std::time::Instant::now() + drain;
-    while active.get() > 0 && std::time::Instant::now() < deadline {
-        monoio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_none_open(&active, drain).await;
     if active.get() > 0 {
         tracing::info!(worker = id, open = active.get(), "drain time over: resetting the remaining connections");
         ctx.abort.fire();
         // Their tasks end them and report them; one still connecting or
         // sniffing (bounded by its own timeout) is dropped when the worker ends.
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while active.get() > 0 && std::time::Instant::now() < deadline {
-            monoio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_none_open(&active, Duration::from_secs(1)).await;
+    }
+}
+
+/// Waits until no connection is open, or for `at_most`.
+async fn until_none_open(active: &Cell<usize>, at_most: Duration) {
+    let deadline = std::time::Instant::now() + at_most;
+    while active.get() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -271,7 +273,7 @@ async fn accept_loop(
                 });
             }
             Err(_) if ctx.stopping.get() => break,
-            Err(e) if is_resource_exhaustion(&e) => {
+            Err(e) if sys::is_resource_exhaustion(&e) => {
                 tracing::warn!(worker = id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept: out of file descriptors or memory, backing off");
                 monoio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -300,11 +302,4 @@ fn warn_if_few_descriptors(workers: usize, per_worker: usize) {
              backs off and connections wait for pipes; raise LimitNOFILE or lower maxConnectionsPerWorker"
         );
     }
-}
-
-/// EMFILE, ENFILE, ENOBUFS, ENOMEM: the node is short of something; retrying
-/// at once would spin, so accepting backs off instead.
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    use nix::libc::{EMFILE, ENFILE, ENOBUFS, ENOMEM};
-    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
 }
