@@ -124,10 +124,11 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
         // The local address is the destination; one of ours means nobody tproxied it.
         Intercept::Tproxy => local().filter(|d| !ctx.is_own(*d)),
     };
+    let mut meter = None;
     match dst {
         Some(dst) => {
             report.destination = Some(dst);
-            forward(client, dst, ctx, &mut report).await;
+            forward(client, dst, ctx, &mut report, &mut meter).await;
         }
         _ => {
             tracing::debug!(%peer, ?dst, "connection was not intercepted: refusing (sluice is not an open relay)");
@@ -135,7 +136,7 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
         }
     }
     report.duration = started.elapsed();
-    crate::metrics::closed(&report);
+    crate::metrics::closed(&report, meter.as_ref());
     (ctx.shared.report)(&report);
 }
 
@@ -147,7 +148,15 @@ fn unmap_v4(a: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut ConnReport) {
+/// Judges the connection and carries the verdict out; `meter` gets its
+/// counters (and labels) once it is judged.
+async fn forward(
+    mut client: TcpStream,
+    dst: SocketAddr,
+    ctx: &Ctx,
+    report: &mut ConnReport,
+    meter: &mut Option<crate::metrics::Meter>,
+) {
     let snapshot = ctx.shared.policy.load_full();
     let names = &ctx.shared.names;
     let mut first = Vec::new();
@@ -172,7 +181,7 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         }
     }
     report.http = seen.is_http();
-    let meter = crate::metrics::opened(&verdict, &snapshot, dst);
+    let meter = &*meter.insert(crate::metrics::opened(&verdict, &snapshot, dst));
     report.verdict = Some(verdict.clone());
     report.snapshot = Some(snapshot.clone());
     if let Some(e) = failed {
@@ -210,7 +219,7 @@ async fn forward(mut client: TcpStream, dst: SocketAddr, ctx: &Ctx, report: &mut
         meter.upstream.increment(n);
     }
     let pipes = PipeSizes { base: ctx.config.pipe_size, max: ctx.config.pipe_max_size };
-    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, &meter, &ctx.abort).await;
+    let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, meter, &ctx.abort).await;
     report.sent += o.sent;
     report.received = o.received;
     report.outcome = Outcome::Spliced(o.end);

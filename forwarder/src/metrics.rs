@@ -70,13 +70,15 @@ struct Live {
     received: Counter,
 }
 
-/// Byte counters of one connection, bumped by the splice loop per chunk.
+/// Byte counters of one connection, bumped by the splice loop per chunk,
+/// and its labels (worked out once, when it opened; its close reuses them).
 #[derive(Debug, Clone)]
 pub struct Meter {
     /// Client → upstream (Istio's `received`: the request side).
     pub(crate) upstream: Counter,
     /// Upstream → client (Istio's `sent`: the response side).
     pub(crate) client: Counter,
+    labels: Labels,
 }
 
 thread_local! {
@@ -86,64 +88,59 @@ thread_local! {
     static NOT_INTERCEPTED_COUNT: Counter = metrics::counter!(NOT_INTERCEPTED);
 }
 
-/// A label's values past the policy's own: admitted up to a cap per process.
+/// A label value past the policy's own: a name, an address, or a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Value {
+    Text(Arc<str>),
+    Port(u16),
+}
+
+/// One label's values past the policy's own: admitted up to a cap per process.
 struct Bounded {
     cap: usize,
-    seen: LazyLock<Mutex<HashSet<Arc<str>>>>,
+    seen: LazyLock<Mutex<HashSet<Value>>>,
 }
 
 static NAMES: Bounded = Bounded::new(MAX_DESTINATIONS);
 static ADDRESSES: Bounded = Bounded::new(MAX_ADDRESSES);
-
-/// The port if it may have its own series (one outside every ServiceEntry:
-/// the first [`MAX_PORTS`] seen), else `None` (`other`).
-fn admit_port(port: u16) -> Option<u16> {
-    static SEEN: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
-    thread_local! {
-        static LOCAL: RefCell<HashSet<u16>> = RefCell::new(HashSet::new());
-    }
-    if LOCAL.with(|l| l.borrow().contains(&port)) {
-        return Some(port);
-    }
-    let mut seen = SEEN.lock().ok()?;
-    if !seen.contains(&port) {
-        if seen.len() >= MAX_PORTS {
-            return None;
-        }
-        seen.insert(port);
-    }
-    drop(seen);
-    LOCAL.with(|l| l.borrow_mut().insert(port));
-    Some(port)
-}
+static PORTS: Bounded = Bounded::new(MAX_PORTS);
 
 impl Bounded {
     const fn new(cap: usize) -> Bounded {
         Bounded { cap, seen: LazyLock::new(|| Mutex::new(HashSet::new())) }
     }
 
-    /// The value itself if it may have its own series, else `other`. Each
+    /// Whether `value` may have its own series (else it is `other`). Each
     /// worker remembers the values it has seen admitted, so the shared
     /// set's lock is taken once per value per worker, not per connection.
-    fn admit(&'static self, value: Arc<str>) -> Arc<str> {
+    fn admits(&'static self, value: &Value) -> bool {
         thread_local! {
-            static LOCAL: RefCell<HashSet<(usize, Arc<str>)>> = RefCell::new(HashSet::new());
+            static LOCAL: RefCell<HashSet<(usize, Value)>> = RefCell::new(HashSet::new());
         }
-        let key = (std::ptr::from_ref(self) as usize, value);
+        let key = (std::ptr::from_ref(self) as usize, value.clone());
         if LOCAL.with(|l| l.borrow().contains(&key)) {
-            return key.1;
+            return true;
         }
-        let Ok(mut seen) = self.seen.lock() else { return fixed(&OTHER) };
-        if !seen.contains(&key.1) {
+        let Ok(mut seen) = self.seen.lock() else { return false };
+        if !seen.contains(value) {
             if seen.len() >= self.cap {
-                return fixed(&OTHER);
+                return false;
             }
-            seen.insert(key.1.clone());
+            seen.insert(value.clone());
         }
         drop(seen);
-        let value = key.1.clone();
         LOCAL.with(|l| l.borrow_mut().insert(key));
-        value
+        true
+    }
+
+    /// `text` itself if it may have its own series, else `other`.
+    fn text(&'static self, text: Arc<str>) -> Arc<str> {
+        let value = Value::Text(text);
+        let admitted = self.admits(&value);
+        match value {
+            Value::Text(text) if admitted => text,
+            _ => fixed(&OTHER),
+        }
     }
 }
 
@@ -189,14 +186,14 @@ fn labels(
     };
     let service = match &verdict.name {
         Some(name) if Some(name) == entry_host => name.shared(),
-        Some(name) => NAMES.admit(name.shared()),
-        None => ADDRESSES.admit(Arc::from(dst_ip.to_string())),
+        Some(name) => NAMES.text(name.shared()),
+        None => ADDRESSES.text(Arc::from(dst_ip.to_string())),
     };
     Labels {
         workload: verdict.workload.clone().unwrap_or_else(|| fixed(&UNKNOWN)),
         service,
         service_name,
-        port: if snapshot.serves_port(dst_port) { Some(dst_port) } else { admit_port(dst_port) },
+        port: (snapshot.serves_port(dst_port) || PORTS.admits(&Value::Port(dst_port))).then_some(dst_port),
         flags,
     }
 }
@@ -219,7 +216,7 @@ pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::Sock
     let l = labels(verdict, snapshot, dst.port(), dst.ip(), "-");
     LIVE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let h = cache.entry(l).or_insert_with_key(|l| {
+        let h = cache.entry(l.clone()).or_insert_with_key(|l| {
             let ls = label_list(l, "tcp");
             Live {
                 opened: metrics::counter!(TCP_OPENED, ls.clone()),
@@ -228,7 +225,7 @@ pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::Sock
             }
         });
         h.opened.increment(1);
-        Meter { upstream: h.received.clone(), client: h.sent.clone() }
+        Meter { upstream: h.received.clone(), client: h.sent.clone(), labels: l }
     })
 }
 
@@ -237,13 +234,14 @@ pub(crate) fn pipe_shortage() {
     metrics::counter!(PIPE_SHORTAGES).increment(1);
 }
 
-/// A connection ended: closed, with its response flags.
-pub(crate) fn closed(r: &ConnReport) {
-    let (Some(verdict), Some(snapshot), Some(dst)) = (&r.verdict, &r.snapshot, r.destination) else {
+/// A connection ended: closed, with its response flags (`meter`: from
+/// [`opened`]; none when it was not intercepted, so never judged).
+pub(crate) fn closed(r: &ConnReport, meter: Option<&Meter>) {
+    let Some(meter) = meter else {
         NOT_INTERCEPTED_COUNT.with(|c| c.increment(1));
         return;
     };
-    let l = labels(verdict, snapshot, dst.port(), dst.ip(), response_flags(r.outcome));
+    let l = Labels { flags: response_flags(r.outcome), ..meter.labels.clone() };
     if r.outcome == Outcome::Refused502 {
         REFUSED_HTTP.with(|cache| {
             let mut cache = cache.borrow_mut();
@@ -271,19 +269,22 @@ mod tests {
         static TEST: Bounded = Bounded::new(100);
         for i in 0..100 {
             let name: Arc<str> = Arc::from(format!("n{i}.example"));
-            assert_eq!(TEST.admit(name.clone()), name);
+            assert_eq!(TEST.text(name.clone()), name);
         }
-        assert_eq!(&*TEST.admit(Arc::from("one-too-many.example")), "other");
-        assert_eq!(&*TEST.admit(Arc::from("n7.example")), "n7.example", "admitted values keep their series");
-        assert_eq!(&*ADDRESSES.admit(Arc::from("n8.example")), "n8.example", "each label has its own cap");
+        assert_eq!(&*TEST.text(Arc::from("one-too-many.example")), "other");
+        assert_eq!(&*TEST.text(Arc::from("n7.example")), "n7.example", "admitted values keep their series");
+        // A value this worker saw admitted to one label is not thereby admitted to another.
+        static FULL: Bounded = Bounded::new(0);
+        assert_eq!(&*FULL.text(Arc::from("n7.example")), "other", "each label has its own cap");
     }
 
     #[test]
     fn ports_past_the_cap_fold_into_other() {
+        static TEST_PORTS: Bounded = Bounded::new(MAX_PORTS);
         for port in 40_000..40_000 + MAX_PORTS as u16 {
-            assert_eq!(admit_port(port), Some(port));
+            assert!(TEST_PORTS.admits(&Value::Port(port)));
         }
-        assert_eq!(admit_port(50_000), None);
-        assert_eq!(admit_port(40_001), Some(40_001), "admitted ports keep their series");
+        assert!(!TEST_PORTS.admits(&Value::Port(50_000)));
+        assert!(TEST_PORTS.admits(&Value::Port(40_001)), "admitted ports keep their series");
     }
 }
