@@ -149,9 +149,14 @@ fn nft(stdin: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
 
 /// Installs (or replaces) sluice's table in one transaction.
 pub(crate) fn apply(rules: &Rules) -> anyhow::Result<()> {
-    let out = nft(&rules.render(), &["-f", "-"])?;
+    load(&rules.render(), "the ruleset")
+}
+
+/// Loads a ruleset text (`nft -f`: one transaction).
+fn load(text: &str, what: &str) -> anyhow::Result<()> {
+    let out = nft(text, &["-f", "-"])?;
     if !out.status.success() {
-        bail!("nft rejected the ruleset: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("nft rejected {what}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -177,11 +182,7 @@ pub(crate) fn render_released() -> String {
 
 /// Replaces sluice's table with [`render_released`]'s, in one transaction.
 pub(crate) fn release() -> anyhow::Result<()> {
-    let out = nft(&render_released(), &["-f", "-"])?;
-    if !out.status.success() {
-        bail!("nft rejected the draining table: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    load(&render_released(), "the draining table")
 }
 
 /// Deletes sluice's table; succeeds when there is none.
