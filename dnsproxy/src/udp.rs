@@ -337,70 +337,32 @@ fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
     h
 }
 
-/// An answer too long for the client: the upstream's header with TC set, the
-/// question, and the upstream's OPT record when it fits in `max_udp` (an
-/// EDNS client expects one back: its payload size, DO bit and extended
-/// RCODE), so the client asks again over TCP (RFC 1035 4.2.1, RFC 6891 7).
+/// An answer too long for the client, so that it asks again over TCP (RFC
+/// 1035 4.2.1): the upstream's header with TC set, the question, and the
+/// upstream's EDNS (RFC 6891 7: payload size, DO bit, extended RCODE,
+/// options) — the answer re-encoded by hickory without its records, when it
+/// parses and that fits in `max_udp`; else header and question only.
 /// `answer` has a header.
 fn truncated_reply(answer: &[u8], question: &[u8], max_udp: usize) -> Vec<u8> {
-    let opt = opt_record(answer).filter(|opt| 12 + question.len() + opt.len() <= max_udp).unwrap_or_default();
-    let mut reply = Vec::with_capacity(12 + question.len() + opt.len());
+    if let Ok(mut m) = Message::from_vec(answer) {
+        m.answers.clear();
+        m.authorities.clear();
+        m.additionals.clear();
+        m.signature = None;
+        m.metadata.truncation = true;
+        if let Ok(reply) = m.to_vec()
+            && reply.len() <= max_udp
+        {
+            return reply;
+        }
+    }
+    let mut reply = Vec::with_capacity(12 + question.len());
     reply.extend_from_slice(&answer[..12]);
     reply[2] |= 0x02;
     reply[4..6].copy_from_slice(&1u16.to_be_bytes());
-    reply[6..10].fill(0);
-    reply[10..12].copy_from_slice(&u16::from(!opt.is_empty()).to_be_bytes());
+    reply[6..12].fill(0);
     reply.extend_from_slice(question);
-    reply.extend_from_slice(opt);
     reply
-}
-
-/// The bytes of `answer`'s OPT record, if its additional section has one
-/// (within the bytes received) whose owner is the root written out, as RFC
-/// 6891 has it; one behind a compression pointer could not be copied as is.
-/// The sections before it are skipped, not parsed: their records' data is
-/// never read.
-fn opt_record(answer: &[u8]) -> Option<&[u8]> {
-    let count = |at: usize| answer.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-    let (questions, records, additionals) = (count(4)?, count(6)? + count(8)?, count(10)?);
-    let mut at = 12;
-    for _ in 0..questions {
-        at = skip_name(answer, at)? + 4;
-    }
-    for _ in 0..records {
-        at = skip_record(answer, at)?;
-    }
-    for _ in 0..additionals {
-        let end = skip_record(answer, at)?;
-        if answer.get(at..at + 3) == Some(&[0, 0, 41][..]) {
-            return answer.get(at..end);
-        }
-        at = end;
-    }
-    None
-}
-
-/// Where the name at `at` ends: after its root label or its compression
-/// pointer. `None` for a label type that does not exist.
-fn skip_name(bytes: &[u8], mut at: usize) -> Option<usize> {
-    loop {
-        let len = *bytes.get(at)?;
-        match len >> 6 {
-            0 if len == 0 => return Some(at + 1),
-            0 => at += 1 + usize::from(len),
-            3 => return Some(at + 2),
-            _ => return None,
-        }
-    }
-}
-
-/// Where the resource record at `at` ends (owner, type, class, TTL, data
-/// length, data), if it ends within `bytes`.
-fn skip_record(bytes: &[u8], at: usize) -> Option<usize> {
-    let at = skip_name(bytes, at)?;
-    let len = bytes.get(at + 8..at + 10)?;
-    let end = at + 10 + usize::from(u16::from_be_bytes([len[0], len[1]]));
-    (end <= bytes.len()).then_some(end)
 }
 
 impl UdpProxy {
@@ -916,33 +878,31 @@ mod tests {
         let got = m.edns.unwrap();
         assert_eq!((got.max_payload(), got.flags().dnssec_ok), (1_232, true));
         assert_eq!(got.option(EdnsCode::from(65_001)), Some(&EdnsOption::Unknown(65_001, b"upstream".to_vec())));
-        assert_eq!(opt_record(&answer), Some(&t[question_end..]), "the OPT record's bytes, as they came");
 
         // An OPT record that does not fit in what the client takes is left out.
         let tight = truncated_reply(&answer, &q[12..question_end], t.len() - 1);
         assert_eq!((tight.len(), tight[10..12].to_vec()), (question_end, vec![0, 0]));
-        // One cut off by the receive buffer too.
-        assert_eq!(opt_record(&answer[..answer.len() - 1]), None);
+        // So is one cut off by the receive buffer (the answer does not parse).
+        assert_eq!(truncated_reply(&answer[..answer.len() - 1], &q[12..question_end], 512).len(), question_end);
     }
 
     #[test]
-    fn skipping_records_never_reads_past_the_bytes() {
+    fn a_cut_or_garbled_answer_still_becomes_a_truncated_reply() {
         let q = query(7, "a.example.", Some(1_232));
+        let question = &q[12..parse_query(&q, false).unwrap().question_end];
         let answer = long_answer(&q, Some(Edns::new()));
-        for len in 0..answer.len() {
-            assert_eq!(opt_record(&answer[..len]), None, "{len}");
-        }
+        let mut garbled: Vec<Vec<u8>> = (12..answer.len()).map(|len| answer[..len].to_vec()).collect();
         for seed in 0..=255u8 {
             let mut junk = answer.clone();
             for (i, b) in junk.iter_mut().enumerate().skip(4) {
                 *b ^= seed.wrapping_mul(i as u8);
             }
-            let _ = opt_record(&junk);
+            garbled.push(junk);
         }
-        let mut bad_label = q[..12].to_vec();
-        bad_label[5] = 1;
-        bad_label.extend_from_slice(&[0x80, 12, 0, 0, 0, 0]); // a label type that does not exist
-        assert_eq!(opt_record(&bad_label), None);
+        for bytes in garbled {
+            let t = truncated_reply(&bytes, question, 512);
+            assert!(t.len() >= 12 && t[2] & 0x02 != 0, "TC set: {bytes:?}");
+        }
     }
 
     #[test]
