@@ -75,8 +75,9 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
             "SO_MARK needs CAP_NET_ADMIN: upstream sockets go unmarked, so interception rules must exclude sluice's user instead"
         );
         config.forwarder.mark = 0;
-        config.dns.mark = 0;
     }
+    // One mark for all of sluice's upstream sockets, whatever was decided above.
+    config.dns.mark = config.forwarder.mark;
     let shared = Shared { policy: state.snapshot.clone(), names: names.clone(), report: Arc::new(refusal_log()) };
     let forwarder = sluice_forwarder::start(config.forwarder.clone(), shared).context("cannot start the forwarder")?;
     for (addr, driver) in forwarder.local_addrs.iter().zip(forwarder.drivers.iter().cycle()) {
