@@ -68,6 +68,8 @@ struct Live {
     opened: Counter,
     sent: Counter,
     received: Counter,
+    /// Shared with every open connection of the set (one pointer each).
+    labels: Arc<Labels>,
 }
 
 /// Byte counters of one connection, bumped by the splice loop per chunk,
@@ -78,7 +80,7 @@ pub struct Meter {
     pub(crate) upstream: Counter,
     /// Upstream → client (Istio's `sent`: the response side).
     pub(crate) client: Counter,
-    labels: Labels,
+    labels: Arc<Labels>,
 }
 
 thread_local! {
@@ -216,16 +218,17 @@ pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::Sock
     let l = labels(verdict, snapshot, dst.port(), dst.ip(), "-");
     LIVE.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let h = cache.entry(l.clone()).or_insert_with_key(|l| {
+        let h = cache.entry(l).or_insert_with_key(|l| {
             let ls = label_list(l, "tcp");
             Live {
                 opened: metrics::counter!(TCP_OPENED, ls.clone()),
                 sent: metrics::counter!(TCP_SENT_BYTES, ls.clone()),
                 received: metrics::counter!(TCP_RECEIVED_BYTES, ls),
+                labels: Arc::new(l.clone()),
             }
         });
         h.opened.increment(1);
-        Meter { upstream: h.received.clone(), client: h.sent.clone(), labels: l }
+        Meter { upstream: h.received.clone(), client: h.sent.clone(), labels: Arc::clone(&h.labels) }
     })
 }
 
@@ -241,7 +244,7 @@ pub(crate) fn closed(r: &ConnReport, meter: Option<&Meter>) {
         NOT_INTERCEPTED_COUNT.with(|c| c.increment(1));
         return;
     };
-    let l = Labels { flags: response_flags(r.outcome), ..meter.labels.clone() };
+    let l = Labels { flags: response_flags(r.outcome), ..(*meter.labels).clone() };
     if r.outcome == Outcome::Refused502 {
         REFUSED_HTTP.with(|cache| {
             let mut cache = cache.borrow_mut();
