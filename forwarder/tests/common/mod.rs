@@ -47,6 +47,13 @@ impl Netns {
         run(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', "'\\''")));
     }
 
+    /// Caps the namespace's TCP buffers at 256 KiB a socket (they autotune to
+    /// 32 MiB by default): a test that needs bytes to stay stuck somewhere, or
+    /// bounds what the path can hold, knows how much the kernel takes.
+    pub fn small_socket_buffers(&self) {
+        self.exec("sysctl -qw net.ipv4.tcp_rmem='4096 65536 262144' net.ipv4.tcp_wmem='4096 16384 262144'");
+    }
+
     pub fn nft(&self, ruleset: &str) {
         let path = std::env::temp_dir().join(format!("{}.nft", self.name));
         std::fs::write(&path, ruleset).unwrap();
