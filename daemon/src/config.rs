@@ -65,6 +65,7 @@ pub(crate) struct FileDns {
     #[serde(default)]
     pub(crate) upstreams: Vec<SocketAddr>,
     pub(crate) timeout: Option<String>,
+    pub(crate) max_tcp_connections: Option<usize>,
 }
 
 /// `run --intercept`: what the nftables rules leave alone.
@@ -247,6 +248,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         listen: dns_listen.clone(),
         mark: forwarder.mark,
         timeout: duration("dns.timeout", file.dns.timeout.as_deref(), dns_defaults.timeout)?,
+        max_tcp_connections: file.dns.max_tcp_connections.unwrap_or(dns_defaults.max_tcp_connections).max(1),
         ..dns_defaults
     };
     let mut policy = if o.policy.is_empty() { file.policy.clone() } else { o.policy.clone() };

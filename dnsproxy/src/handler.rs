@@ -1,10 +1,10 @@
-//! The request handler hickory-server calls for every query that comes
-//! over TCP (UDP has its own loop, see `udp`): block or forward, learn from
+//! The hickory-server request handler that answers every query that comes
+//! over TCP (the `tcp` loop calls it; UDP has its own, see `udp`): block or forward, learn from
 //! the answer, then reply. The policy gate and the blocked answer's SOA are
 //! shared with the UDP path.
 //!
 //! Order matters: the name table is updated before the reply is handed to
-//! the server, so an app that connects the instant it reads the answer is
+//! the connection, so an app that connects the instant it reads the answer is
 //! judged with the names that answer carried.
 
 use std::sync::Arc;
@@ -167,7 +167,7 @@ impl RequestHandler for Proxy {
         let answer = match exchanged.map(|bytes| Message::from_vec(&bytes)) {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
-                // hickory-server sends only what it encodes itself: the
+                // A TCP reply is hickory's encoding of a parsed answer: the
                 // bytes cannot go back as they came, as they do over UDP.
                 tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
                 self.unparsed.increment(1);

@@ -5,7 +5,8 @@
 //! Three tasks on the control plane's tokio current-thread runtime:
 //! - [`serve`]: UDP on sluice's own batched loop (`udp`: a receiving thread
 //!   per socket, queries multiplexed over a few long-lived upstream sockets,
-//!   answers relayed byte for byte), TCP on hickory-server (`handler`); both walk the CNAME
+//!   answers relayed byte for byte), TCP on its own capped accept loop
+//!   (`tcp`) answering through hickory-server's handler types (`handler`); both walk the CNAME
 //!   chain and learn before replying, and answer NXDOMAIN for unregistered
 //!   names when the policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
 //! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`
@@ -23,6 +24,7 @@ pub mod learn;
 pub mod metrics;
 mod persist;
 mod sys;
+mod tcp;
 mod udp;
 mod upstream;
 mod warm;
@@ -61,8 +63,11 @@ pub struct Config {
     /// Queries waiting on an upstream at once (per transport; UDP at most
     /// 16,384); past this, SERVFAIL at once.
     pub max_in_flight: usize,
-    /// A client TCP connection with no query this long is closed.
+    /// A client TCP connection with no query this long is closed (and one
+    /// whose reply waits this long to be read).
     pub tcp_idle_timeout: Duration,
+    /// Client TCP connections open at once; at the cap, accepting pauses.
+    pub max_tcp_connections: usize,
 }
 
 impl Default for Config {
@@ -75,6 +80,7 @@ impl Default for Config {
             timeout: Duration::from_millis(1_500),
             max_in_flight: 4_096,
             tcp_idle_timeout: Duration::from_secs(10),
+            max_tcp_connections: 1_024,
         }
     }
 }
@@ -100,8 +106,6 @@ pub enum DnsError {
     NoUpstreams,
     #[error("reading {path}: {source}")]
     ResolvConf { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
-    #[error("DNS server: {0}")]
-    Server(#[source] hickory_server::net::NetError),
     #[error("socket: {0}")]
     Socket(#[source] std::io::Error),
     #[error("name table file {path}: {source}")]
@@ -142,7 +146,8 @@ pub fn start(
     let udp = Arc::new(udp.map_err(DnsError::Socket)?);
     let receivers = udp.start().map_err(DnsError::Socket)?;
     let proxy = handler::Proxy::new(shared, upstreams, config.max_in_flight);
-    Ok(Started { udp, receivers, proxy, tcp, tcp_idle_timeout: config.tcp_idle_timeout })
+    let tcp_server = Arc::new(tcp::TcpServer::new(proxy, config.max_tcp_connections, config.tcp_idle_timeout));
+    Ok(Started { udp, receivers, tcp_server, tcp })
 }
 
 /// A DNS proxy [`start`]ed: UDP is being answered; [`serve`](Self::serve)
@@ -151,15 +156,14 @@ pub fn start(
 pub struct Started {
     udp: Arc<udp::UdpProxy>,
     receivers: udp::Receivers,
-    proxy: handler::Proxy,
+    tcp_server: Arc<tcp::TcpServer>,
     tcp: Vec<tokio::net::TcpListener>,
-    tcp_idle_timeout: Duration,
 }
 
 impl Started {
     /// Serves until `shutdown` completes, then stops accepting and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
-        let Started { udp, receivers: _receivers, proxy, tcp, tcp_idle_timeout } = self;
+        let Started { udp, receivers: _receivers, tcp_server, tcp } = self;
         // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
         let mut udp_tasks = tokio::task::JoinSet::new();
         udp_tasks.spawn(udp.sweep());
@@ -167,13 +171,7 @@ impl Started {
             shutdown.await;
             return Ok(());
         }
-        let mut server = hickory_server::Server::new(proxy);
-        for listener in tcp {
-            server.register_listener(listener, tcp_idle_timeout, 64);
-        }
-        tokio::select! {
-            done = server.block_until_done() => done.map_err(DnsError::Server),
-            () = shutdown => server.shutdown_gracefully().await.map_err(DnsError::Server),
-        }
+        tcp_server.serve(tcp, shutdown).await;
+        Ok(())
     }
 }

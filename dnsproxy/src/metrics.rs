@@ -22,9 +22,11 @@ pub const UPSTREAM_FAILURES: &str = "sluice_dns_upstream_failures_total";
 /// Upstream answers hickory could not parse, so nothing was learned from
 /// them: `transport`. Over UDP only NOERROR answers are parsed (to learn
 /// from) and an unparseable one is relayed as it came; over TCP every answer
-/// is parsed (hickory-server re-encodes replies) and an unparseable one gets
+/// is parsed (replies are re-encoded by hickory) and an unparseable one gets
 /// SERVFAIL.
 pub const UNPARSED_ANSWERS: &str = "sluice_dns_unparsed_answers_total";
+/// Client connections open for DNS over TCP (at most `maxTcpConnections`).
+pub const TCP_CONNECTIONS: &str = "sluice_dns_tcp_connections";
 /// IPs in the name table.
 pub const IPS_TRACKED: &str = "sluice_dns_ips_tracked";
 /// Alive (IP, name) pairs in the name table, as of the last save.

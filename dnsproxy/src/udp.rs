@@ -26,9 +26,9 @@
 //!   [`SWEEP`] moves queries that timed out to the next upstream, and
 //!   answers SERVFAIL when every upstream failed. No timer per query.
 //!
-//! TCP stays with hickory-server (see `handler`): it is the slow path
-//! (truncated answers, zone-sized replies) and needs framing and idle
-//! timeouts, which hickory does well.
+//! TCP has its own loop (`tcp`, answering through `handler` with
+//! hickory-server's types): it is the slow path (truncated answers,
+//! zone-sized replies).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -306,7 +306,7 @@ fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::Prot
 
 /// A reply made here: the client's ID and question, `rcode`, no records
 /// but the SOA of a blocked name, EDNS if the client used it.
-fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
+pub(crate) fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
     let mut reply = Message::new(meta.id, MessageType::Response, meta.op_code);
     reply.metadata.recursion_desired = meta.recursion_desired;
     reply.metadata.checking_disabled = meta.checking_disabled;
@@ -329,7 +329,7 @@ fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcod
 }
 
 /// The last resort reply: a bare header.
-fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
+pub(crate) fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
     let mut h = vec![0u8; 12];
     h[..2].copy_from_slice(&id.to_be_bytes());
     h[2] = 0x80;

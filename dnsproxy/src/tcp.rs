@@ -1,0 +1,196 @@
+//! DNS over TCP: sluice's own accept loop and message framing (RFC 1035
+//! §4.2.2: each message behind its two-byte length; RFC 7766: several
+//! queries per connection, answered in order), answering through
+//! `handler::Proxy` with hickory-server's request and response types.
+//!
+//! Not hickory-server's `Server` loop: it accepts without a cap (every
+//! connection a pod opens to :53 holds one of the descriptors the forwarder
+//! also lives on) and retries a failed accept at once, so out of descriptors
+//! it spins on the control plane's thread. Here open connections are capped
+//! (accepting pauses at the cap; the kernel's backlog holds the rest), a
+//! failed accept backs off (10 ms doubling to 1 s), and a connection is
+//! closed when a query takes longer than the idle timeout to arrive or its
+//! reply as long to be taken.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Header, MessageType, ResponseCode};
+use hickory_proto::rr::{Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinEncoder};
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponse;
+use metrics::Gauge;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+use crate::handler::Proxy;
+use crate::metrics::{self as m, Action};
+use crate::udp::{header_only, local_reply};
+
+/// Beyond any node's need, and what one semaphore call can take back.
+const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// How long a stop waits for connections to finish the query they are on.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The TCP side of the proxy: its listeners, the connection cap, the idle timeout.
+#[derive(Debug)]
+pub(crate) struct TcpServer {
+    proxy: Arc<Proxy>,
+    slots: Arc<Semaphore>,
+    max: usize,
+    idle: Duration,
+    open: Gauge,
+}
+
+impl TcpServer {
+    pub(crate) fn new(proxy: Proxy, max_connections: usize, idle: Duration) -> TcpServer {
+        let max = max_connections.clamp(1, MAX_CONNECTIONS);
+        let open = metrics::gauge!(m::TCP_CONNECTIONS);
+        TcpServer { proxy: Arc::new(proxy), slots: Arc::new(Semaphore::new(max)), max, idle, open }
+    }
+
+    /// Answers on `listeners` until `shutdown` completes; then stops
+    /// accepting, closes each connection once its current query is answered
+    /// (waiting at most [`STOP_GRACE`]) and returns.
+    pub(crate) async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: impl Future<Output = ()>) {
+        let (stop, stopping) = watch::channel(());
+        let mut accepts = tokio::task::JoinSet::new();
+        for listener in listeners {
+            accepts.spawn(self.clone().accept_loop(listener, stopping.clone()));
+        }
+        shutdown.await;
+        accepts.abort_all();
+        drop(stop);
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX); // ≤ MAX_CONNECTIONS
+        if tokio::time::timeout(STOP_GRACE, self.slots.acquire_many(all)).await.is_err() {
+            tracing::warn!("DNS over TCP: connections still answering after {STOP_GRACE:?}, stopping anyway");
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, stopping: watch::Receiver<()>) {
+        let mut backoff = Duration::from_millis(10);
+        let mut warned: Option<Instant> = None;
+        loop {
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        warned = Some(Instant::now());
+                        tracing::warn!(cap = self.max, "DNS over TCP: connection cap reached, accepting pauses");
+                    }
+                    match self.slots.clone().acquire_owned().await {
+                        Ok(slot) => slot,
+                        Err(_closed) => return,
+                    }
+                }
+            };
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    tokio::spawn(self.clone().connection(stream, peer, slot, stopping.clone()));
+                }
+                Err(e) if is_per_connection(&e) => tracing::debug!(error = %e, "DNS over TCP: accept failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "DNS over TCP: accept failed, backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Queries in order until the client closes, is idle too long, sends a
+    /// frame that is not a DNS message, or the proxy stops (between queries).
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        _slot: OwnedSemaphorePermit,
+        mut stopping: watch::Receiver<()>,
+    ) {
+        self.open.increment(1.0);
+        let _ = stream.set_nodelay(true);
+        loop {
+            let len = tokio::select! {
+                len = tokio::time::timeout(self.idle, stream.read_u16()) => match len {
+                    Ok(Ok(len)) => usize::from(len),
+                    _ => break,
+                },
+                _ = stopping.changed() => break,
+            };
+            let mut query = vec![0u8; len];
+            if !matches!(tokio::time::timeout(self.idle, stream.read_exact(&mut query)).await, Ok(Ok(_))) {
+                break;
+            }
+            let Some(reply) = self.answer(query, peer).await else { break };
+            let Ok(reply_len) = u16::try_from(reply.len()) else { break };
+            let mut frame = Vec::with_capacity(2 + reply.len());
+            frame.extend_from_slice(&reply_len.to_be_bytes());
+            frame.extend_from_slice(&reply);
+            if !matches!(tokio::time::timeout(self.idle, stream.write_all(&frame)).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+        self.open.decrement(1.0);
+    }
+
+    /// The reply to one framed message; `None` ends the connection: fewer
+    /// bytes than a header (not DNS: the framing is lost) or an answer sent
+    /// to us (never answered, against reflection).
+    async fn answer(&self, query: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
+        let header = Header::from_bytes(query.get(..12)?).ok()?;
+        if header.metadata.message_type == MessageType::Response {
+            return None;
+        }
+        let Ok(request) = Request::from_bytes(query, peer, Protocol::Tcp) else {
+            m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
+            return Some(local_reply(&header.metadata, None, None, ResponseCode::FormErr));
+        };
+        let reply = Reply::default();
+        self.proxy.handle_request::<_, TokioTime>(&request, reply.clone()).await;
+        let bytes = reply.0.lock().ok()?.take();
+        bytes.or_else(|| Some(header_only(header.metadata.id, ResponseCode::ServFail)))
+    }
+}
+
+/// Accept errors that concern one connection (it was reset before it was
+/// accepted, a signal): the next accept may succeed at once.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
+}
+
+/// Where the handler's reply is encoded to, for the connection to write.
+#[derive(Clone, Default)]
+struct Reply(Arc<Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Reply {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(u16::MAX);
+        let info = response.destructive_emit(&mut encoder)?;
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(bytes);
+        }
+        Ok(info)
+    }
+}
