@@ -9,14 +9,17 @@
 //! use pushes the IP's names to at least `now + grace`, so established
 //! traffic patterns never lose their names to a short TTL.
 //!
-//! Memory is bounded: at most `capacity` IPs and [`MAX_NAMES_PER_IP`] names
-//! each. Past the cap, expired IPs go first, then the least recently used.
+//! Memory is bounded: at most `capacity` IPs, [`MAX_NAMES_PER_IP`] names
+//! each and [`NAMES_PER_IP_BUDGET`] names per IP over the whole table
+//! (a full 1M-IP table with a name each: 124 MiB; 32 names on every IP
+//! peak at 210 MiB with the budget, ~1.1 KB per IP without). Past either cap, expired IPs go first, then the least
+//! recently used.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::host::Hostname;
@@ -24,6 +27,12 @@ use crate::time::Timestamp;
 
 /// A CDN IP can carry many names; past this the soonest-expiring is replaced.
 pub const MAX_NAMES_PER_IP: usize = 32;
+/// (IP, name) pairs the table holds at most, per IP of its capacity. Most
+/// IPs carry one or two names and a few CDN IPs many: a budget of twice the
+/// capacity fits that, and keeps answers that give every IP 32 names (a
+/// resolver under someone's control) from growing the table to 3.5 times
+/// the memory its capacity suggests; they evict the least recently used instead.
+pub const NAMES_PER_IP_BUDGET: usize = 2;
 /// Renewals closer than this to the stored value are skipped, so hot IPs do
 /// not bounce a cache line between cores on every connection.
 const TOUCH_SLACK_MS: u64 = 1_000;
@@ -42,6 +51,10 @@ type Map = papaya::HashMap<IpAddr, IpNames, foldhash::fast::RandomState>;
 pub struct NameTable {
     map: Map,
     capacity: usize,
+    /// (IP, name) pairs held: kept up to date on record, recounted when evicting
+    /// (concurrent writes to one IP can make it drift a little).
+    leases: AtomicUsize,
+    lease_budget: usize,
     evicting: Mutex<()>,
 }
 
@@ -150,7 +163,14 @@ impl NameTable {
             .resize_mode(papaya::ResizeMode::Blocking)
             .hasher(foldhash::fast::RandomState::default())
             .build();
-        NameTable { map, capacity: capacity.max(1), evicting: Mutex::new(()) }
+        let capacity = capacity.max(1);
+        NameTable {
+            map,
+            capacity,
+            leases: AtomicUsize::new(0),
+            lease_budget: capacity.saturating_mul(NAMES_PER_IP_BUDGET),
+            evicting: Mutex::new(()),
+        }
     }
 
     /// Number of IPs tracked (alive or not yet purged).
@@ -186,8 +206,8 @@ impl NameTable {
                 return;
             }
         }
-        let is_new = !map.contains_key(&ip);
-        map.update_or_insert_with(
+        let held = map.get(&ip).map(|old| old.leases.len());
+        let now_held = map.update_or_insert_with(
             ip,
             |old| {
                 let mut leases = old.leases.clone();
@@ -210,8 +230,10 @@ impl NameTable {
                 last_touch: AtomicU64::new(now_ms),
             },
         );
+        let added = now_held.leases.len().saturating_sub(held.unwrap_or(0));
         drop(map);
-        if is_new && self.map.len() > self.capacity {
+        let leases = self.leases.fetch_add(added, Ordering::Relaxed) + added;
+        if (held.is_none() && self.map.len() > self.capacity) || leases > self.lease_budget {
             self.evict(Timestamp::from_unix_millis(now_ms));
         }
     }
@@ -287,31 +309,48 @@ impl NameTable {
     pub fn purge_expired(&self, now: Timestamp) -> usize {
         let before = self.map.len();
         self.map.pin().retain(|_, v| v.any_alive(now));
+        self.leases.store(self.name_count(), Ordering::Relaxed);
         before.saturating_sub(self.map.len())
     }
 
-    /// Past the cap: drop the expired, then the least recently used down to
-    /// 90% of the cap, so eviction runs once per many inserts, not per insert.
+    /// Past a cap: drop the expired, then the least recently used down to
+    /// 90% of the caps, so eviction runs once per many inserts, not per insert.
     fn evict(&self, now: Timestamp) {
         let Ok(_guard) = self.evicting.try_lock() else {
             return;
         };
         self.purge_expired(now);
         let target = self.capacity - self.capacity / 10;
-        let len = self.map.len();
-        if len <= target {
+        let lease_target = self.lease_budget - self.lease_budget / 10;
+        let (len, leases) = (self.map.len(), self.leases.load(Ordering::Relaxed));
+        if len <= target && leases <= lease_target {
             return;
         }
         let map = self.map.pin();
-        let mut ages: Vec<(u64, IpAddr)> =
-            map.iter().map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip)).collect();
-        let excess = len - target;
-        if excess < ages.len() {
+        let mut ages: Vec<(u64, IpAddr, usize)> =
+            map.iter().map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip, v.leases.len())).collect();
+        let mut excess = len.saturating_sub(target);
+        if leases > lease_target {
+            // Over the name budget (rare: many names on many IPs): oldest
+            // first until both caps are met, whole IPs at a time.
+            ages.sort_unstable();
+            let (mut over, mut oldest) = (leases - lease_target, 0);
+            for (_, _, names) in &ages {
+                if over == 0 {
+                    break;
+                }
+                over = over.saturating_sub(*names);
+                oldest += 1;
+            }
+            excess = excess.max(oldest);
+        } else if excess < ages.len() {
             ages.select_nth_unstable(excess);
         }
-        for (_, ip) in ages.iter().take(excess) {
+        for (_, ip, _) in ages.iter().take(excess) {
             map.remove(ip);
         }
+        drop(map);
+        self.leases.store(self.name_count(), Ordering::Relaxed);
     }
 
     /// Writes every alive name to `path` (JSON lines), atomically: a temp
