@@ -1,6 +1,6 @@
 //! Metrics, scraped as Prometheus text: requests by qtype, rcode and action;
 //! upstream latency histogram with the crate's buckets; upstream failures;
-//! the name table gauges.
+//! the name table gauges; open DNS-over-TCP connections.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -87,4 +87,10 @@ fn requests_latency_failures_and_table_size_are_exported() {
     saver.stop().unwrap();
     assert_eq!(series(m::NAMES_TRACKED, &[]), 41.0);
     assert_eq!(series(m::SAVES, &[("result", "ok")]), 1.0);
+
+    // Open DNS-over-TCP connections: up while one is open, down when it closes.
+    let tcp = std::net::TcpStream::connect(proxy.addr).unwrap();
+    common::wait_for("one open TCP connection", || series(m::TCP_CONNECTIONS, &[]) == 1.0);
+    drop(tcp);
+    common::wait_for("no open TCP connection", || series(m::TCP_CONNECTIONS, &[]) == 0.0);
 }
