@@ -167,10 +167,6 @@ impl Started {
         // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
         let mut udp_tasks = tokio::task::JoinSet::new();
         udp_tasks.spawn(udp.sweep());
-        if tcp.is_empty() {
-            shutdown.await;
-            return Ok(());
-        }
         tcp_server.serve(tcp, shutdown).await;
         Ok(())
     }

@@ -146,18 +146,24 @@ impl TcpServer {
     /// bytes than a header (not DNS: the framing is lost) or an answer sent
     /// to us (never answered, against reflection).
     async fn answer(&self, query: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        let header = Header::from_bytes(query.get(..12)?).ok()?;
-        if header.metadata.message_type == MessageType::Response {
-            return None;
-        }
-        let Ok(request) = Request::from_bytes(query, peer, Protocol::Tcp) else {
-            m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
-            return Some(local_reply(&header.metadata, None, None, ResponseCode::FormErr));
+        let head: [u8; 12] = query.get(..12)?.try_into().ok()?;
+        let request = match Request::from_bytes(query, peer, Protocol::Tcp) {
+            Ok(request) if request.metadata.message_type == MessageType::Response => return None,
+            Ok(request) => request,
+            Err(_) => {
+                // The header read (it is 12 bytes), the rest did not.
+                let header = Header::from_bytes(&head).ok()?;
+                if header.metadata.message_type == MessageType::Response {
+                    return None;
+                }
+                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
+                return Some(local_reply(&header.metadata, None, None, ResponseCode::FormErr));
+            }
         };
         let reply = Reply::default();
         self.proxy.handle_request::<_, TokioTime>(&request, reply.clone()).await;
         let bytes = reply.0.lock().ok()?.take();
-        bytes.or_else(|| Some(header_only(header.metadata.id, ResponseCode::ServFail)))
+        bytes.or_else(|| Some(header_only(request.metadata.id, ResponseCode::ServFail)))
     }
 }
 
