@@ -186,6 +186,7 @@ async fn control(
         RULES_INSTALLED.store(true, Ordering::Relaxed);
         tracing::info!(forwarder_port = rules.forwarder_port, dns_port = ?rules.dns_port, "interception rules installed (nft table inet sluice)");
     }
+    let upkeep = tokio::spawn(admin::upkeep(prometheus.clone()));
     let admin = Admin { prometheus, policy: state.clone(), names, ready: ready.clone() };
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
@@ -283,6 +284,7 @@ async fn control(
     }
     remove_rules(config);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    upkeep.abort();
     failed.map_or(Ok(()), Err)
 }
 
