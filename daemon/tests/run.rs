@@ -2,6 +2,8 @@
 //! read from its JSON log, its admin API, hot reload, signals, exit codes.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -322,23 +324,13 @@ fn query_load(server: SocketAddr, name: &str, count: usize) -> usize {
     answered
 }
 
-/// Killed on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
     // A real upstream: dnsmasq, authoritative for one name.
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port();
     drop(probe);
-    let _dnsmasq = Reaped(
+    let _dnsmasq = common::Proc(
         Command::new("dnsmasq")
             .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
             .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
