@@ -61,8 +61,7 @@ async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
 
 /// Gauges read at scrape time.
 fn gauges(a: &Admin) {
-    metrics::gauge!(sluice_dnsproxy::metrics::IPS_TRACKED).set(a.names.len() as f64);
-    metrics::gauge!(sluice_dnsproxy::metrics::NAMES_TRACKED).set(a.names.name_count() as f64);
+    sluice_dnsproxy::metrics::table_gauges(&a.names);
 }
 
 async fn readyz(State(a): State<Admin>) -> impl IntoResponse {

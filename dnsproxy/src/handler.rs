@@ -15,7 +15,7 @@ use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use metrics::{Counter, Gauge};
+use metrics::Counter;
 use sluice_policy::model::{Enforcement, Mode};
 use sluice_policy::{Hostname, Retention, Snapshot, Timestamp};
 use tokio::sync::Semaphore;
@@ -66,7 +66,6 @@ pub(crate) struct Proxy {
     shared: Shared,
     upstreams: Upstreams,
     in_flight: Arc<Semaphore>,
-    ips: Gauge,
     unparsed: Counter,
 }
 
@@ -76,7 +75,6 @@ impl Proxy {
             shared,
             upstreams,
             in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
-            ips: metrics::gauge!(m::IPS_TRACKED),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "tcp"),
         }
     }
@@ -181,10 +179,7 @@ impl RequestHandler for Proxy {
             }
         };
         if answer.metadata.response_code == ResponseCode::NoError {
-            let learned = learn(&self.shared.names, &Name::from(query.name()), &answer.answers, now(), keep);
-            if learned.ips > 0 {
-                self.ips.set(self.shared.names.len() as f64);
-            }
+            learn(&self.shared.names, &Name::from(query.name()), &answer.answers, now(), keep);
         }
         m::request(qtype, answer.metadata.response_code, Action::Forwarded);
         relay(request, response, answer).await

@@ -103,6 +103,13 @@ thread_local! {
 }
 
 /// Counts one answered query (a cached handle per label set and thread).
+/// Sets the name table's gauges (IPs, and (IP, name) pairs, which walks the
+/// table): for the exporter to call when it is scraped, not per answer.
+pub fn table_gauges(names: &sluice_policy::NameTable) {
+    metrics::gauge!(IPS_TRACKED).set(names.len() as f64);
+    metrics::gauge!(NAMES_TRACKED).set(names.name_count() as f64);
+}
+
 pub(crate) fn request(qtype: RecordType, rcode: ResponseCode, action: Action) {
     let key = (qtype_label(qtype), rcode_label(rcode), action);
     REQUEST_COUNTERS.with(|cache| {

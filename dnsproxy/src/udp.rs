@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
 use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, is_transfer, now};
@@ -153,7 +153,6 @@ pub(crate) struct UdpProxy {
     preferred: AtomicUsize,
     timeout: Duration,
     max_in_flight: usize,
-    ips: Gauge,
     unparsed: Counter,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
@@ -404,7 +403,6 @@ impl UdpProxy {
             timeout: config.timeout,
             // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
             max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
-            ips: metrics::gauge!(m::IPS_TRACKED),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
             stop: AtomicBool::new(false),
         })
@@ -733,9 +731,7 @@ impl UdpProxy {
             Lesson::Nothing => {}
             Lesson::Records(qname, records) => {
                 let keep = sluice_policy::Retention::from(&self.shared.policy.load().settings().dns);
-                if learn(&self.shared.names, &qname, &records, now(), keep).ips > 0 {
-                    self.ips.set(self.shared.names.len() as f64);
-                }
+                learn(&self.shared.names, &qname, &records, now(), keep);
             }
             Lesson::Unparsed(error) => {
                 tracing::debug!(%error, "unparseable upstream answer: relayed as it came, nothing learned");

@@ -65,6 +65,8 @@ fn requests_latency_failures_and_table_size_are_exported() {
             .render()
             .contains(&format!("{bucket}{{upstream=\"{upstream}\",transport=\"udp\",le=\"0.00005\"}}"))
     );
+    // Set when the exporter is scraped (the daemon's /metrics does this).
+    m::table_gauges(&proxy.shared.names);
     assert_eq!(series(m::IPS_TRACKED, &[]), 41.0);
 
     let blocking = Proxy::to(up.addr, shared(Some(BLOCKING)));
