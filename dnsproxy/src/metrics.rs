@@ -19,6 +19,10 @@ pub const UPSTREAM_DURATION: &str = "sluice_dns_upstream_duration_seconds";
 /// `refused`, `mismatch`: an answer that is not the query's — over UDP also a
 /// stray datagram: late, duplicate or forged).
 pub const UPSTREAM_FAILURES: &str = "sluice_dns_upstream_failures_total";
+/// 1 while an upstream answers, 0 while it is down (its last 3 attempts
+/// failed; queries skip it but for a probe every 500 ms): `upstream`,
+/// `transport`.
+pub const UPSTREAM_UP: &str = "sluice_dns_upstream_up";
 /// Upstream answers hickory could not parse, so nothing was learned from
 /// them: `transport`. Over UDP only NOERROR answers are parsed (to learn
 /// from) and an unparseable one is relayed as it came; over TCP every answer
@@ -102,7 +106,6 @@ thread_local! {
     static REQUEST_COUNTERS: RefCell<HashMap<Key, Counter>> = RefCell::new(HashMap::new());
 }
 
-/// Counts one answered query (a cached handle per label set and thread).
 /// Sets the name table's gauges (IPs, and (IP, name) pairs, which walks the
 /// table): for the exporter to call when it is scraped, not per answer.
 pub fn table_gauges(names: &sluice_policy::NameTable) {
@@ -110,6 +113,7 @@ pub fn table_gauges(names: &sluice_policy::NameTable) {
     metrics::gauge!(NAMES_TRACKED).set(names.name_count() as f64);
 }
 
+/// Counts one answered query (a cached handle per label set and thread).
 pub(crate) fn request(qtype: RecordType, rcode: ResponseCode, action: Action) {
     let key = (qtype_label(qtype), rcode_label(rcode), action);
     REQUEST_COUNTERS.with(|cache| {

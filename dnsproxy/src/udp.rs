@@ -25,6 +25,8 @@
 //! - one table of queries in flight, bounded; a sweep every
 //!   [`SWEEP`] moves queries that timed out to the next upstream, and
 //!   answers SERVFAIL when every upstream failed. No timer per query.
+//!   Upstreams that stopped answering are skipped ([`Health`]), so with
+//!   all of them down SERVFAIL comes at once.
 //!
 //! TCP has its own loop (`tcp`, answering through `handler` with
 //! hickory-server's types): it is the slow path (truncated answers,
@@ -46,7 +48,7 @@ use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, is_transfer, now};
 use crate::learn::learn;
 use crate::metrics::{self as m, Action};
 use crate::sys::{self, Arrival, Batch};
-use crate::upstream::failure;
+use crate::upstream::{Health, failure};
 use crate::{Config, Shared};
 
 /// Connected sockets per upstream: answers spread over a few source ports.
@@ -150,6 +152,7 @@ pub(crate) struct UdpProxy {
     /// Connected sockets to the upstreams, [`Upstream::sockets`] each.
     sockets: Vec<UdpSocket>,
     table: Mutex<Table>,
+    health: Health,
     preferred: AtomicUsize,
     timeout: Duration,
     max_in_flight: usize,
@@ -399,6 +402,7 @@ impl UdpProxy {
             upstreams: list,
             sockets,
             table: Mutex::new(Table::default()),
+            health: Health::new(upstreams, "udp"),
             preferred: AtomicUsize::new(0),
             timeout: config.timeout,
             // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
@@ -574,20 +578,26 @@ impl UdpProxy {
         }
     }
 
-    /// Readies `p` for the next upstream it has not tried, on that upstream's
-    /// socket number `pick` (the bytes go into `out`, for
-    /// [`flush_queries`](Self::flush_queries)); gives it back when there is
-    /// none left (the caller answers SERVFAIL).
+    /// Readies `p` for the next upstream it has not tried and that is not
+    /// down, on that upstream's socket number `pick` (the bytes go into
+    /// `out`, for [`flush_queries`](Self::flush_queries)); gives it back
+    /// when there is none left (the caller answers SERVFAIL).
     fn send_next(&self, table: &mut Table, mut p: Pending, pick: usize, out: &mut Vec<Outgoing>) -> Option<Pending> {
         let n = self.upstreams.len();
         // Every upstream once — and a lone upstream twice: one lost datagram
         // must not become a SERVFAIL (at the default 1.5 s timeout, the
         // answer still comes well within a stub resolver's 5 s).
-        if p.tries >= n.max(2) {
-            return Some(p);
-        }
-        p.tries += 1;
-        let Some(up) = self.upstreams.get(p.upstream(n)) else { return Some(p) };
+        let up = loop {
+            if p.tries >= n.max(2) {
+                return Some(p);
+            }
+            p.tries += 1;
+            let idx = p.upstream(n);
+            if self.health.usable(idx) {
+                let Some(up) = self.upstreams.get(idx) else { return Some(p) };
+                break up;
+            }
+        };
         let socket = up.sockets.start + pick % up.sockets.len().max(1);
         // A random ID that is free on this socket (at most max_in_flight of 65,536 are taken).
         let key = loop {
@@ -619,9 +629,11 @@ impl UdpProxy {
         out: &mut Vec<Outgoing>,
     ) -> Option<Pending> {
         let p = table.pending.remove(&key)?;
-        if let Some(up) = self.upstreams.get(p.upstream(self.upstreams.len())) {
+        let idx = p.upstream(self.upstreams.len());
+        if let Some(up) = self.upstreams.get(idx) {
             tracing::debug!(upstream = %up.addr, reason, "upstream attempt failed");
             failure(up.addr, reason).increment(1);
+            self.health.failed(idx);
         }
         self.send_next(table, p, pick, out)
     }
@@ -697,6 +709,7 @@ impl UdpProxy {
         if let Some(up) = self.upstreams.get(idx) {
             up.latency.record(p.sent.elapsed().as_secs_f64());
         }
+        self.health.answered(idx);
         if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
             self.preferred.store(idx, Ordering::Relaxed);
         }

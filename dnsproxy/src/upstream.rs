@@ -5,15 +5,17 @@
 //! unchanged; the answer's bytes come back. Each attempt has a timeout; a
 //! failed attempt moves on to the next upstream, and the last one that
 //! answered is tried first next time. UDP has its own multiplexed path
-//! (`udp`).
+//! (`udp`). Both transports keep a [`Health`] of their upstreams: one that
+//! stopped answering is skipped, so when every upstream is down a query
+//! gets SERVFAIL at once instead of after a timeout per upstream.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Config, DnsError, metrics as m, sys};
@@ -27,6 +29,8 @@ pub(crate) enum UpstreamError {
     Io(#[from] io::Error),
     #[error("the answer does not match the query")]
     Mismatch,
+    #[error("every upstream is down (its last attempts failed)")]
+    AllDown,
 }
 
 impl UpstreamError {
@@ -35,6 +39,98 @@ impl UpstreamError {
             UpstreamError::Timeout => "timeout",
             UpstreamError::Io(_) => "io",
             UpstreamError::Mismatch => "mismatch",
+            UpstreamError::AllDown => "down",
+        }
+    }
+}
+
+/// Attempts in a row (no answer between) after which an upstream is down.
+/// One lost datagram, or two, is not an outage: under any load a live
+/// upstream's answers reset the count long before.
+const DOWN_AFTER: u32 = 3;
+/// A down upstream is sent one query this often (its probe); any answer
+/// brings it back.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+/// Which upstreams of one transport are answering. An upstream whose last
+/// [`DOWN_AFTER`] attempts all failed (timeout, refused, I/O) is down:
+/// queries skip it, but for one every [`PROBE_EVERY`]; its next answer
+/// brings it back. A query with no upstream left to try gets SERVFAIL, so
+/// when all are down the node's lookups fail in microseconds, not after a
+/// timeout per upstream, and the in-flight table does not fill with them.
+/// Indexes are the order of the upstream list. Lock-free: the hot path
+/// ([`usable`](Self::usable), [`answered`](Self::answered)) reads one
+/// atomic that is only written when an attempt fails.
+#[derive(Debug)]
+pub(crate) struct Health {
+    epoch: Instant,
+    list: Box<[Standing]>,
+    transport: &'static str,
+}
+
+#[derive(Debug)]
+struct Standing {
+    addr: SocketAddr,
+    /// Attempts failed since its last answer.
+    failures: AtomicU32,
+    /// While down: when its next probe may go (ms since `epoch`).
+    probe_at: AtomicU64,
+    /// `sluice_dns_upstream_up`: 1 answering, 0 down.
+    up: Gauge,
+}
+
+impl Health {
+    pub(crate) fn new(addrs: &[SocketAddr], transport: &'static str) -> Self {
+        let list = addrs
+            .iter()
+            .map(|&addr| {
+                let up = metrics::gauge!(m::UPSTREAM_UP, "upstream" => addr.to_string(), "transport" => transport);
+                up.set(1.0);
+                Standing { addr, failures: AtomicU32::new(0), probe_at: AtomicU64::new(0), up }
+            })
+            .collect();
+        Health { epoch: Instant::now(), list, transport }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a query may go to upstream `i`: it is up, or it is down and
+    /// this query is its probe (the first to ask once the interval passed).
+    pub(crate) fn usable(&self, i: usize) -> bool {
+        let Some(s) = self.list.get(i) else { return false };
+        if s.failures.load(Ordering::Relaxed) < DOWN_AFTER {
+            return true;
+        }
+        let now = self.now_ms();
+        let at = s.probe_at.load(Ordering::Relaxed);
+        let next = now.saturating_add(PROBE_EVERY.as_millis() as u64);
+        now >= at && s.probe_at.compare_exchange(at, next, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+
+    /// Upstream `i` answered (whatever its RCODE): it is up.
+    pub(crate) fn answered(&self, i: usize) {
+        let Some(s) = self.list.get(i) else { return };
+        if s.failures.load(Ordering::Relaxed) != 0 && s.failures.swap(0, Ordering::Relaxed) >= DOWN_AFTER {
+            tracing::warn!(upstream = %s.addr, transport = self.transport, "DNS upstream answers again");
+            s.up.set(1.0);
+        }
+    }
+
+    /// An attempt on upstream `i` failed; the [`DOWN_AFTER`]th in a row
+    /// takes it down.
+    pub(crate) fn failed(&self, i: usize) {
+        let Some(s) = self.list.get(i) else { return };
+        let before = s.failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_add(1)));
+        if before == Ok(DOWN_AFTER - 1) {
+            s.probe_at.store(self.now_ms().saturating_add(PROBE_EVERY.as_millis() as u64), Ordering::Relaxed);
+            s.up.set(0.0);
+            tracing::warn!(
+                upstream = %s.addr,
+                transport = self.transport,
+                "DNS upstream is down ({DOWN_AFTER} attempts in a row failed): queries skip it but for one probe every {PROBE_EVERY:?}"
+            );
         }
     }
 }
@@ -49,6 +145,7 @@ struct Upstream {
 #[derive(Debug)]
 pub(crate) struct Upstreams {
     list: Box<[Upstream]>,
+    health: Health,
     preferred: AtomicUsize,
     mark: u32,
     timeout: Duration,
@@ -63,23 +160,28 @@ impl Upstreams {
                 latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "tcp"),
             })
             .collect();
-        Upstreams { list, preferred: AtomicUsize::new(0), mark, timeout }
+        Upstreams { list, health: Health::new(addrs, "tcp"), preferred: AtomicUsize::new(0), mark, timeout }
     }
 
-    /// Sends `query` over TCP to the upstreams in turn until one answers it.
-    /// `question` is the query's question section (to match the answer).
+    /// Sends `query` over TCP to the upstreams in turn (those up, see
+    /// [`Health`]) until one answers it. `question` is the query's question
+    /// section (to match the answer).
     pub(crate) async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, UpstreamError> {
         let n = self.list.len();
         let start = self.preferred.load(Ordering::Relaxed) % n.max(1);
-        let mut last = UpstreamError::Timeout;
+        let mut last = UpstreamError::AllDown;
         for i in 0..n {
             let idx = (start + i) % n;
+            if !self.health.usable(idx) {
+                continue;
+            }
             let up = &self.list[idx];
             let began = Instant::now();
             let attempt = tokio::time::timeout(self.timeout, up.tcp(query, question, self.mark, self.timeout)).await;
             match attempt.unwrap_or(Err(UpstreamError::Timeout)) {
                 Ok(answer) => {
                     up.latency.record(began.elapsed().as_secs_f64());
+                    self.health.answered(idx);
                     if idx != start {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
@@ -88,6 +190,7 @@ impl Upstreams {
                 Err(e) => {
                     tracing::debug!(upstream = %up.addr, transport = "tcp", error = %e, "upstream attempt failed");
                     failure(up.addr, e.label()).increment(1);
+                    self.health.failed(idx);
                     last = e;
                 }
             }

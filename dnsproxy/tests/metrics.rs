@@ -1,6 +1,7 @@
 //! Metrics, scraped as Prometheus text: requests by qtype, rcode and action;
 //! upstream latency histogram with the crate's buckets; upstream failures;
-//! the name table gauges; open DNS-over-TCP connections.
+//! upstreams up or down; the name table gauges; open DNS-over-TCP
+//! connections.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -79,6 +80,12 @@ fn requests_latency_failures_and_table_size_are_exported() {
     assert_eq!(series(m::REQUESTS, &[("action", "failed"), ("rcode", "SERVFAIL")]), 1.0);
     // A lone upstream gets two tries: both refused, both counted.
     assert_eq!(series(m::UPSTREAM_FAILURES, &[("upstream", &dead.to_string())]), 2.0);
+    // Up until its third failed attempt in a row; down (skipped) after it.
+    let dead_udp = [("upstream", &*dead.to_string()), ("transport", "udp")];
+    assert_eq!(series(m::UPSTREAM_UP, &dead_udp), 1.0);
+    assert_eq!(series(m::UPSTREAM_UP, &[("upstream", &upstream), ("transport", "udp")]), 1.0);
+    dig(failing.addr, &["api.sluice.test", "A"]);
+    assert_eq!(series(m::UPSTREAM_UP, &dead_udp), 0.0);
 
     let dir = tempfile::tempdir().unwrap();
     let names = proxy.shared.names.clone();

@@ -8,10 +8,10 @@ mod common;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, config, dig, kdig, query, shared, status, udp_exchange};
+use common::{Proxy, Upstream, config, dig, kdig, query, shared, status, tcp_exchange, udp_exchange};
 use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use sluice_dnsproxy::Config;
@@ -131,7 +131,7 @@ fn failover_to_the_next_upstream_and_servfail_when_all_fail() {
 /// after the timeout instead of becoming a SERVFAIL.
 #[test]
 fn a_lone_upstream_gets_a_second_try() {
-    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::new(AtomicUsize::new(0));
     let count = seen.clone();
     let up = Scripted::start(move |q| {
         if count.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -146,6 +146,89 @@ fn a_lone_upstream_gets_a_second_try() {
     assert_eq!(got[3] & 0x0f, 0, "NOERROR on the second try, not SERVFAIL");
     assert_eq!(seen.load(Ordering::SeqCst), 2);
     assert_eq!(proxy.names("192.0.2.9"), ["lossy.sluice.test"]);
+}
+
+/// An upstream that stopped answering is skipped once three attempts in a
+/// row failed: its queries get SERVFAIL at once, not after two timeouts;
+/// one query every 500 ms probes it, and its first answer brings it back.
+#[test]
+fn a_dead_upstream_is_skipped_until_a_probe_answers() {
+    let alive = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicUsize::new(0));
+    let (answering, count) = (alive.clone(), seen.clone());
+    let up = Scripted::start(move |q| {
+        count.fetch_add(1, Ordering::SeqCst);
+        if !answering.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 7])].concat()]
+    });
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
+    let ask = |id: u16| {
+        let t = Instant::now();
+        let asked = query(id, "back.sluice.test.", RecordType::A, None);
+        let answer = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
+        (rcode(&answer), t.elapsed())
+    };
+
+    // A lone upstream gets two tries: two failures; the third takes it down
+    // and the second query does not wait for a second timeout.
+    let (code, took) = ask(1);
+    assert_eq!(code, ResponseCode::ServFail);
+    assert!(took >= 2 * timeout, "two tries: {took:?}");
+    let (code, took) = ask(2);
+    assert_eq!(code, ResponseCode::ServFail);
+    assert!(took >= timeout && took < 2 * timeout, "one try, then down: {took:?}");
+
+    // Down: SERVFAIL at once, and the upstream hears nothing but probes (a
+    // probe waits its timeout, so the slow answers bound what it heard).
+    let before = seen.load(Ordering::SeqCst);
+    let mut fast = 0;
+    for id in 10..30 {
+        let (code, took) = ask(id);
+        assert_eq!(code, ResponseCode::ServFail);
+        fast += usize::from(took < Duration::from_millis(100));
+    }
+    let heard = seen.load(Ordering::SeqCst) - before;
+    assert!(fast >= 15, "{fast} of 20 queries got SERVFAIL at once");
+    assert!(heard <= 2 * (20 - fast), "the down upstream heard {heard} queries");
+
+    // It answers again: the next probe (within 500 ms) brings it back.
+    alive.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(600));
+    let (code, _) = ask(100);
+    assert_eq!(code, ResponseCode::NoError, "the probe is answered");
+    for id in 101..106 {
+        let (code, took) = ask(id);
+        assert_eq!(code, ResponseCode::NoError);
+        assert!(took < timeout, "{took:?}");
+    }
+    assert_eq!(proxy.names("192.0.2.7"), ["back.sluice.test"]);
+}
+
+/// Over TCP too: an upstream that accepts connections but never answers
+/// is skipped after three timeouts in a row.
+#[test]
+fn over_tcp_a_dead_upstream_is_skipped_too() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // never accepts: the kernel does
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![held.local_addr().unwrap()]) }, shared(None));
+    let ask = |id: u16| {
+        let t = Instant::now();
+        let answer = tcp_exchange(proxy.addr, &query(id, "api.sluice.test.", RecordType::A, None));
+        (rcode(&answer), t.elapsed())
+    };
+    for id in 0..3 {
+        let (code, took) = ask(id);
+        assert_eq!(code, ResponseCode::ServFail);
+        assert!(took >= timeout, "attempt {id} waits its timeout: {took:?}");
+    }
+    for id in 3..8 {
+        let (code, took) = ask(id);
+        assert_eq!(code, ResponseCode::ServFail);
+        assert!(took < Duration::from_millis(100), "down: SERVFAIL at once, took {took:?}");
+    }
 }
 
 #[test]
