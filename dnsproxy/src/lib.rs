@@ -61,7 +61,8 @@ pub struct Config {
     /// How long one upstream gets to answer before the next is tried.
     pub timeout: Duration,
     /// Queries waiting on an upstream at once (per transport; UDP at most
-    /// 16,384); past this, SERVFAIL at once.
+    /// 16,384); past this, SERVFAIL at once. Over UDP one client address
+    /// may hold half of them.
     pub max_in_flight: usize,
     /// A client TCP connection with no query this long is closed (and one
     /// whose reply waits this long to be read).

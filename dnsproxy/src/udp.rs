@@ -22,7 +22,8 @@
 //! - the answer goes back byte for byte (the client's ID restored), after
 //!   its A/AAAA records were learned: the name table is updated before the
 //!   reply leaves;
-//! - one table of queries in flight, bounded; a sweep every
+//! - one table of queries in flight, bounded, half of it at most for any
+//!   one client address; a sweep every
 //!   [`SWEEP`] moves queries that timed out to the next upstream, and
 //!   answers SERVFAIL when every upstream failed. No timer per query.
 //!   Upstreams that stopped answering are skipped ([`Health`]), so with
@@ -33,7 +34,7 @@
 //! zone-sized replies).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -132,6 +133,37 @@ struct Table {
     pending: HashMap<(u16, u16), Pending>,
     deadlines: VecDeque<(Instant, (u16, u16), u64)>,
     serial: u64,
+    /// Queries in flight per client address (only those with one or more).
+    by_client: HashMap<IpAddr, usize>,
+}
+
+impl Table {
+    /// Counts a query of `client` in, unless it already has `share` in flight.
+    fn hold(&mut self, client: IpAddr, share: usize) -> bool {
+        let held = self.by_client.entry(client).or_insert(0);
+        if *held >= share {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// A query of `client` left the table for good (answered, or SERVFAIL).
+    fn release(&mut self, client: IpAddr) {
+        if let Some(held) = self.by_client.get_mut(&client) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.by_client.remove(&client);
+            }
+        }
+    }
+}
+
+/// How many of the `max_in_flight` queries one client address may hold:
+/// half, so the node's other apps always keep the other half (all of them
+/// for a cap of 1).
+fn client_share(max_in_flight: usize) -> usize {
+    (max_in_flight / 2).max(1)
 }
 
 /// Which of an upstream's sockets a batch of queries goes out on: drawn once
@@ -156,6 +188,10 @@ pub(crate) struct UdpProxy {
     preferred: AtomicUsize,
     timeout: Duration,
     max_in_flight: usize,
+    /// The most of them one client address may hold: a client that floods
+    /// (a stuck retry loop, DNS tunnelling to a slow server) cannot take
+    /// every slot from the node's other apps.
+    client_share: usize,
     unparsed: Counter,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
@@ -407,6 +443,7 @@ impl UdpProxy {
             timeout: config.timeout,
             // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
             max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
+            client_share: client_share(config.max_in_flight.clamp(1, MAX_IN_FLIGHT)),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
             stop: AtomicBool::new(false),
         })
@@ -558,6 +595,11 @@ impl UdpProxy {
             tracing::debug!("in-flight cap reached: SERVFAIL");
             return refuse(ResponseCode::ServFail, Action::Failed);
         }
+        if !table.hold(d.from.ip(), self.client_share) {
+            drop(table);
+            tracing::debug!(client = %d.from.ip(), "the client's share of the in-flight cap reached: SERVFAIL");
+            return refuse(ResponseCode::ServFail, Action::Failed);
+        }
         let n = self.upstreams.len();
         let pending = Pending {
             listener,
@@ -589,12 +631,16 @@ impl UdpProxy {
         // answer still comes well within a stub resolver's 5 s).
         let up = loop {
             if p.tries >= n.max(2) {
+                table.release(p.client.ip());
                 return Some(p);
             }
             p.tries += 1;
             let idx = p.upstream(n);
             if self.health.usable(idx) {
-                let Some(up) = self.upstreams.get(idx) else { return Some(p) };
+                let Some(up) = self.upstreams.get(idx) else {
+                    table.release(p.client.ip());
+                    return Some(p);
+                };
                 break up;
             }
         };
@@ -735,7 +781,9 @@ impl UdpProxy {
         if !crate::upstream::answers(id, &p.query[12..p.question_end], bytes) {
             return None;
         }
-        table.pending.remove(&key)
+        let p = table.pending.remove(&key)?;
+        table.release(p.client.ip());
+        Some(p)
     }
 
     /// Records what a NOERROR answer teaches, before it is relayed.

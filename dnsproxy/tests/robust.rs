@@ -234,12 +234,16 @@ fn over_tcp_a_dead_upstream_is_skipped_too() {
 #[test]
 fn the_in_flight_cap_answers_servfail_at_once() {
     let (_hold, quiet) = silent();
-    let config = Config { timeout: Duration::from_secs(2), max_in_flight: 2, ..config(vec![quiet]) };
+    let config = Config { timeout: Duration::from_secs(2), max_in_flight: 4, ..config(vec![quiet]) };
     let proxy = Proxy::start(config, shared(None));
-    let waiting: Vec<UdpSocket> = (0..2)
-        .map(|i| {
-            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-            s.send_to(&query(i, "api.sluice.test.", RecordType::A, None), proxy.addr).unwrap();
+    // Two clients, two queries each (each its share of the cap: half).
+    let waiting: Vec<UdpSocket> = ["127.0.0.2", "127.0.0.3"]
+        .into_iter()
+        .flat_map(|ip| [ip, ip])
+        .enumerate()
+        .map(|(i, ip)| {
+            let s = UdpSocket::bind((ip, 0)).unwrap();
+            s.send_to(&query(i as u16, "api.sluice.test.", RecordType::A, None), proxy.addr).unwrap();
             s
         })
         .collect();
@@ -249,10 +253,60 @@ fn the_in_flight_cap_answers_servfail_at_once() {
     assert_eq!(rcode(&answer.unwrap()), ResponseCode::ServFail);
     assert!(t.elapsed() < Duration::from_millis(500));
     for s in waiting {
-        s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
         let mut buf = [0u8; 512];
         let n = s.recv(&mut buf).unwrap();
         assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+}
+
+/// One client address may hold at most half of the in-flight cap: a client
+/// that floods a slow upstream gets SERVFAIL for the rest, and the node's
+/// other apps are still answered. Its share is given back as its queries end.
+#[test]
+fn one_client_cannot_take_every_in_flight_slot() {
+    let up = Scripted::start(|q| {
+        if q.windows(5).any(|w| w == b"stuck") {
+            return Vec::new();
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
+    });
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, max_in_flight: 8, ..config(vec![up.addr]) }, shared(None));
+
+    let flooder = UdpSocket::bind("127.0.0.2:0").unwrap();
+    flooder.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    for id in 0..10 {
+        flooder.send_to(&query(id, &format!("s{id}.stuck.test."), RecordType::A, None), proxy.addr).unwrap();
+    }
+    let t = Instant::now();
+    let mut buf = [0u8; 512];
+    for _ in 0..6 {
+        let n = flooder.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+    assert!(t.elapsed() < timeout, "past its share (4 of 8): SERVFAIL at once, took {:?}", t.elapsed());
+
+    // Another app, while the flooder holds its share: answered.
+    let other = UdpSocket::bind("127.0.0.3:0").unwrap();
+    other.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    other.send_to(&query(1, "fine.sluice.test.", RecordType::A, None), proxy.addr).unwrap();
+    let n = other.recv(&mut buf).unwrap();
+    assert_eq!(rcode(&buf[..n]), ResponseCode::NoError);
+
+    // The flooder's four held queries end (SERVFAIL after their timeout)...
+    for _ in 0..4 {
+        let n = flooder.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+    // ...and give its share back. (Four timeouts in a row took the upstream
+    // down: the first query after 500 ms is its probe, and is answered.)
+    std::thread::sleep(Duration::from_millis(600));
+    // Answered queries give it back too: more in a row than its share.
+    for id in 100..106 {
+        flooder.send_to(&query(id, "fine.sluice.test.", RecordType::A, None), proxy.addr).unwrap();
+        let n = flooder.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::NoError, "query {id}");
     }
 }
 
