@@ -432,6 +432,8 @@ impl UdpProxy {
                 Ok(Listener { socket, wildcard })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
+        // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
+        let max_in_flight = config.max_in_flight.clamp(1, MAX_IN_FLIGHT);
         Ok(UdpProxy {
             shared,
             listeners,
@@ -441,9 +443,8 @@ impl UdpProxy {
             health: Health::new(upstreams, "udp"),
             preferred: AtomicUsize::new(0),
             timeout: config.timeout,
-            // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
-            max_in_flight: config.max_in_flight.clamp(1, MAX_IN_FLIGHT),
-            client_share: client_share(config.max_in_flight.clamp(1, MAX_IN_FLIGHT)),
+            max_in_flight,
+            client_share: client_share(max_in_flight),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
             stop: AtomicBool::new(false),
         })
@@ -629,20 +630,19 @@ impl UdpProxy {
         // Every upstream once — and a lone upstream twice: one lost datagram
         // must not become a SERVFAIL (at the default 1.5 s timeout, the
         // answer still comes well within a stub resolver's 5 s).
-        let up = loop {
+        let next = loop {
             if p.tries >= n.max(2) {
-                table.release(p.client.ip());
-                return Some(p);
+                break None;
             }
             p.tries += 1;
             let idx = p.upstream(n);
             if self.health.usable(idx) {
-                let Some(up) = self.upstreams.get(idx) else {
-                    table.release(p.client.ip());
-                    return Some(p);
-                };
-                break up;
+                break self.upstreams.get(idx);
             }
+        };
+        let Some(up) = next else {
+            table.release(p.client.ip());
+            return Some(p);
         };
         let socket = up.sockets.start + pick % up.sockets.len().max(1);
         // A random ID that is free on this socket (at most max_in_flight of 65,536 are taken).
