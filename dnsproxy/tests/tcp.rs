@@ -8,23 +8,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, config, query, shared};
+use common::{Proxy, Upstream, config, query, shared, tcp_send as send};
 use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::RecordType;
 use sluice_dnsproxy::Config;
 
-fn send(s: &mut TcpStream, bytes: &[u8]) {
-    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(bytes);
-    s.write_all(&framed).unwrap();
-}
-
 fn receive(s: &mut TcpStream) -> std::io::Result<Message> {
-    let mut len = [0u8; 2];
-    s.read_exact(&mut len)?;
-    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut buf)?;
-    Ok(Message::from_vec(&buf).unwrap())
+    Ok(Message::from_vec(&common::tcp_receive(s)?).unwrap())
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, query, shared, tcp_exchange};
+use common::{Proxy, Upstream, query, shared, tcp_exchange, tcp_receive, tcp_send};
 use hickory_proto::op::Message;
 use hickory_proto::rr::RecordType;
 use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
@@ -49,13 +48,7 @@ fn out_of_descriptors_accepting_backs_off_and_resumes() {
     // Descriptors are back: the waiting client is accepted (within the backoff, ≤ 1 s) and answered.
     let mut s: TcpStream = client.into();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let q = query(2, "api.sluice.test.", RecordType::A, None);
-    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(&q);
-    s.write_all(&framed).unwrap();
-    let mut len = [0u8; 2];
-    s.read_exact(&mut len).unwrap();
-    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut reply).unwrap();
+    tcp_send(&mut s, &query(2, "api.sluice.test.", RecordType::A, None));
+    let reply = tcp_receive(&mut s).unwrap();
     assert_eq!(Message::from_vec(&reply).unwrap().metadata.id, 2);
 }

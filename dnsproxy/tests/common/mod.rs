@@ -241,18 +241,28 @@ pub fn udp_exchange(server: SocketAddr, bytes: &[u8], wait: Duration) -> Option<
     Some(buf)
 }
 
-/// One TCP exchange (two-byte length framing).
+/// One TCP exchange on a new connection.
 pub fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(server).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    tcp_send(&mut s, bytes);
+    tcp_receive(&mut s).unwrap()
+}
+
+/// Sends one DNS message over TCP (behind its two-byte length).
+pub fn tcp_send(s: &mut TcpStream, bytes: &[u8]) {
     let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(bytes);
     s.write_all(&framed).unwrap();
+}
+
+/// Reads one DNS message from TCP (behind its two-byte length).
+pub fn tcp_receive(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 2];
-    s.read_exact(&mut len).unwrap();
+    s.read_exact(&mut len)?;
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut buf).unwrap();
-    buf
+    s.read_exact(&mut buf)?;
+    Ok(buf)
 }
 
 /// The alive names of `ip` in the table, sorted.
