@@ -40,13 +40,20 @@ impl Ctx {
     fn is_own(&self, dst: SocketAddr) -> bool {
         self.own
             .iter()
-            .any(|l| l.port() == dst.port() && (l.ip() == dst.ip() || (l.ip().is_unspecified() && is_local(dst.ip()))))
+            .any(|l| l.port() == dst.port() && (l.ip() == dst.ip() || (l.ip().is_unspecified() && is_local(dst))))
     }
 }
 
-/// Whether `ip` is an address of this host: only those can be bound.
-fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+/// Whether `dst`'s address is one of this host's: only those can be bound.
+/// The IPv6 scope is kept (a link-local address binds only with it), and an
+/// error other than "not an address here" (out of descriptors) counts as
+/// local: fail-closed, never a loop through our own listener.
+fn is_local(mut dst: SocketAddr) -> bool {
+    dst.set_port(0);
+    match std::net::UdpSocket::bind(dst) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrNotAvailable,
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -211,7 +218,10 @@ async fn forward(
         // Bounded like any other wait: an upstream that never opens its window.
         let written = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)).await;
         if !matches!(written, Ok((Ok(_), _))) {
+            // Both reset: an upstream that got part of the first bytes must
+            // not see a clean close after them, as if they were whole.
             sys::reset_on_close(&client);
+            sys::reset_on_close(&upstream);
             report.outcome = Outcome::Spliced(End::UpstreamError);
             return;
         }
@@ -343,4 +353,36 @@ async fn connect(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<Tc
         return Err(e);
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    use super::*;
+
+    #[test]
+    fn own_addresses_are_local_and_others_are_not() {
+        assert!(is_local("127.0.0.1:15001".parse().unwrap()));
+        assert!(is_local("[::1]:15001".parse().unwrap()));
+        assert!(!is_local("198.18.0.1:15001".parse().unwrap()), "a test-net address no interface has");
+        assert!(!is_local("[2001:db8::1]:15001".parse().unwrap()));
+    }
+
+    /// A link-local address binds only with its scope: is_local keeps it.
+    /// (Needs an interface with one — eth0 here; skipped where none.)
+    #[test]
+    fn a_link_local_address_of_this_host_is_local() {
+        let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        let Some((ip, scope)) = table.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ip = Ipv6Addr::from(u128::from_str_radix(f.first()?, 16).ok()?);
+            let scope = u32::from_str_radix(f.get(1)?, 16).ok()?;
+            (ip.segments()[0] & 0xffc0 == 0xfe80).then_some((ip, scope))
+        }) else {
+            return;
+        };
+        assert!(is_local(SocketAddr::V6(SocketAddrV6::new(ip, 15001, 0, scope))), "{ip}%{scope}");
+    }
 }

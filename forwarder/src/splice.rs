@@ -195,9 +195,12 @@ impl Link<'_> {
                 }
                 Poll::Pending
             });
+            // Biased, `done` first: a connection that finished as its idle
+            // deadline passed ended well (and no random draw per poll).
             monoio::select! {
-                () = monoio::time::sleep_until(deadline.into()) => {}
+                biased;
                 () = done => return,
+                () = monoio::time::sleep_until(deadline.into()) => {}
             }
             if self.last_activity.get().elapsed() >= self.idle {
                 self.fail(End::Idle);
@@ -320,8 +323,9 @@ impl Link<'_> {
                 return Err(End::Internal);
             }
             monoio::select! {
-                () = monoio::time::sleep(pause) => {}
+                biased;
                 end = self.failure() => return Err(end),
+                () = monoio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(1));
             match held.take(self.pipes.base) {
@@ -335,7 +339,9 @@ impl Link<'_> {
     /// direction, the idle watch, the drain's end).
     async fn wait(&self, s: &TcpStream, read: bool, from: Side) -> Result<(), End> {
         let ready = async { if read { s.readable(false).await } else { s.writable(false).await } };
+        // Biased: no random draw on every poll of every wait.
         let ready = monoio::select! {
+            biased;
             r = ready => r,
             end = self.failure() => return Err(end),
         };
