@@ -102,8 +102,10 @@ fn now() -> Timestamp {
 
 /// Stops intercepting, keeping what drains flowing ([`crate::rules::release`]).
 fn release_rules(config: &Config) {
-    if config.intercept.is_some() && RULES_INSTALLED.load(Ordering::Relaxed) {
-        match crate::rules::release() {
+    if let Some(rules) = &config.intercept
+        && RULES_INSTALLED.load(Ordering::Relaxed)
+    {
+        match crate::rules::release(rules) {
             Ok(()) => tracing::info!("interception stopped: new connections and DNS go straight out"),
             Err(e) => tracing::error!(error = %e, "cannot stop intercepting; the rules stay until the drain ends"),
         }
