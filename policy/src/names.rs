@@ -234,9 +234,13 @@ impl NameTable {
         );
         let added = now_held.leases.len().saturating_sub(held.unwrap_or(0));
         drop(map);
-        let leases = self.leases.fetch_add(added, Ordering::Relaxed) + added;
-        if (held.is_none() && self.map.len() > self.capacity) || leases > self.lease_budget {
-            self.evict(Timestamp::from_unix_millis(now_ms));
+        // A name renewed (the common case) adds nothing: no shared write.
+        // A new IP adds one at least, so the capacity is checked then.
+        if added > 0 {
+            let leases = self.leases.fetch_add(added, Ordering::Relaxed) + added;
+            if (held.is_none() && self.map.len() > self.capacity) || leases > self.lease_budget {
+                self.evict(Timestamp::from_unix_millis(now_ms));
+            }
         }
     }
 
