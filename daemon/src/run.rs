@@ -195,18 +195,10 @@ async fn control(
         .with_context(|| format!("cannot bind the admin API on {}", config.admin_listen))?;
     let admin_addr: SocketAddr = listener.local_addr()?;
     tracing::info!(addr = %admin_addr, "admin API listening (/metrics, /healthz, /readyz, /debug/policy, /debug/names)");
-    let mut admin_stop = end_rx;
+    let admin_stop = stopped(end_rx);
     let server = tokio::spawn(async move {
         let app = admin::router(admin);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                while !*admin_stop.borrow_and_update() {
-                    if admin_stop.changed().await.is_err() {
-                        break;
-                    }
-                }
-            })
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(admin_stop).await
     });
 
     let (hup_tx, hup_rx) = mpsc::unbounded_channel();
@@ -230,13 +222,13 @@ async fn control(
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            // Serving until a stop was asked for: ending now is a failure (the
-            // node's DNS may be redirected here), and the daemon exits with it.
+            // The DNS proxy serves until the drain ends; its task ending now
+            // is a bug (a panic), and the node's DNS may be redirected here:
+            // the daemon stops and exits with it, for systemd to restart.
             ended = &mut dns => {
                 let error = match ended {
-                    Ok(Err(e)) => anyhow::Error::new(e),
                     Err(e) => anyhow::anyhow!("task failed: {e}"),
-                    Ok(Ok(())) => anyhow::anyhow!("stopped"),
+                    Ok(()) => anyhow::anyhow!("stopped on its own"),
                 };
                 tracing::error!(error = %format!("{error:#}"), "DNS proxy failed: stopping sluice");
                 failed = Some(error.context("DNS proxy failed"));
@@ -277,12 +269,10 @@ async fn control(
         tracing::error!(error = %e, "forwarder shutdown failed");
     }
     let _ = end_tx.send(true);
-    if failed.is_none() {
-        match dns.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "DNS proxy stopped with an error"),
-            Err(e) => tracing::error!(error = %e, "DNS proxy task failed"),
-            Ok(Ok(())) => {}
-        }
+    if failed.is_none()
+        && let Err(e) = dns.await
+    {
+        tracing::error!(error = %e, "DNS proxy task failed");
     }
     remove_rules(config);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

@@ -123,7 +123,8 @@ pub async fn serve(
     tcp: Vec<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
-    start(config, shared, udp, tcp)?.serve(shutdown).await
+    start(config, shared, udp, tcp)?.serve(shutdown).await;
+    Ok(())
 }
 
 /// Sets the proxy up — upstreams resolved, upstream sockets open (with their
@@ -163,12 +164,13 @@ pub struct Started {
 
 impl Started {
     /// Serves until `shutdown` completes, then stops accepting and returns.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), DnsError> {
+    /// Nothing after [`start`] ends it: socket errors are logged and retried
+    /// (receives after a pause, accepts with a backoff).
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Started { udp, receivers: _receivers, tcp_server, tcp } = self;
         // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
         let mut udp_tasks = tokio::task::JoinSet::new();
         udp_tasks.spawn(udp.sweep());
         tcp_server.serve(tcp, shutdown).await;
-        Ok(())
     }
 }
