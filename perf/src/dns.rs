@@ -3,7 +3,8 @@
 //! queries straight to it (`dns-direct`), through sluice's DNS proxy running
 //! in this process exactly as the daemon runs it (one tokio current-thread
 //! runtime on its own thread, `sluice_dnsproxy::serve`), or through dnsdist
-//! (no packet cache). Two dnsperf runs per target: full speed (queries/s and
+//! (no packet cache), or through a bare relay that does nothing else
+//! (`dns-relay`, the floor: `relay.rs`). Two dnsperf runs per target: full speed (queries/s and
 //! the proxy's CPU per query), then a fixed 10,000 queries/s (latency).
 //! Everything listens on 127.0.0.1 inside the benchmark namespace.
 
@@ -24,6 +25,7 @@ use sluice_policy::{NameTable, Snapshot};
 use crate::dnsperf::{self, Pace};
 use crate::ns::{ChildGuard, Netns, ScratchDir};
 use crate::procfs;
+use crate::relay::{RELAY, RELAY_THREAD, Relay};
 use crate::scenario::{self, Meter, Params, Run, Scenario, Snap};
 use crate::target::Target;
 
@@ -170,6 +172,7 @@ enum Proxy {
     None,
     Sluice(SluiceDns),
     Dnsdist(ChildGuard),
+    Relay(Relay),
 }
 
 /// sluice's DNS proxy on its own thread; stopped on drop.
@@ -213,6 +216,7 @@ impl<'a> DnsUp<'a> {
         let proxy = match target {
             Target::SluiceDns => Proxy::Sluice(start_sluice(ns)?),
             Target::Dnsdist => Proxy::Dnsdist(start_dnsdist(ns, upstream)?),
+            Target::DnsRelay => Proxy::Relay(Relay::start(ns, UPSTREAM.into())?),
             _ => Proxy::None,
         };
         let mut up = DnsUp { target, upstream, proxy };
@@ -227,6 +231,7 @@ impl<'a> DnsUp<'a> {
             Proxy::Sluice(s) if s.thread.as_ref().is_some_and(|t| t.is_finished()) => {
                 bail!("the sluice DNS thread ended")
             }
+            Proxy::Relay(r) if r.ended() => bail!("the relay's threads ended"),
             Proxy::Dnsdist(c) => match c.child.try_wait()? {
                 Some(st) => {
                     let log = std::fs::read_to_string(self.upstream.dir.join("dnsdist.log")).unwrap_or_default();
@@ -242,6 +247,7 @@ impl<'a> DnsUp<'a> {
         match self.target {
             Target::SluiceDns => SLUICE_DNS.into(),
             Target::Dnsdist => DNSDIST.into(),
+            Target::DnsRelay => RELAY.into(),
             _ => UPSTREAM.into(),
         }
     }
@@ -253,6 +259,7 @@ impl Meter for DnsUp<'_> {
             Proxy::None => 0,
             Proxy::Sluice(_) => procfs::task_ticks(SLUICE_THREAD),
             Proxy::Dnsdist(c) => procfs::tree_ticks(c.pid()),
+            Proxy::Relay(_) => procfs::task_ticks(RELAY_THREAD),
         }
     }
 

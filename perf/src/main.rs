@@ -13,6 +13,7 @@ mod idle;
 mod load;
 mod ns;
 mod procfs;
+mod relay;
 mod reload;
 mod report;
 mod scenario;

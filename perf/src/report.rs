@@ -256,6 +256,11 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
             let what = "sluice-dns p50 added at 10k q/s ≤ 40 µs";
             let _ = writeln!(o, "  {what:<55} {:>6.1}  {}", ours - direct, verdict(ours - direct <= 40.0));
         }
+        // Not a target: what a relay that does nothing else adds, in the same run.
+        if let (Some(floor), Some(direct)) = (p50(Target::DnsRelay), p50(Target::DnsDirect)) {
+            let what = "  (floor: dns-relay p50 added at 10k q/s, µs)";
+            let _ = writeln!(o, "  {what:<55} {:>6.1}", floor - direct);
+        }
     }
     if o.is_empty() { o } else { format!("\ntargets\n{o}") }
 }

@@ -51,10 +51,13 @@ pub(crate) enum Target {
     /// dnsdist, no packet cache: the reference forwarder.
     #[serde(rename = "dnsdist")]
     Dnsdist,
+    /// A bare UDP relay in this process (`relay.rs`): the floor any forwarder pays here.
+    #[serde(rename = "dns-relay")]
+    DnsRelay,
 }
 
 impl Target {
-    pub(crate) const ALL: [Target; 8] = [
+    pub(crate) const ALL: [Target; 9] = [
         Target::Direct,
         Target::SluiceUring,
         Target::SluiceEpoll,
@@ -63,6 +66,7 @@ impl Target {
         Target::DnsDirect,
         Target::SluiceDns,
         Target::Dnsdist,
+        Target::DnsRelay,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -75,6 +79,7 @@ impl Target {
             Target::DnsDirect => "dns-direct",
             Target::SluiceDns => "sluice-dns",
             Target::Dnsdist => "dnsdist",
+            Target::DnsRelay => "dns-relay",
         }
     }
 
@@ -101,7 +106,7 @@ impl Target {
 
     /// A DNS target (the `dns` scenario), not a TCP one.
     pub(crate) fn is_dns(self) -> bool {
-        matches!(self, Target::DnsDirect | Target::SluiceDns | Target::Dnsdist)
+        matches!(self, Target::DnsDirect | Target::SluiceDns | Target::Dnsdist | Target::DnsRelay)
     }
 
     /// Why this target cannot run on this machine, if it cannot.
@@ -114,7 +119,7 @@ impl Target {
         match self {
             Target::Haproxy => missing(&["haproxy"]),
             Target::Nginx => nginx_unavailable(),
-            Target::DnsDirect | Target::SluiceDns => missing(&["dnsperf", "nsd"]),
+            Target::DnsDirect | Target::SluiceDns | Target::DnsRelay => missing(&["dnsperf", "nsd"]),
             Target::Dnsdist => missing(&["dnsperf", "nsd", "dnsdist"]),
             Target::Direct | Target::SluiceUring | Target::SluiceEpoll => None,
         }
@@ -180,7 +185,9 @@ impl<'a> Up<'a> {
                 let scratch = scratch.context("nginx needs a scratch directory")?;
                 (Proxy::Nginx(start_nginx(ns, p, scratch)?), Some(0))
             }
-            Target::DnsDirect | Target::SluiceDns | Target::Dnsdist => bail!("{} is a DNS target", target.name()),
+            Target::DnsDirect | Target::SluiceDns | Target::Dnsdist | Target::DnsRelay => {
+                bail!("{} is a DNS target", target.name())
+            }
         };
         let mut up = Up { target, ns, proxy };
         match port {
