@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sluice_forwarder::{ConnReport, Shared};
-use sluice_policy::{NameTable, Timestamp};
+use sluice_policy::NameTable;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
@@ -59,15 +59,9 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
 
     let names = Arc::new(NameTable::new(config.name_table_capacity));
     let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
+    // Before the forwarder starts: its first connections are judged with the names restored.
     if let Some(path) = &names_path {
-        match names.restore(path, now()) {
-            Ok(s) => {
-                tracing::info!(restored = s.entries, skipped = s.skipped, path = %path.display(), "name table restored")
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot restore the name table; starting empty")
-            }
-        }
+        sluice_dnsproxy::restore_or_start_empty(&names, path);
     }
     if config.forwarder.mark != 0 && !can_set_mark() {
         tracing::warn!(
@@ -84,20 +78,10 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
         tracing::info!(%addr, driver, workers = forwarder.drivers.len(), "forwarder listening");
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("control runtime")?;
-    let result = rt.block_on(control(&config, state, names.clone(), prometheus, forwarder, names_path.clone()));
+    let result = rt.block_on(control(&config, state, names, prometheus, forwarder, names_path));
     // Also when the control plane failed after installing them.
     remove_rules(&config);
-    if let Some(path) = &names_path {
-        match names.save(path, now()) {
-            Ok(s) => tracing::info!(saved = s.entries, path = %path.display(), "name table saved"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot save the name table"),
-        }
-    }
     result.map(|()| ExitCode::SUCCESS)
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_system(SystemTime::now())
 }
 
 /// Stops intercepting, keeping what drains flowing ([`crate::rules::release`]).
@@ -166,22 +150,14 @@ async fn control(
     let (end_tx, end_rx) = watch::channel(false);
     let mut dns = tokio::spawn(dns.serve(stopped(end_rx.clone())));
     let warm = tokio::spawn(sluice_dnsproxy::warm(config.dns.clone(), dns_shared, stopped(stop_rx.clone())));
+    // Saved every SAVE_EVERY, and once more after the DNS proxy has stopped
+    // (it learns through the drain).
+    let (dns_done, saver_stop) = tokio::sync::oneshot::channel::<()>();
     let saver = names_path.map(|path| {
-        let (names, mut stop) = (names.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(SAVE_EVERY);
-            every.tick().await;
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    _ = every.tick() => {
-                        if let Err(e) = sluice_dnsproxy::save(names.clone(), path.clone()).await {
-                            tracing::warn!(error = %e, "periodic name table save failed");
-                        }
-                    }
-                }
-            }
-        })
+        let last = async {
+            let _ = saver_stop.await;
+        };
+        tokio::spawn(sluice_dnsproxy::keep_saved(names.clone(), path, SAVE_EVERY, last))
     });
     if let Some(rules) = &config.intercept {
         crate::rules::apply(rules).context("--intercept: cannot install the nftables rules")?;
@@ -252,9 +228,6 @@ async fn control(
     let _ = stop_tx.send(true);
     let _ = watcher.await;
     let _ = warm.await;
-    if let Some(saver) = saver {
-        let _ = saver.await; // a save under way ends before the final one starts: they share a file
-    }
     // Interception ends first: new connections and DNS lookups go straight
     // out, as they will once sluice has exited, instead of being refused for
     // the whole drain; redirected connections keep flowing. (Rules installed
@@ -273,6 +246,14 @@ async fn control(
         && let Err(e) = dns.await
     {
         tracing::error!(error = %e, "DNS proxy task failed");
+    }
+    drop(dns_done);
+    if let Some(saver) = saver {
+        match saver.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the name table"),
+            Err(e) => tracing::error!(error = %e, "name table saver failed"),
+        }
     }
     remove_rules(config);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;

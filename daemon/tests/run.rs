@@ -327,20 +327,8 @@ fn query_load(server: SocketAddr, name: &str, count: usize) -> usize {
 #[test]
 fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
     // A real upstream: dnsmasq, authoritative for one name.
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
-    let _dnsmasq = common::Proc(
-        Command::new("dnsmasq")
-            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-            .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
-            .args(["--local=/load.test/", "--host-record=load.test,198.18.0.7"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_dnsmasq, upstream) = dnsmasq("load.test", "198.18.0.7");
     let dir = tempfile::tempdir().unwrap();
-    let upstream = format!("127.0.0.1:{port}");
     let sluice = Sluice::start(dir.path(), &["--dns-upstream", &upstream]);
     let dns = sluice.dns.unwrap();
     let up = (0..50).any(|_| {
@@ -370,4 +358,50 @@ fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
     }
     eprintln!("resident memory growth over four stretches of 50,000 answers: {growths:?} KiB");
     assert!(growths.iter().any(|g| *g < 300), "sluice grew in every stretch: {growths:?} KiB");
+}
+
+/// dnsmasq on a free loopback port, authoritative for `name` → `ip`.
+fn dnsmasq(name: &str, ip: &str) -> (common::Proc, String) {
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let proc = common::Proc(
+        Command::new("dnsmasq")
+            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+            .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
+            .args([format!("--local=/{name}/"), format!("--host-record={name},{ip}")])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    (proc, format!("127.0.0.1:{port}"))
+}
+
+#[test]
+fn names_learned_before_a_restart_are_known_after_it() {
+    let (_dnsmasq, upstream) = dnsmasq("kept.test", "198.18.0.9");
+    let (policy, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(policy.path().join("policy.yaml"), REGISTRY_ONLY).unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let mut first = Sluice::start(policy.path(), &["--dns-upstream", &upstream, "--state-dir", state_dir]);
+    let dns = first.dns.unwrap();
+    let learned = (0..50).any(|_| {
+        let answered = query_load(dns, "kept.test", 100) > 0;
+        if !answered {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        answered
+    });
+    assert!(learned, "dnsmasq never answered through sluice");
+    let known = |s: &Sluice| s.get("/debug/names?ip=198.18.0.9").1;
+    assert!(known(&first).contains("kept.test"), "{}", known(&first));
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+    let saved = std::fs::read_to_string(state.path().join("names.jsonl")).unwrap();
+    assert!(saved.contains("kept.test") && saved.contains("198.18.0.9"), "saved at exit: {saved}");
+
+    // Started again with an upstream that does not answer: the name can only come from the file.
+    let second = Sluice::start(policy.path(), &["--state-dir", state_dir]);
+    assert!(known(&second).contains("kept.test"), "not restored: {}", known(&second));
+    assert_eq!(second.metric("sluice_dns_ips_tracked"), Some(1.0));
 }

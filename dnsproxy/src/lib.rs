@@ -38,7 +38,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use sluice_policy::{NameTable, Snapshot};
 
-pub use persist::{persist, restore, save};
+pub use persist::{keep_saved, persist, restore, restore_or_start_empty, save};
 pub use upstream::resolve_upstreams;
 pub use warm::{registered_hosts, warm};
 

@@ -56,25 +56,42 @@ pub async fn save(names: Arc<NameTable>, path: PathBuf) -> Result<PersistStats, 
 }
 
 /// Restores the table from `path`, saves it every `interval` and once more
-/// when `shutdown` completes. A table that cannot be restored is logged and
-/// the proxy starts empty; a failed periodic save is logged and counted and
-/// the loop goes on; a failed final save is returned.
+/// when `shutdown` completes: [`restore_or_start_empty`], then
+/// [`keep_saved`].
 ///
 /// Spawn it before [`serve`](crate::serve) starts answering (the restore
-/// runs at its first poll), or call [`restore`] first yourself.
+/// runs at its first poll).
 pub async fn persist(
     names: Arc<NameTable>,
     path: PathBuf,
     interval: Duration,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DnsError> {
-    match restore(&names, &path) {
+    restore_or_start_empty(&names, &path);
+    keep_saved(names, path, interval, shutdown).await
+}
+
+/// [`restore`], logged; a table that cannot be restored is logged and left
+/// empty (a corrupt or unreadable file must not keep DNS down; the next save
+/// overwrites it).
+pub fn restore_or_start_empty(names: &NameTable, path: &Path) {
+    match restore(names, path) {
         Ok(stats) => {
             tracing::info!(path = %path.display(), restored = stats.entries, skipped = stats.skipped, "name table restored")
         }
-        // A corrupt or unreadable file must not keep DNS down: start empty, and overwrite it at the next save.
         Err(error) => tracing::warn!(%error, "name table not restored; starting empty"),
     }
+}
+
+/// Saves the table every `interval` (at least 1 s) and once more when
+/// `shutdown` completes. A failed periodic save is logged and counted and
+/// the loop goes on; a failed final save is returned.
+pub async fn keep_saved(
+    names: Arc<NameTable>,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DnsError> {
     let interval = interval.max(Duration::from_secs(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
