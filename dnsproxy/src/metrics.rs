@@ -33,7 +33,8 @@ pub const UNPARSED_ANSWERS: &str = "sluice_dns_unparsed_answers_total";
 pub const TCP_CONNECTIONS: &str = "sluice_dns_tcp_connections";
 /// IPs in the name table.
 pub const IPS_TRACKED: &str = "sluice_dns_ips_tracked";
-/// Alive (IP, name) pairs in the name table, as of the last save.
+/// (IP, name) pairs in the name table, counted at each scrape (expired
+/// pairs count until the next purge, which every save makes).
 pub const NAMES_TRACKED: &str = "sluice_dns_names_tracked";
 /// Pre-resolutions of registered hosts: `result` (`ok`, `error`).
 pub const WARM_LOOKUPS: &str = "sluice_dns_warm_lookups_total";
