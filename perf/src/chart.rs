@@ -16,10 +16,10 @@ const BASELINE: RGBColor = RGBColor(150, 150, 150);
 const SLUICE: RGBColor = RGBColor(31, 119, 180);
 const PEER: RGBColor = RGBColor(255, 127, 14);
 
-/// Direct (and the bare DNS relay) in grey, sluice in blue, the other proxies in orange.
+/// Direct (and the bare relays) in grey, sluice in blue, the other proxies in orange.
 fn color(t: Target) -> RGBColor {
     match t {
-        Target::Direct | Target::DnsDirect | Target::DnsRelay => BASELINE,
+        Target::Direct | Target::DnsDirect | Target::DnsRelay | Target::TcpRelay => BASELINE,
         Target::SluiceUring | Target::SluiceEpoll | Target::SluiceDns => SLUICE,
         Target::Haproxy | Target::Nginx | Target::Dnsdist => PEER,
     }

@@ -17,6 +17,7 @@ mod relay;
 mod reload;
 mod report;
 mod scenario;
+mod splice_relay;
 mod suite;
 mod table;
 mod target;

@@ -212,6 +212,10 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
     if let Some(got) = ratio(runs, Target::Haproxy, Scenario::Bulk1, Target::Direct) {
         let _ = writeln!(o, "  {:<55} {got:>6.2}  (reference: about 0.63)", "haproxy 1-stream × direct");
     }
+    // Not a target: what a relay that does nothing but splice reaches, in the same run.
+    if let Some(got) = ratio(runs, Target::TcpRelay, Scenario::Bulk1, Target::Direct) {
+        let _ = writeln!(o, "  {:<55} {got:>6.2}", "(floor: tcp-relay 1-stream × direct)");
+    }
     for &t in targets.iter().filter(|t| **t != Target::Direct) {
         let Some(added) = added_p99(runs, t) else { continue };
         let what = format!("{} keepalive p99 added ≤ 30 µs", t.label());

@@ -66,12 +66,15 @@ impl Scenario {
     }
 
     /// Whether this scenario measures `t`: DNS targets only for `dns`, the
-    /// in-process forwarder only for `reload`, every TCP target for the rest.
+    /// in-process forwarder only for `reload`, the bare TCP relay only for
+    /// the bulk ones, every TCP target for the rest.
     pub(crate) fn runs_on(self, t: Target) -> bool {
         match self {
             Scenario::Dns => t.is_dns(),
             Scenario::Reload => t.is_sluice(),
-            _ => !t.is_dns(),
+            // A thread per direction: a floor for streams, not a proxy for thousands of connections.
+            Scenario::Bulk1 | Scenario::Bulk4 => !t.is_dns(),
+            _ => !t.is_dns() && t != Target::TcpRelay,
         }
     }
 

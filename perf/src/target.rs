@@ -21,6 +21,7 @@ use crate::load;
 use crate::ns::{ChildGuard, HAPROXY_UID, MARK, Netns, PORT_BULK, PORT_HOLD, SINK_IP, ScratchDir};
 use crate::procfs;
 use crate::scenario::{Meter, Params};
+use crate::splice_relay::{TCP_RELAY_THREAD, TcpRelay};
 
 /// HAProxy's listening port inside the namespace.
 const HAPROXY_PORT: u16 = 15001;
@@ -42,6 +43,9 @@ pub(crate) enum Target {
     Haproxy,
     #[serde(rename = "nginx")]
     Nginx,
+    /// A bare splicing relay in this process (`splice_relay.rs`), bulk scenarios only: the floor.
+    #[serde(rename = "tcp-relay")]
+    TcpRelay,
     /// dnsperf straight to the authoritative upstream (nsd).
     #[serde(rename = "dns-direct")]
     DnsDirect,
@@ -57,12 +61,13 @@ pub(crate) enum Target {
 }
 
 impl Target {
-    pub(crate) const ALL: [Target; 9] = [
+    pub(crate) const ALL: [Target; 10] = [
         Target::Direct,
         Target::SluiceUring,
         Target::SluiceEpoll,
         Target::Haproxy,
         Target::Nginx,
+        Target::TcpRelay,
         Target::DnsDirect,
         Target::SluiceDns,
         Target::Dnsdist,
@@ -76,6 +81,7 @@ impl Target {
             Target::SluiceEpoll => "sluice-epoll",
             Target::Haproxy => "haproxy",
             Target::Nginx => "nginx",
+            Target::TcpRelay => "tcp-relay",
             Target::DnsDirect => "dns-direct",
             Target::SluiceDns => "sluice-dns",
             Target::Dnsdist => "dnsdist",
@@ -121,7 +127,7 @@ impl Target {
             Target::Nginx => nginx_unavailable(),
             Target::DnsDirect | Target::SluiceDns | Target::DnsRelay => missing(&["dnsperf", "nsd"]),
             Target::Dnsdist => missing(&["dnsperf", "nsd", "dnsdist"]),
-            Target::Direct | Target::SluiceUring | Target::SluiceEpoll => None,
+            Target::Direct | Target::SluiceUring | Target::SluiceEpoll | Target::TcpRelay => None,
         }
     }
 }
@@ -142,6 +148,7 @@ enum Proxy {
     Haproxy(ChildGuard),
     /// nginx's master process (its workers are its children).
     Nginx(ChildGuard),
+    TcpRelay(TcpRelay),
 }
 
 /// A target set up in the namespace; torn down (proxy stopped, rule removed) on drop.
@@ -185,6 +192,11 @@ impl<'a> Up<'a> {
                 let scratch = scratch.context("nginx needs a scratch directory")?;
                 (Proxy::Nginx(start_nginx(ns, p, scratch)?), Some(0))
             }
+            Target::TcpRelay => {
+                let relay = TcpRelay::start(ns)?;
+                let port = relay.port;
+                (Proxy::TcpRelay(relay), Some(port))
+            }
             Target::DnsDirect | Target::SluiceDns | Target::Dnsdist | Target::DnsRelay => {
                 bail!("{} is a DNS target", target.name())
             }
@@ -213,6 +225,11 @@ impl<'a> Up<'a> {
                 let log = scratch.and_then(|s| std::fs::read_to_string(s.path.join(format!("{name}.log"))).ok());
                 let log = log.unwrap_or_default();
                 bail!("{name} exited ({st}): {log}");
+            }
+            if let Proxy::TcpRelay(r) = &self.proxy
+                && r.ended()
+            {
+                bail!("tcp-relay: its accepting thread ended");
             }
             match load::probe(self.ns) {
                 Ok(()) => return Ok(()),
@@ -243,7 +260,7 @@ impl<'a> Up<'a> {
         match &self.proxy {
             Proxy::Haproxy(c) => vec![c.pid()],
             Proxy::Nginx(c) => procfs::tree(c.pid()),
-            Proxy::None | Proxy::Sluice(_) => Vec::new(),
+            Proxy::None | Proxy::Sluice(_) | Proxy::TcpRelay(_) => Vec::new(),
         }
     }
 }
@@ -259,7 +276,7 @@ impl Drop for Up<'_> {
                     h.shutdown(Duration::ZERO);
                 }
             }
-            Proxy::Haproxy(_) | Proxy::Nginx(_) | Proxy::None => {}
+            Proxy::Haproxy(_) | Proxy::Nginx(_) | Proxy::TcpRelay(_) | Proxy::None => {}
         }
     }
 }
@@ -271,6 +288,7 @@ impl Meter for Up<'_> {
             Proxy::Sluice(_) => procfs::task_ticks("sluice-fwd-"),
             Proxy::Haproxy(c) => procfs::pid_ticks(c.pid()),
             Proxy::Nginx(c) => procfs::tree_ticks(c.pid()),
+            Proxy::TcpRelay(_) => procfs::task_ticks(TCP_RELAY_THREAD),
         }
     }
 
