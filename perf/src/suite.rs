@@ -93,7 +93,7 @@ impl Suite<'_> {
             pb.inc(1);
             return Ok((vec![run], None));
         }
-        let wants = |s: Scenario| self.scenarios.contains(&s);
+        let wants = |s: Scenario| self.scenarios.contains(&s) && s.runs_on(t);
         let mut idle = None;
         // The in-process forwarder is measured idle in a process of its own, before this one starts it.
         if wants(Scenario::Idle) && t.is_sluice() {
