@@ -78,16 +78,10 @@ impl Drop for TcpRelay {
 
 fn accept(listener: &TcpListener, stop: &AtomicBool, pumps: &Mutex<Vec<JoinHandle<()>>>) {
     while !stop.load(Ordering::Relaxed) {
-        let client = match listener.accept() {
-            Ok((c, _)) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(STOP_POLL);
-                continue;
-            }
-            Err(_) => {
-                std::thread::sleep(STOP_POLL);
-                continue;
-            }
+        // Nothing to accept (or an error, EMFILE say): look at `stop` again in a moment.
+        let Ok((client, _)) = listener.accept() else {
+            std::thread::sleep(STOP_POLL);
+            continue;
         };
         let Ok(upstream) = connect_original(&client) else { continue };
         let mut pumps = pumps.lock().unwrap_or_else(PoisonError::into_inner);
