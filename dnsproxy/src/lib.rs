@@ -23,6 +23,7 @@ mod handler;
 pub mod learn;
 pub mod metrics;
 mod persist;
+mod share;
 mod sys;
 mod tcp;
 mod udp;

@@ -8,12 +8,13 @@
 //! also lives on) and retries a failed accept at once, so out of descriptors
 //! it spins on the control plane's thread. Here open connections are capped
 //! (accepting pauses at the cap; the kernel's backlog holds the rest), a
-//! failed accept backs off (10 ms doubling to 1 s), and a connection is
-//! closed when a query takes longer than the idle timeout to arrive or its
-//! reply as long to be taken.
+//! failed accept backs off (10 ms doubling to 1 s), one client address
+//! holds at most half of the cap (a new connection past its share is closed
+//! at once), and a connection is closed when a query takes longer than the
+//! idle timeout to arrive or its reply as long to be taken.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::handler::Proxy;
 use crate::metrics::{self as m, Action};
+use crate::share::Shares;
 use crate::udp::{header_only, local_reply};
 
 /// Beyond any node's need, and what one semaphore call can take back.
@@ -46,6 +48,8 @@ pub(crate) struct TcpServer {
     proxy: Arc<Proxy>,
     slots: Arc<Semaphore>,
     max: usize,
+    /// Open connections per client address: at most half of `max` each.
+    by_client: Arc<Mutex<Shares>>,
     idle: Duration,
     open: Gauge,
 }
@@ -54,7 +58,8 @@ impl TcpServer {
     pub(crate) fn new(proxy: Proxy, max_connections: usize, idle: Duration) -> TcpServer {
         let max = max_connections.clamp(1, MAX_CONNECTIONS);
         let open = metrics::gauge!(m::TCP_CONNECTIONS);
-        TcpServer { proxy: Arc::new(proxy), slots: Arc::new(Semaphore::new(max)), max, idle, open }
+        let by_client = Arc::new(Mutex::new(Shares::of(max)));
+        TcpServer { proxy: Arc::new(proxy), slots: Arc::new(Semaphore::new(max)), max, by_client, idle, open }
     }
 
     /// Answers on `listeners` until `shutdown` completes; then stops
@@ -77,7 +82,7 @@ impl TcpServer {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stopping: watch::Receiver<()>) {
         let mut backoff = Duration::from_millis(10);
-        let mut warned: Option<Instant> = None;
+        let (mut warned, mut warned_share): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let slot = match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => slot,
@@ -95,7 +100,15 @@ impl TcpServer {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    tokio::spawn(self.clone().connection(stream, peer, slot, stopping.clone()));
+                    let Some(share) = ClientShare::take(&self.by_client, peer.ip()) else {
+                        // Closed unanswered: the client's resolver moves on (to UDP, or its next server).
+                        if warned_share.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                            warned_share = Some(Instant::now());
+                            tracing::warn!(client = %peer.ip(), cap = self.max, "DNS over TCP: one client holds half the connection cap; its new ones are closed");
+                        }
+                        continue;
+                    };
+                    tokio::spawn(self.clone().connection(stream, peer, (slot, share), stopping.clone()));
                 }
                 Err(e) if is_per_connection(&e) => tracing::debug!(error = %e, "DNS over TCP: accept failed"),
                 Err(e) => {
@@ -113,7 +126,7 @@ impl TcpServer {
         self: Arc<Self>,
         mut stream: TcpStream,
         peer: SocketAddr,
-        _slot: OwnedSemaphorePermit,
+        _held: (OwnedSemaphorePermit, ClientShare),
         mut stopping: watch::Receiver<()>,
     ) {
         self.open.increment(1.0);
@@ -171,6 +184,26 @@ impl TcpServer {
 /// accepted, a signal): the next accept may succeed at once.
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
+}
+
+/// One connection's count against its client address's share, given back on drop.
+struct ClientShare {
+    shares: Arc<Mutex<Shares>>,
+    client: IpAddr,
+}
+
+impl ClientShare {
+    /// `None`: `client` already holds its share of connections.
+    fn take(shares: &Arc<Mutex<Shares>>, client: IpAddr) -> Option<ClientShare> {
+        let mut held = shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.hold(client).then(|| ClientShare { shares: Arc::clone(shares), client })
+    }
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(self.client);
+    }
 }
 
 /// Where the handler's reply is encoded to, for the connection to write.

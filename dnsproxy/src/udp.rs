@@ -34,7 +34,7 @@
 //! zone-sized replies).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -48,6 +48,7 @@ use std::net::UdpSocket;
 use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, is_transfer, now};
 use crate::learn::learn;
 use crate::metrics::{self as m, Action};
+use crate::share::Shares;
 use crate::sys::{self, Arrival, Batch};
 use crate::upstream::{Health, failure};
 use crate::{Config, Shared};
@@ -128,42 +129,19 @@ struct Reply {
 
 /// Queries in flight, by (upstream socket, ID on the wire), and when each
 /// attempt times out, oldest first (the timeout is the same for all).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Table {
     pending: HashMap<(u16, u16), Pending>,
     deadlines: VecDeque<(Instant, (u16, u16), u64)>,
     serial: u64,
-    /// Queries in flight per client address (only those with one or more).
-    by_client: HashMap<IpAddr, usize>,
+    /// Queries in flight per client address: at most half the cap each.
+    by_client: Shares,
 }
 
 impl Table {
-    /// Counts a query of `client` in, unless it already has `share` in flight.
-    fn hold(&mut self, client: IpAddr, share: usize) -> bool {
-        let held = self.by_client.entry(client).or_insert(0);
-        if *held >= share {
-            return false;
-        }
-        *held += 1;
-        true
+    fn new(max_in_flight: usize) -> Table {
+        Table { pending: HashMap::new(), deadlines: VecDeque::new(), serial: 0, by_client: Shares::of(max_in_flight) }
     }
-
-    /// A query of `client` left the table for good (answered, or SERVFAIL).
-    fn release(&mut self, client: IpAddr) {
-        if let Some(held) = self.by_client.get_mut(&client) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                self.by_client.remove(&client);
-            }
-        }
-    }
-}
-
-/// How many of the `max_in_flight` queries one client address may hold:
-/// half, so the node's other apps always keep the other half (all of them
-/// for a cap of 1).
-fn client_share(max_in_flight: usize) -> usize {
-    (max_in_flight / 2).max(1)
 }
 
 /// Which of an upstream's sockets a batch of queries goes out on: drawn once
@@ -188,10 +166,6 @@ pub(crate) struct UdpProxy {
     preferred: AtomicUsize,
     timeout: Duration,
     max_in_flight: usize,
-    /// The most of them one client address may hold: a client that floods
-    /// (a stuck retry loop, DNS tunnelling to a slow server) cannot take
-    /// every slot from the node's other apps.
-    client_share: usize,
     unparsed: Counter,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
@@ -439,12 +413,11 @@ impl UdpProxy {
             listeners,
             upstreams: list,
             sockets,
-            table: Mutex::new(Table::default()),
+            table: Mutex::new(Table::new(max_in_flight)),
             health: Health::new(upstreams, "udp"),
             preferred: AtomicUsize::new(0),
             timeout: config.timeout,
             max_in_flight,
-            client_share: client_share(max_in_flight),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
             stop: AtomicBool::new(false),
         })
@@ -596,7 +569,7 @@ impl UdpProxy {
             tracing::debug!("in-flight cap reached: SERVFAIL");
             return refuse(ResponseCode::ServFail, Action::Failed);
         }
-        if !table.hold(d.from.ip(), self.client_share) {
+        if !table.by_client.hold(d.from.ip()) {
             drop(table);
             tracing::debug!(client = %d.from.ip(), "the client's share of the in-flight cap reached: SERVFAIL");
             return refuse(ResponseCode::ServFail, Action::Failed);
@@ -641,7 +614,7 @@ impl UdpProxy {
             }
         };
         let Some(up) = next else {
-            table.release(p.client.ip());
+            table.by_client.release(p.client.ip());
             return Some(p);
         };
         let socket = up.sockets.start + pick % up.sockets.len().max(1);
@@ -782,7 +755,7 @@ impl UdpProxy {
             return None;
         }
         let p = table.pending.remove(&key)?;
-        table.release(p.client.ip());
+        table.by_client.release(p.client.ip());
         Some(p)
     }
 

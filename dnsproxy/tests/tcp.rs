@@ -1,5 +1,6 @@
 //! DNS over TCP: several queries on one connection answered in order, idle
-//! connections closed, the connection cap (accepting pauses, then resumes).
+//! connections closed, the connection cap (accepting pauses, then resumes)
+//! and one client address's share of it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -18,7 +19,15 @@ fn receive(s: &mut TcpStream) -> std::io::Result<Message> {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
+    connect_from("127.0.0.1", addr)
+}
+
+/// A connection from `ip` (another loopback address is another client).
+fn connect_from(ip: &str, addr: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(ip.parse().unwrap(), 0).into()).unwrap();
+    s.connect(&addr.into()).unwrap();
+    let s = TcpStream::from(s);
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
@@ -75,14 +84,15 @@ fn an_idle_connection_is_closed() {
 fn at_the_connection_cap_accepting_pauses_until_one_closes() {
     let up = Upstream::start();
     let proxy = Proxy::start(Config { max_tcp_connections: 2, ..config(vec![up.addr]) }, shared(None));
+    // Two clients: one address may hold only half the cap.
     let mut first = connect(proxy.addr);
-    let mut second = connect(proxy.addr);
+    let mut second = connect_from("127.0.0.2", proxy.addr);
     for (i, s) in [&mut first, &mut second].into_iter().enumerate() {
         send(s, &query(i as u16, "api.sluice.test.", RecordType::A, None));
         receive(s).unwrap();
     }
     // The third connection is made (the kernel's backlog) but not served while two are open.
-    let mut third = connect(proxy.addr);
+    let mut third = connect_from("127.0.0.3", proxy.addr);
     third.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
     send(&mut third, &query(3, "api.sluice.test.", RecordType::A, None));
     let waited = receive(&mut third);
@@ -108,4 +118,42 @@ fn stopping_closes_idle_connections_at_once() {
     assert!(t.elapsed() < Duration::from_secs(2), "stopping took {:?}", t.elapsed());
     let mut buf = [0u8; 1];
     assert_eq!(s.read(&mut buf).unwrap(), 0, "closed by the proxy");
+}
+
+#[test]
+fn one_client_cannot_take_every_connection() {
+    let up = Upstream::start();
+    let proxy = Proxy::start(Config { max_tcp_connections: 4, ..config(vec![up.addr]) }, shared(None));
+    let served = |s: &mut TcpStream, id: u16| {
+        send(s, &query(id, "api.sluice.test.", RecordType::A, None));
+        receive(s).map(|m| m.metadata.id).ok()
+    };
+    let mut held = vec![connect(proxy.addr), connect(proxy.addr)];
+    for (i, s) in held.iter_mut().enumerate() {
+        assert_eq!(served(s, i as u16), Some(i as u16));
+    }
+    // Past its share (half of 4): closed at once, unanswered — not left waiting in the backlog.
+    let mut third = connect(proxy.addr);
+    third.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let closed = match third.read(&mut [0u8; 1]) {
+        Ok(0) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => Err(other),
+    };
+    assert!(closed.is_ok(), "the client's third connection was not closed: {closed:?}");
+    // Another client is served meanwhile, and its share is its own.
+    let mut other = connect_from("127.0.0.2", proxy.addr);
+    assert_eq!(served(&mut other, 4), Some(4));
+    // The first client closes one: its next connection is served.
+    held.pop();
+    let mut again = None;
+    for _ in 0..50 {
+        let mut s = connect(proxy.addr);
+        if served(&mut s, 5) == Some(5) {
+            again = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(again.is_some(), "the share given back was not taken again");
 }

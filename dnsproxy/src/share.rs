@@ -1,0 +1,63 @@
+//! One client address's share of a capped resource (UDP queries in flight,
+//! TCP connections): at most half, so that one pod flooding the proxy — a
+//! stuck retry loop, DNS tunnelling to a slow server — leaves the node's
+//! other apps the other half. Host-network processes share the node's
+//! address, and so one share.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+/// What each client address holds of a cap.
+#[derive(Debug)]
+pub(crate) struct Shares {
+    /// The most one address may hold: half the cap (all of a cap of 1).
+    share: usize,
+    /// Only addresses that hold one or more.
+    held: HashMap<IpAddr, usize>,
+}
+
+impl Shares {
+    pub(crate) fn of(cap: usize) -> Shares {
+        Shares { share: (cap / 2).max(1), held: HashMap::new() }
+    }
+
+    /// Counts one more for `client`, unless it already holds its share.
+    pub(crate) fn hold(&mut self, client: IpAddr) -> bool {
+        let held = self.held.entry(client).or_insert(0);
+        if *held >= self.share {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// `client` gave one back.
+    pub(crate) fn release(&mut self, client: IpAddr) {
+        if let Some(held) = self.held.get_mut(&client) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held.remove(&client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_half_and_gets_it_back() {
+        let (a, b) = (IpAddr::from([198, 18, 0, 1]), IpAddr::from([198, 18, 0, 2]));
+        let mut shares = Shares::of(4);
+        assert!(shares.hold(a) && shares.hold(a));
+        assert!(!shares.hold(a), "past half of the cap");
+        assert!(shares.hold(b), "another address has its own share");
+        shares.release(a);
+        assert!(shares.hold(a), "a share given back can be taken again");
+        let mut one = Shares::of(1);
+        assert!(one.hold(a), "a cap of 1 is all one address's");
+        shares.release(b);
+        assert!(!shares.held.contains_key(&b), "an address holding nothing is forgotten");
+    }
+}
