@@ -58,6 +58,10 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     let state = Arc::new(state);
 
     let names = Arc::new(NameTable::new(config.name_table_capacity));
+    if let Some(dir) = &config.state_dir {
+        // As systemd's StateDirectory= would: a missing directory would fail every save.
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    }
     let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
     // Before the forwarder starts: its first connections are judged with the names restored.
     if let Some(path) = &names_path {

@@ -382,7 +382,9 @@ fn names_learned_before_a_restart_are_known_after_it() {
     let (_dnsmasq, upstream) = dnsmasq("kept.test", "198.18.0.9");
     let (policy, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(policy.path().join("policy.yaml"), REGISTRY_ONLY).unwrap();
-    let state_dir = state.path().to_str().unwrap();
+    // Not there yet: sluice makes it.
+    let state_path = state.path().join("sluice");
+    let state_dir = state_path.to_str().unwrap();
     let mut first = Sluice::start(policy.path(), &["--dns-upstream", &upstream, "--state-dir", state_dir]);
     let dns = first.dns.unwrap();
     let learned = (0..50).any(|_| {
@@ -397,7 +399,7 @@ fn names_learned_before_a_restart_are_known_after_it() {
     assert!(known(&first).contains("kept.test"), "{}", known(&first));
     first.signal("TERM");
     assert_eq!(first.wait_exit(), Some(0));
-    let saved = std::fs::read_to_string(state.path().join("names.jsonl")).unwrap();
+    let saved = std::fs::read_to_string(state_path.join("names.jsonl")).unwrap();
     assert!(saved.contains("kept.test") && saved.contains("198.18.0.9"), "saved at exit: {saved}");
 
     // Started again with an upstream that does not answer: the name can only come from the file.

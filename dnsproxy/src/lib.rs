@@ -141,6 +141,8 @@ pub fn start(
     let mut ours = config.listen.clone();
     ours.extend(udp.iter().filter_map(|s| s.local_addr().ok()));
     ours.extend(tcp.iter().filter_map(|s| s.local_addr().ok()));
+    ours.sort_unstable();
+    ours.dedup();
     let addrs = resolve_upstreams(&config, &ours)?;
     tracing::info!(upstreams = ?addrs, listen = ?ours, "DNS proxy starting");
     let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout);
