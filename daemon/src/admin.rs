@@ -55,14 +55,7 @@ pub(crate) fn router(admin: Admin) -> Router {
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {
-    // The name table's gauges walk the whole table (17 ms at 1,000,000 IPs:
-    // `cargo bench -p sluice-policy --bench names -- a_name_count_walk`):
-    // on the blocking pool, not on the control thread that also answers DNS
-    // over TCP and moves timed-out UDP queries on.
-    let names = Arc::clone(&a.names);
-    if let Err(e) = tokio::task::spawn_blocking(move || sluice_dnsproxy::metrics::table_gauges(&names)).await {
-        tracing::warn!(error = %e, "name table gauges not updated");
-    }
+    sluice_dnsproxy::metrics::table_gauges(&a.names);
     ([("content-type", "text/plain; version=0.0.4")], a.prometheus.render())
 }
 

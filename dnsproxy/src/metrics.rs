@@ -33,8 +33,8 @@ pub const UNPARSED_ANSWERS: &str = "sluice_dns_unparsed_answers_total";
 pub const TCP_CONNECTIONS: &str = "sluice_dns_tcp_connections";
 /// IPs in the name table.
 pub const IPS_TRACKED: &str = "sluice_dns_ips_tracked";
-/// (IP, name) pairs in the name table, counted at each scrape (expired
-/// pairs count until the next purge, which every save makes).
+/// (IP, name) pairs in the name table, read at each scrape (expired pairs
+/// count until the next purge, which every save makes).
 pub const NAMES_TRACKED: &str = "sluice_dns_names_tracked";
 /// Pre-resolutions of registered hosts: `result` (`ok`, `error`).
 pub const WARM_LOOKUPS: &str = "sluice_dns_warm_lookups_total";
@@ -107,11 +107,12 @@ thread_local! {
     static REQUEST_COUNTERS: RefCell<HashMap<Key, Counter>> = RefCell::new(HashMap::new());
 }
 
-/// Sets the name table's gauges (IPs, and (IP, name) pairs, which walks the
-/// table): for the exporter to call when it is scraped, not per answer.
+/// Sets the name table's gauges (IPs, and (IP, name) pairs): for the
+/// exporter to call when it is scraped, not per answer (`len` sums a counter
+/// per CPU).
 pub fn table_gauges(names: &sluice_policy::NameTable) {
     metrics::gauge!(IPS_TRACKED).set(names.len() as f64);
-    metrics::gauge!(NAMES_TRACKED).set(names.name_count() as f64);
+    metrics::gauge!(NAMES_TRACKED).set(names.pair_count() as f64);
 }
 
 /// Counts one answered query (a cached handle per label set and thread).

@@ -30,7 +30,7 @@ fn persist_error(path: &Path, source: std::io::Error) -> DnsError {
 /// file is an empty table.
 pub fn restore(names: &NameTable, path: &Path) -> Result<PersistStats, DnsError> {
     let stats = names.restore(path, now()).map_err(|e| persist_error(path, e))?;
-    metrics::gauge!(m::IPS_TRACKED).set(names.len() as f64);
+    m::table_gauges(names);
     Ok(stats)
 }
 
@@ -40,18 +40,12 @@ pub async fn save(names: Arc<NameTable>, path: PathBuf) -> Result<PersistStats, 
         let now = now();
         names.purge_expired(now);
         let saved = names.save(&path, now).map_err(|e| persist_error(&path, e));
-        (saved, names.len())
+        m::table_gauges(&names);
+        saved
     });
-    let (saved, ips) =
-        job.await.map_err(|e| DnsError::Persist { path: PathBuf::new(), source: std::io::Error::other(e) })?;
-    metrics::gauge!(m::IPS_TRACKED).set(ips as f64);
-    match &saved {
-        Ok(stats) => {
-            metrics::gauge!(m::NAMES_TRACKED).set(stats.entries as f64);
-            metrics::counter!(m::SAVES, "result" => "ok").increment(1);
-        }
-        Err(_) => metrics::counter!(m::SAVES, "result" => "error").increment(1),
-    }
+    let saved = job.await.map_err(|e| DnsError::Persist { path: PathBuf::new(), source: std::io::Error::other(e) })?;
+    let result = if saved.is_ok() { "ok" } else { "error" };
+    metrics::counter!(m::SAVES, "result" => result).increment(1);
     saved
 }
 

@@ -80,6 +80,7 @@ fn the_cap_evicts_expired_first_then_least_recently_used() {
     assert!(!t.names(ip(0), at(21)).is_empty(), "recently used survives");
     assert!(t.names(ip(1), at(21)).is_empty(), "least recently used goes");
     assert!(!t.names(ip(10), at(21)).is_empty(), "the new entry is kept");
+    assert_eq!(t.pair_count(), t.name_count(), "the kept count follows the eviction");
 }
 
 #[test]
@@ -91,6 +92,7 @@ fn many_names_on_many_ips_stay_within_the_name_budget() {
             t.record(ip(i), &host(&format!("n{n}.ip{i}.example")), Duration::from_secs(3600), at(u64::from(i)), KEEP);
         }
         assert!(t.name_count() <= 100 * NAMES_PER_IP_BUDGET, "{} pairs after ip {i}", t.name_count());
+        assert_eq!(t.pair_count(), t.name_count(), "the kept count follows evictions (after ip {i})");
     }
     assert_eq!(t.names(ip(99), at(100)).len(), 32, "the newest IP keeps its names");
     assert!(t.names(ip(1), at(100)).is_empty(), "the least recently used IPs went");
@@ -100,7 +102,7 @@ fn many_names_on_many_ips_stay_within_the_name_budget() {
         t.record(ip(i), &host(&format!("ip{i}.example")), Duration::from_secs(3600), at(1), KEEP);
         t.record(ip(i), &host(&format!("alias.ip{i}.example")), Duration::from_secs(3600), at(1), KEEP);
     }
-    assert_eq!((t.len(), t.name_count()), (100, 200));
+    assert_eq!((t.len(), t.name_count(), t.pair_count()), (100, 200, 200));
 }
 
 #[test]
@@ -109,7 +111,7 @@ fn purge_removes_only_dead_ips() {
     t.record(ip(1), &host("short.example"), Duration::from_secs(1), T0, KEEP);
     t.record(ip(2), &host("long.example"), Duration::from_secs(3600), T0, KEEP);
     assert_eq!(t.purge_expired(at(100)), 1);
-    assert_eq!(t.len(), 1);
+    assert_eq!((t.len(), t.pair_count()), (1, 1));
 }
 
 #[test]
@@ -187,7 +189,7 @@ fn recording_the_same_answer_again_keeps_one_lease_and_counts_names() {
     }
     t.record(ip(1), &host("b.example"), Duration::from_secs(30), T0, KEEP);
     t.record(ip(2), &host("a.example"), Duration::from_secs(30), T0, KEEP);
-    assert_eq!(t.name_count(), 3);
+    assert_eq!((t.name_count(), t.pair_count()), (3, 3), "a renewal adds no pair");
     // A re-record that extends the life by more than the slack does move it.
     t.record(ip(1), &host("a.example"), Duration::from_secs(30), at(600), KEEP);
     assert_eq!(t.names(ip(1), at(600 + 90 - 1)).len(), 1, "a.example alive until 600 + 30 + 60");
