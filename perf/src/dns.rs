@@ -4,7 +4,7 @@
 //! in this process exactly as the daemon runs it (one tokio current-thread
 //! runtime on its own thread, `sluice_dnsproxy::serve`), or through dnsdist
 //! (no packet cache), or through a bare relay that does nothing else
-//! (`dns-relay`, the floor: `relay.rs`). Two dnsperf runs per target: full speed (queries/s and
+//! (`dns-relay`, the floor: `dns_relay.rs`). Two dnsperf runs per target: full speed (queries/s and
 //! the proxy's CPU per query), then a fixed 10,000 queries/s (latency).
 //! Everything listens on 127.0.0.1 inside the benchmark namespace.
 
@@ -22,10 +22,10 @@ use hickory_proto::rr::{Name, RecordType};
 use serde::Serialize;
 use sluice_policy::{NameTable, Snapshot};
 
+use crate::dns_relay::{RELAY, RELAY_THREAD, Relay};
 use crate::dnsperf::{self, Pace};
 use crate::ns::{ChildGuard, Netns, ScratchDir};
 use crate::procfs;
-use crate::relay::{RELAY, RELAY_THREAD, Relay};
 use crate::scenario::{self, Meter, Params, Run, Scenario, Snap};
 use crate::target::Target;
 

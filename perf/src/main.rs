@@ -8,19 +8,19 @@
 mod chart;
 mod child;
 mod dns;
+mod dns_relay;
 mod dnsperf;
 mod idle;
 mod load;
 mod ns;
 mod procfs;
-mod relay;
 mod reload;
 mod report;
 mod scenario;
-mod splice_relay;
 mod suite;
 mod table;
 mod target;
+mod tcp_relay;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

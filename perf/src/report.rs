@@ -262,7 +262,7 @@ pub(crate) fn checks(runs: &[Run], idle: &[Idle], targets: &[Target]) -> String 
         }
         // Not a target: what a relay that does nothing else adds, in the same run.
         if let (Some(floor), Some(direct)) = (p50(Target::DnsRelay), p50(Target::DnsDirect)) {
-            let what = "  (floor: dns-relay p50 added at 10k q/s, µs)";
+            let what = "(floor: dns-relay p50 added at 10k q/s, µs)";
             let _ = writeln!(o, "  {what:<55} {:>6.1}", floor - direct);
         }
     }

@@ -21,7 +21,7 @@ use crate::load;
 use crate::ns::{ChildGuard, HAPROXY_UID, MARK, Netns, PORT_BULK, PORT_HOLD, SINK_IP, ScratchDir};
 use crate::procfs;
 use crate::scenario::{Meter, Params};
-use crate::splice_relay::{TCP_RELAY_THREAD, TcpRelay};
+use crate::tcp_relay::{TCP_RELAY_THREAD, TcpRelay};
 
 /// HAProxy's listening port inside the namespace.
 const HAPROXY_PORT: u16 = 15001;
@@ -43,7 +43,7 @@ pub(crate) enum Target {
     Haproxy,
     #[serde(rename = "nginx")]
     Nginx,
-    /// A bare splicing relay in this process (`splice_relay.rs`), bulk scenarios only: the floor.
+    /// A bare splicing relay in this process (`tcp_relay.rs`), bulk scenarios only: the floor.
     #[serde(rename = "tcp-relay")]
     TcpRelay,
     /// dnsperf straight to the authoritative upstream (nsd).
@@ -55,7 +55,7 @@ pub(crate) enum Target {
     /// dnsdist, no packet cache: the reference forwarder.
     #[serde(rename = "dnsdist")]
     Dnsdist,
-    /// A bare UDP relay in this process (`relay.rs`): the floor any forwarder pays here.
+    /// A bare UDP relay in this process (`dns_relay.rs`): the floor any forwarder pays here.
     #[serde(rename = "dns-relay")]
     DnsRelay,
 }
