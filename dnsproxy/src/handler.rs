@@ -1,20 +1,22 @@
-//! The hickory-server request handler that answers every query that comes
-//! over TCP (the `tcp` loop calls it; UDP has its own, see `udp`): block or forward, learn from
-//! the answer, then reply. The policy gate and the blocked answer's SOA are
-//! shared with the UDP path.
+//! What both transports do with a DNS message — read the query, ask the
+//! policy, make a local reply, learn from the upstream's answer — and the
+//! TCP path's answer to one query (`Proxy`; the `tcp` loop calls it, UDP has
+//! its own in `udp`).
 //!
 //! Order matters: the name table is updated before the reply is handed to
 //! the connection, so an app that connects the instant it reads the answer is
-//! judged with the names that answer carried.
+//! judged with the names that answer carried. Forwarded answers go back as
+//! the upstream sent them, on both transports: only a NOERROR answer's
+//! question and answer section are parsed (to learn from), so a record type
+//! or an EDNS option hickory does not know, or bytes it would reject, reach
+//! the client as they came.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use metrics::Counter;
 use sluice_policy::model::{Enforcement, Mode};
 use sluice_policy::{Hostname, Retention, Snapshot, Timestamp};
@@ -61,6 +63,184 @@ pub(crate) fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
     }
 }
 
+pub(crate) fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+/// How long clients may cache a blocked name's NXDOMAIN (the SOA's TTL and
+/// minimum, RFC 2308): without an SOA they would not cache it at all.
+const BLOCKED_NEGATIVE_TTL: u32 = 60;
+
+/// The SOA that makes a blocked NXDOMAIN cacheable: owned by the query name,
+/// served by "sluice.invalid" (a name that cannot exist, RFC 6761).
+pub(crate) fn blocked_soa(owner: Name) -> Option<Record> {
+    let mname = Name::from_ascii("blocked.sluice.invalid.").ok()?;
+    let rname = Name::from_ascii("hostmaster.sluice.invalid.").ok()?;
+    let soa = hickory_proto::rr::rdata::SOA::new(mname, rname, 1, 3600, 600, 86400, BLOCKED_NEGATIVE_TTL);
+    Some(Record::from_rdata(owner, BLOCKED_NEGATIVE_TTL, hickory_proto::rr::RData::SOA(soa)))
+}
+
+/// The parts of a query the proxy reads; the rest is passed on as it is.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub(crate) meta: Metadata,
+    pub(crate) query: Query,
+    pub(crate) question_end: usize,
+    pub(crate) max_udp: usize,
+    pub(crate) edns: Option<Edns>,
+}
+
+/// Why a query is answered here instead of forwarded.
+#[derive(Debug)]
+pub(crate) enum Refuse {
+    /// Not worth an answer (too short to carry an ID, or itself an answer).
+    Drop,
+    /// Malformed, or more than one question.
+    FormErr(Metadata),
+    /// Not a standard query (NOTIFY, UPDATE...).
+    NotImp(Metadata, Query),
+}
+
+pub(crate) fn parse_query(bytes: &[u8], truncated: bool) -> Result<Parsed, Refuse> {
+    let mut decoder = BinDecoder::new(bytes);
+    let header = hickory_proto::op::Header::read(&mut decoder).map_err(|_| Refuse::Drop)?;
+    let meta = header.metadata;
+    if meta.message_type != MessageType::Query {
+        return Err(Refuse::Drop);
+    }
+    if truncated || header.counts.queries != 1 {
+        return Err(Refuse::FormErr(meta));
+    }
+    let query = Query::read(&mut decoder).map_err(|_| Refuse::FormErr(meta))?;
+    if meta.op_code != OpCode::Query {
+        return Err(Refuse::NotImp(meta, query));
+    }
+    let question_end = decoder.index();
+    let edns = client_edns(&mut decoder, &header.counts).map_err(|_| Refuse::FormErr(meta))?;
+    // RFC 6891: below 512 means 512; without EDNS, 512.
+    let max_udp = edns.as_ref().map_or(512, |e| e.max_payload().max(512));
+    Ok(Parsed { meta, query, question_end, max_udp: usize::from(max_udp), edns })
+}
+
+/// The client's OPT record, if any (the additional section of a query).
+fn client_edns(
+    decoder: &mut BinDecoder<'_>,
+    counts: &hickory_proto::op::HeaderCounts,
+) -> Result<Option<Edns>, hickory_proto::ProtoError> {
+    let records = usize::from(counts.answers) + usize::from(counts.authorities);
+    for _ in 0..records {
+        Record::read(decoder)?;
+    }
+    for _ in 0..counts.additionals {
+        let record = Record::read(decoder)?;
+        if record.record_type() == RecordType::OPT {
+            return Ok(Some(Edns::from(&record)));
+        }
+    }
+    Ok(None)
+}
+
+/// The RCODE in an answer's header (the four bits; the extension in the OPT
+/// record is not needed to tell NOERROR). `answer` has a header.
+pub(crate) fn header_rcode(answer: &[u8]) -> ResponseCode {
+    ResponseCode::from(0, answer.get(3).map_or(0, |b| b & 0x0f))
+}
+
+/// What an upstream's answer (one that [`answers`](crate::upstream::answers)
+/// its query) holds for learning.
+#[derive(Debug)]
+pub(crate) enum Lesson {
+    /// Not NOERROR: not parsed at all, nothing to learn.
+    Nothing,
+    /// The question's name and the answer section.
+    Records(Name, Vec<Record>),
+    /// A NOERROR answer hickory cannot read: relayed as it came, unlearned.
+    Unparsed(hickory_proto::ProtoError),
+}
+
+/// Reads what `answer` can teach. Only NOERROR answers are parsed, and only
+/// their question and answer section: an error answer, or bytes after the
+/// answer section that hickory would reject, never costs the client its
+/// answer.
+pub(crate) fn lesson(answer: &[u8]) -> Lesson {
+    if header_rcode(answer) != ResponseCode::NoError {
+        return Lesson::Nothing;
+    }
+    match parse_answer(answer) {
+        Ok((qname, records)) => Lesson::Records(qname, records),
+        Err(error) => Lesson::Unparsed(error),
+    }
+}
+
+/// The question's name and the answer section of an upstream's answer; the
+/// authority and additional sections are not needed for learning.
+fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::ProtoError> {
+    let mut decoder = BinDecoder::new(bytes);
+    let header = hickory_proto::op::Header::read(&mut decoder)?;
+    if header.counts.queries != 1 {
+        // `answers` lets only rejections through without their question.
+        return Err(hickory_proto::ProtoError::from("a NOERROR answer without exactly one question"));
+    }
+    let qname = Query::read(&mut decoder)?.name;
+    let mut records = Vec::with_capacity(usize::from(header.counts.answers));
+    for _ in 0..header.counts.answers {
+        records.push(Record::read(&mut decoder)?);
+    }
+    Ok((qname, records))
+}
+
+/// A reply made here: the client's ID and question, `rcode`, no records
+/// but the SOA of a blocked name, EDNS if the client used it.
+pub(crate) fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
+    let mut reply = Message::new(meta.id, MessageType::Response, meta.op_code);
+    reply.metadata.recursion_desired = meta.recursion_desired;
+    reply.metadata.checking_disabled = meta.checking_disabled;
+    reply.metadata.recursion_available = true;
+    reply.metadata.response_code = rcode;
+    if let Some(q) = query {
+        reply.add_query(q.clone());
+        if rcode == ResponseCode::NXDomain
+            && let Some(soa) = blocked_soa(q.name().clone())
+        {
+            reply.add_authority(soa);
+        }
+    }
+    if let Some(theirs) = edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
+        reply.set_edns(ours);
+    }
+    reply.to_vec().unwrap_or_else(|_| header_only(meta.id, rcode))
+}
+
+/// The last resort reply: a bare header.
+pub(crate) fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
+    let mut h = vec![0u8; 12];
+    h[..2].copy_from_slice(&id.to_be_bytes());
+    h[2] = 0x80;
+    h[3] = 0x80 | (u16::from(rcode) & 0x0f) as u8;
+    h
+}
+
+/// Records what a forwarded answer teaches (a NOERROR one's A/AAAA along
+/// its CNAME chain), before it is relayed; an answer hickory cannot read is
+/// relayed unlearned and counted in `unparsed`.
+pub(crate) fn learn_from(shared: &Shared, answer: &[u8], unparsed: &Counter) {
+    match lesson(answer) {
+        Lesson::Nothing => {}
+        Lesson::Records(qname, records) => {
+            let keep = Retention::from(&shared.policy.load().settings().dns);
+            learn(&shared.names, &qname, &records, now(), keep);
+        }
+        Lesson::Unparsed(error) => {
+            tracing::debug!(%error, "unparseable upstream answer: relayed as it came, nothing learned");
+            unparsed.increment(1);
+        }
+    }
+}
+
+/// The TCP path's queries: blocked or forwarded (one upstream TCP exchange
+/// each, at most `max_in_flight` at once), learned from, answered.
 #[derive(Debug)]
 pub(crate) struct Proxy {
     shared: Shared,
@@ -78,147 +258,90 @@ impl Proxy {
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "tcp"),
         }
     }
-}
 
-pub(crate) fn now() -> Timestamp {
-    Timestamp::from_system(SystemTime::now())
-}
-
-/// What to report when even the reply could not be sent.
-fn unsent(request: &Request, rcode: ResponseCode) -> ResponseInfo {
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.response_code = rcode;
-    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
-}
-
-/// How long clients may cache a blocked name's NXDOMAIN (the SOA's TTL and
-/// minimum, RFC 2308): without an SOA they would not cache it at all.
-const BLOCKED_NEGATIVE_TTL: u32 = 60;
-
-/// The SOA that makes a blocked NXDOMAIN cacheable: owned by the query name,
-/// served by "sluice.invalid" (a name that cannot exist, RFC 6761).
-pub(crate) fn blocked_soa(owner: Name) -> Option<Record> {
-    let mname = Name::from_ascii("blocked.sluice.invalid.").ok()?;
-    let rname = Name::from_ascii("hostmaster.sluice.invalid.").ok()?;
-    let soa = hickory_proto::rr::rdata::SOA::new(mname, rname, 1, 3600, 600, 86400, BLOCKED_NEGATIVE_TTL);
-    Some(Record::from_rdata(owner, BLOCKED_NEGATIVE_TTL, hickory_proto::rr::RData::SOA(soa)))
-}
-
-/// A reply made here (blocked, malformed, failed): the client's question,
-/// no records (but an SOA for a blocked NXDOMAIN), and EDNS if the client used it.
-async fn local_reply<R: ResponseHandler>(request: &Request, mut response: R, rcode: ResponseCode) -> ResponseInfo {
-    let mut metadata = Metadata::response_from_request(&request.metadata);
-    metadata.response_code = rcode;
-    metadata.recursion_available = true;
-    let edns = request.edns.as_ref().map(|theirs| {
-        let mut ours = Edns::new();
-        ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
-        ours
-    });
-    let owner = request.queries.queries().first().map(|q| Name::from(q.name().clone()));
-    let soa = if rcode == ResponseCode::NXDomain { owner.and_then(blocked_soa) } else { None };
-    let builder = MessageResponseBuilder::new(&request.queries, edns.as_ref());
-    let reply = builder.build(metadata, None.iter(), None.iter(), soa.iter(), None.iter());
-    match response.send_response(reply).await {
-        Ok(info) => info,
-        Err(error) => {
-            tracing::debug!(%error, "could not send a DNS reply");
-            unsent(request, rcode)
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Proxy {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, response: R) -> ResponseInfo {
-        let query = match request.queries.queries() {
-            [q] if request.metadata.op_code == OpCode::Query => q,
-            [q] => {
-                m::request(q.query_type(), ResponseCode::NotImp, Action::Failed);
-                return local_reply(request, response, ResponseCode::NotImp).await;
-            }
-            _ => {
+    /// The reply to one query that came over TCP: the upstream's answer as
+    /// it came (the client's own ID and question went upstream, so they come
+    /// back), or one made here. `None`: not to be answered (too short to be
+    /// DNS, or itself an answer: never answered, against reflection).
+    pub(crate) async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let parsed = match parse_query(query, false) {
+            Ok(p) => p,
+            Err(Refuse::Drop) => return None,
+            Err(Refuse::FormErr(meta)) => {
                 m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
-                return local_reply(request, response, ResponseCode::FormErr).await;
+                return Some(local_reply(&meta, None, None, ResponseCode::FormErr));
+            }
+            Err(Refuse::NotImp(meta, q)) => {
+                m::request(q.query_type(), ResponseCode::NotImp, Action::Failed);
+                return Some(local_reply(&meta, Some(&q), None, ResponseCode::NotImp));
             }
         };
-        let qtype = query.query_type();
-        if is_transfer(qtype) {
-            m::request(qtype, ResponseCode::Refused, Action::Blocked);
-            return local_reply(request, response, ResponseCode::Refused).await;
-        }
-        let (gate, keep) = {
-            let snapshot = self.shared.policy.load();
-            (gate(&snapshot, &Name::from(query.name())), Retention::from(&snapshot.settings().dns))
+        let qtype = parsed.query.query_type();
+        let refuse = |rcode: ResponseCode, action: Action| {
+            m::request(qtype, rcode, action);
+            Some(local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode))
         };
-        if gate == Gate::Block {
-            m::request(qtype, ResponseCode::NXDomain, Action::Blocked);
-            return local_reply(request, response, ResponseCode::NXDomain).await;
+        if is_transfer(qtype) {
+            return refuse(ResponseCode::Refused, Action::Blocked);
+        }
+        if gate(&self.shared.policy.load(), parsed.query.name()) == Gate::Block {
+            return refuse(ResponseCode::NXDomain, Action::Blocked);
         }
         let Ok(permit) = self.in_flight.try_acquire() else {
             tracing::debug!("in-flight cap reached: SERVFAIL");
-            m::request(qtype, ResponseCode::ServFail, Action::Failed);
-            return local_reply(request, response, ResponseCode::ServFail).await;
+            return refuse(ResponseCode::ServFail, Action::Failed);
         };
-        let exchanged = self.upstreams.exchange(request.as_slice(), request.queries.as_bytes()).await;
+        let exchanged = self.upstreams.exchange(query, query.get(12..parsed.question_end)?).await;
         drop(permit);
-        let answer = match exchanged.map(|bytes| Message::from_vec(&bytes)) {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(error)) => {
-                // A TCP reply is hickory's encoding of a parsed answer: the
-                // bytes cannot go back as they came, as they do over UDP.
-                tracing::debug!(%error, "unparseable upstream answer: SERVFAIL");
-                self.unparsed.increment(1);
-                m::request(qtype, ResponseCode::ServFail, Action::Failed);
-                return local_reply(request, response, ResponseCode::ServFail).await;
+        match exchanged {
+            Ok(answer) => {
+                learn_from(&self.shared, &answer, &self.unparsed);
+                m::request(qtype, header_rcode(&answer), Action::Forwarded);
+                Some(answer)
             }
             Err(error) => {
                 tracing::debug!(%error, "every upstream failed: SERVFAIL");
-                m::request(qtype, ResponseCode::ServFail, Action::Failed);
-                return local_reply(request, response, ResponseCode::ServFail).await;
+                refuse(ResponseCode::ServFail, Action::Failed)
             }
-        };
-        if answer.metadata.response_code == ResponseCode::NoError {
-            learn(&self.shared.names, &Name::from(query.name()), &answer.answers, now(), keep);
-        }
-        m::request(qtype, answer.metadata.response_code, Action::Forwarded);
-        relay(request, response, answer).await
-    }
-}
-
-/// Sends the upstream's answer back: its header flags, records, TTLs and
-/// EDNS as they came; the question is the client's own bytes. Re-encoding
-/// may change name compression, and TC is set if it no longer fits.
-async fn relay<R: ResponseHandler>(request: &Request, mut response: R, mut answer: Message) -> ResponseInfo {
-    let signature = answer.signature.take();
-    let rcode = answer.metadata.response_code;
-    let mut reply = MessageResponseBuilder::new(&request.queries, answer.edns.as_ref()).build(
-        answer.metadata,
-        &answer.answers,
-        &answer.authorities,
-        std::iter::empty::<&Record>(),
-        &answer.additionals,
-    );
-    if let Some(signature) = signature {
-        reply.set_signature(signature);
-    }
-    match response.send_response(reply).await {
-        Ok(info) => info,
-        Err(error) => {
-            tracing::debug!(%error, "could not send a DNS reply");
-            unsent(request, rcode)
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use std::str::FromStr;
 
+    use hickory_proto::rr::RData;
     use sluice_policy::{SourceFile, load_sources};
 
     use super::*;
+
+    pub(crate) fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::AAAA));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// The upstream's answer to `q` with three AAAA records, its EDNS (if
+    /// any) after them.
+    pub(crate) fn long_answer(q: &[u8], edns: Option<Edns>) -> Vec<u8> {
+        let mut m = Message::from_vec(q).unwrap();
+        m.metadata.message_type = MessageType::Response;
+        for i in 0..3 {
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            m.add_answer(Record::from_rdata(m.queries[0].name().clone(), 60, RData::AAAA(ip.into())));
+        }
+        m.edns = edns;
+        m.to_vec().unwrap()
+    }
 
     fn snapshot(yaml: &str) -> Snapshot {
         let file = SourceFile { path: std::path::Path::new("test.yaml").into(), bytes: yaml.as_bytes().to_vec() };
@@ -272,5 +395,58 @@ spec:
             let snap = snapshot(&policy(mode, block, enforcement));
             assert_eq!(gate_for(&snap, "evil.example.org."), Gate::Forward, "{mode} {block} {enforcement}");
         }
+    }
+
+    #[test]
+    fn queries_are_read_with_their_payload_size() {
+        let p = parse_query(&query(7, "a.example.", Some(4_096)), false).unwrap();
+        assert_eq!((p.meta.id, p.max_udp, p.query.query_type()), (7, 4_096, RecordType::AAAA));
+        assert_eq!(p.question_end, 12 + 11 + 4);
+        assert_eq!(parse_query(&query(7, "a.example.", Some(100)), false).unwrap().max_udp, 512);
+        assert_eq!(parse_query(&query(7, "a.example.", None), false).unwrap().max_udp, 512);
+        assert!(matches!(
+            parse_query(&query(7, "a.example.", None), true),
+            Err(Refuse::FormErr(Metadata { id: 7, .. }))
+        ));
+        let mut answer = query(7, "a.example.", None);
+        answer[2] |= 0x80;
+        assert!(matches!(parse_query(&answer, false), Err(Refuse::Drop)));
+        assert!(matches!(parse_query(&answer[..5], false), Err(Refuse::Drop)));
+    }
+
+    #[test]
+    fn only_noerror_answers_are_parsed_and_an_unparseable_one_is_still_relayed() {
+        let q = query(3, "a.example.", None);
+        let answer = long_answer(&q, None);
+        assert!(
+            matches!(lesson(&answer), Lesson::Records(name, records) if name.to_string() == "a.example." && records.len() == 3)
+        );
+        // A NOERROR answer whose answer section hickory cannot read.
+        let question_end = parse_query(&q, false).unwrap().question_end;
+        let mut bad = answer[..question_end].to_vec();
+        bad[2] |= 0x80;
+        bad[7] = 1;
+        bad.extend_from_slice(&[0xc0, 0xff, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]); // a pointer past the end
+        bad.extend_from_slice(&[0; 16]);
+        assert!(matches!(lesson(&bad), Lesson::Unparsed(_)));
+        // An error answer is not parsed at all: nothing to learn, whatever it holds.
+        bad[3] |= 2;
+        assert!(matches!(lesson(&bad), Lesson::Nothing));
+        assert_eq!(header_rcode(&bad), ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn local_replies_keep_id_question_and_edns() {
+        let q = query(9, "blocked.example.", Some(4_096));
+        let p = parse_query(&q, false).unwrap();
+        let r =
+            Message::from_vec(&local_reply(&p.meta, Some(&p.query), p.edns.as_ref(), ResponseCode::NXDomain)).unwrap();
+        assert_eq!(r.metadata.id, 9);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert!(r.metadata.recursion_desired && r.metadata.recursion_available);
+        assert_eq!(r.queries[0].name().to_string(), "blocked.example.");
+        assert_eq!(r.authorities.len(), 1, "the SOA that makes it cacheable");
+        assert_eq!(r.edns.unwrap().max_payload(), LOCAL_PAYLOAD);
+        assert_eq!(header_only(5, ResponseCode::ServFail)[3] & 0x0f, 2);
     }
 }

@@ -23,11 +23,9 @@ pub const UPSTREAM_FAILURES: &str = "sluice_dns_upstream_failures_total";
 /// failed; queries skip it but for a probe every 500 ms): `upstream`,
 /// `transport`.
 pub const UPSTREAM_UP: &str = "sluice_dns_upstream_up";
-/// Upstream answers hickory could not parse, so nothing was learned from
-/// them: `transport`. Over UDP only NOERROR answers are parsed (to learn
-/// from) and an unparseable one is relayed as it came; over TCP every answer
-/// is parsed (replies are re-encoded by hickory) and an unparseable one gets
-/// SERVFAIL.
+/// NOERROR upstream answers hickory could not parse, so nothing was learned
+/// from them (they are relayed as they came): `transport`. Only NOERROR
+/// answers are parsed, to learn from.
 pub const UNPARSED_ANSWERS: &str = "sluice_dns_unparsed_answers_total";
 /// Client connections open for DNS over TCP (at most `maxTcpConnections`).
 pub const TCP_CONNECTIONS: &str = "sluice_dns_tcp_connections";

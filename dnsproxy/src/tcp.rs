@@ -1,7 +1,7 @@
 //! DNS over TCP: sluice's own accept loop and message framing (RFC 1035
 //! §4.2.2: each message behind its two-byte length; RFC 7766: several
-//! queries per connection, answered in order), answering through
-//! `handler::Proxy` with hickory-server's request and response types.
+//! queries per connection, answered in order), each query answered by
+//! `handler::Proxy` (the upstream's answer as it came, or a local reply).
 //!
 //! Not hickory-server's `Server` loop: it accepts without a cap (every
 //! connection a pod opens to :53 holds one of the descriptors the forwarder
@@ -12,29 +12,24 @@
 //! holds at most half of the cap (a new connection past its share is closed
 //! at once), and a connection is closed when a query takes longer than the
 //! idle timeout to arrive or its reply as long to be taken.
+//!
+//! Nor hickory-server's request handler: its response types re-encode the
+//! answer, so a NOERROR answer hickory cannot parse could only become
+//! SERVFAIL; here, as over UDP, the upstream's bytes go back as they came.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Header, MessageType, ResponseCode};
-use hickory_proto::rr::{Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinEncoder};
-use hickory_server::net::NetError;
-use hickory_server::net::runtime::TokioTime;
-use hickory_server::net::xfer::Protocol;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponse;
 use metrics::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::handler::Proxy;
-use crate::metrics::{self as m, Action};
+use crate::metrics as m;
 use crate::share::Shares;
-use crate::udp::{header_only, local_reply};
 
 /// Beyond any node's need, and what one semaphore call can take back.
 const MAX_CONNECTIONS: usize = 1 << 20;
@@ -108,7 +103,7 @@ impl TcpServer {
                         }
                         continue;
                     };
-                    tokio::spawn(self.clone().connection(stream, peer, (slot, share), stopping.clone()));
+                    tokio::spawn(self.clone().connection(stream, (slot, share), stopping.clone()));
                 }
                 Err(e) if is_per_connection(&e) => tracing::debug!(error = %e, "DNS over TCP: accept failed"),
                 Err(e) => {
@@ -125,7 +120,6 @@ impl TcpServer {
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
-        peer: SocketAddr,
         _held: (OwnedSemaphorePermit, ClientShare),
         mut stopping: watch::Receiver<()>,
     ) {
@@ -143,7 +137,8 @@ impl TcpServer {
             if !matches!(tokio::time::timeout(self.idle, stream.read_exact(&mut query)).await, Ok(Ok(_))) {
                 break;
             }
-            let Some(reply) = self.answer(query, peer).await else { break };
+            // `None`: not DNS (the framing is lost) or an answer sent to us.
+            let Some(reply) = self.proxy.answer(&query).await else { break };
             let Ok(reply_len) = u16::try_from(reply.len()) else { break };
             let mut frame = Vec::with_capacity(2 + reply.len());
             frame.extend_from_slice(&reply_len.to_be_bytes());
@@ -153,30 +148,6 @@ impl TcpServer {
             }
         }
         self.open.decrement(1.0);
-    }
-
-    /// The reply to one framed message; `None` ends the connection: fewer
-    /// bytes than a header (not DNS: the framing is lost) or an answer sent
-    /// to us (never answered, against reflection).
-    async fn answer(&self, query: Vec<u8>, peer: SocketAddr) -> Option<Vec<u8>> {
-        let head: [u8; 12] = query.get(..12)?.try_into().ok()?;
-        let request = match Request::from_bytes(query, peer, Protocol::Tcp) {
-            Ok(request) if request.metadata.message_type == MessageType::Response => return None,
-            Ok(request) => request,
-            Err(_) => {
-                // The header read (it is 12 bytes), the rest did not.
-                let header = Header::from_bytes(&head).ok()?;
-                if header.metadata.message_type == MessageType::Response {
-                    return None;
-                }
-                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
-                return Some(local_reply(&header.metadata, None, None, ResponseCode::FormErr));
-            }
-        };
-        let reply = Reply::default();
-        self.proxy.handle_request::<_, TokioTime>(&request, reply.clone()).await;
-        let bytes = reply.0.lock().ok()?.take();
-        bytes.or_else(|| Some(header_only(request.metadata.id, ResponseCode::ServFail)))
     }
 }
 
@@ -203,33 +174,5 @@ impl ClientShare {
 impl Drop for ClientShare {
     fn drop(&mut self) {
         self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(self.client);
-    }
-}
-
-/// Where the handler's reply is encoded to, for the connection to write.
-#[derive(Clone, Default)]
-struct Reply(Arc<Mutex<Option<Vec<u8>>>>);
-
-#[async_trait::async_trait]
-impl ResponseHandler for Reply {
-    async fn send_response<'a>(
-        &mut self,
-        response: MessageResponse<
-            '_,
-            'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-            impl Iterator<Item = &'a Record> + Send + 'a,
-        >,
-    ) -> Result<ResponseInfo, NetError> {
-        let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(u16::MAX);
-        let info = response.destructive_emit(&mut encoder)?;
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(bytes);
-        }
-        Ok(info)
     }
 }

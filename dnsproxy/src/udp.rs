@@ -39,14 +39,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, Record, RecordType};
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::RecordType;
 use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
-use crate::handler::{Gate, LOCAL_PAYLOAD, blocked_soa, gate, is_transfer, now};
-use crate::learn::learn;
+use crate::handler::{Gate, Refuse, gate, header_rcode, is_transfer, learn_from, local_reply, parse_query};
 use crate::metrics::{self as m, Action};
 use crate::share::Shares;
 use crate::sys::{self, Arrival, Batch};
@@ -206,148 +204,6 @@ fn survive(what: &str, work: impl FnOnce()) {
 /// How long a receiving thread pauses after an unexpected receive error
 /// (never a busy loop).
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
-
-/// The parts of a query the proxy reads; the rest is passed on as it is.
-#[derive(Debug)]
-struct Parsed {
-    meta: Metadata,
-    query: Query,
-    question_end: usize,
-    max_udp: usize,
-    edns: Option<Edns>,
-}
-
-/// Why a query is answered here instead of forwarded.
-#[derive(Debug)]
-enum Refuse {
-    /// Not worth an answer (too short to carry an ID, or itself an answer).
-    Drop,
-    /// Malformed, or more than one question.
-    FormErr(Metadata),
-    /// Not a standard query (NOTIFY, UPDATE...).
-    NotImp(Metadata, Query),
-}
-
-fn parse_query(bytes: &[u8], truncated: bool) -> Result<Parsed, Refuse> {
-    let mut decoder = BinDecoder::new(bytes);
-    let header = hickory_proto::op::Header::read(&mut decoder).map_err(|_| Refuse::Drop)?;
-    let meta = header.metadata;
-    if meta.message_type != MessageType::Query {
-        return Err(Refuse::Drop);
-    }
-    if truncated || header.counts.queries != 1 {
-        return Err(Refuse::FormErr(meta));
-    }
-    let query = Query::read(&mut decoder).map_err(|_| Refuse::FormErr(meta))?;
-    if meta.op_code != OpCode::Query {
-        return Err(Refuse::NotImp(meta, query));
-    }
-    let question_end = decoder.index();
-    let edns = client_edns(&mut decoder, &header.counts).map_err(|_| Refuse::FormErr(meta))?;
-    // RFC 6891: below 512 means 512; without EDNS, 512.
-    let max_udp = edns.as_ref().map_or(512, |e| e.max_payload().max(512));
-    Ok(Parsed { meta, query, question_end, max_udp: usize::from(max_udp), edns })
-}
-
-/// The client's OPT record, if any (the additional section of a query).
-fn client_edns(
-    decoder: &mut BinDecoder<'_>,
-    counts: &hickory_proto::op::HeaderCounts,
-) -> Result<Option<Edns>, hickory_proto::ProtoError> {
-    let records = usize::from(counts.answers) + usize::from(counts.authorities);
-    for _ in 0..records {
-        Record::read(decoder)?;
-    }
-    for _ in 0..counts.additionals {
-        let record = Record::read(decoder)?;
-        if record.record_type() == RecordType::OPT {
-            return Ok(Some(Edns::from(&record)));
-        }
-    }
-    Ok(None)
-}
-
-/// The RCODE in an answer's header (the four bits; the extension in the OPT
-/// record is not needed to tell NOERROR). `answer` has a header.
-fn header_rcode(answer: &[u8]) -> ResponseCode {
-    ResponseCode::from(0, answer.get(3).map_or(0, |b| b & 0x0f))
-}
-
-/// What an upstream's answer (one that [`answers`](crate::upstream::answers)
-/// its query) holds for learning.
-#[derive(Debug)]
-enum Lesson {
-    /// Not NOERROR: not parsed at all, nothing to learn.
-    Nothing,
-    /// The question's name and the answer section.
-    Records(Name, Vec<Record>),
-    /// A NOERROR answer hickory cannot read: relayed as it came, unlearned.
-    Unparsed(hickory_proto::ProtoError),
-}
-
-/// Reads what `answer` can teach. Only NOERROR answers are parsed, and only
-/// their question and answer section: an error answer, or bytes after the
-/// answer section that hickory would reject, never costs the client its
-/// answer.
-fn lesson(answer: &[u8]) -> Lesson {
-    if header_rcode(answer) != ResponseCode::NoError {
-        return Lesson::Nothing;
-    }
-    match parse_answer(answer) {
-        Ok((qname, records)) => Lesson::Records(qname, records),
-        Err(error) => Lesson::Unparsed(error),
-    }
-}
-
-/// The question's name and the answer section of an upstream's answer; the
-/// authority and additional sections are not needed for learning.
-fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::ProtoError> {
-    let mut decoder = BinDecoder::new(bytes);
-    let header = hickory_proto::op::Header::read(&mut decoder)?;
-    if header.counts.queries != 1 {
-        // `answers` lets only rejections through without their question.
-        return Err(hickory_proto::ProtoError::from("a NOERROR answer without exactly one question"));
-    }
-    let qname = Query::read(&mut decoder)?.name;
-    let mut records = Vec::with_capacity(usize::from(header.counts.answers));
-    for _ in 0..header.counts.answers {
-        records.push(Record::read(&mut decoder)?);
-    }
-    Ok((qname, records))
-}
-
-/// A reply made here: the client's ID and question, `rcode`, no records
-/// but the SOA of a blocked name, EDNS if the client used it.
-pub(crate) fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
-    let mut reply = Message::new(meta.id, MessageType::Response, meta.op_code);
-    reply.metadata.recursion_desired = meta.recursion_desired;
-    reply.metadata.checking_disabled = meta.checking_disabled;
-    reply.metadata.recursion_available = true;
-    reply.metadata.response_code = rcode;
-    if let Some(q) = query {
-        reply.add_query(q.clone());
-        if rcode == ResponseCode::NXDomain
-            && let Some(soa) = blocked_soa(q.name().clone())
-        {
-            reply.add_authority(soa);
-        }
-    }
-    if let Some(theirs) = edns {
-        let mut ours = Edns::new();
-        ours.set_max_payload(LOCAL_PAYLOAD).set_dnssec_ok(theirs.flags().dnssec_ok);
-        reply.set_edns(ours);
-    }
-    reply.to_vec().unwrap_or_else(|_| header_only(meta.id, rcode))
-}
-
-/// The last resort reply: a bare header.
-pub(crate) fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
-    let mut h = vec![0u8; 12];
-    h[..2].copy_from_slice(&id.to_be_bytes());
-    h[2] = 0x80;
-    h[3] = 0x80 | (u16::from(rcode) & 0x0f) as u8;
-    h
-}
 
 /// An answer too long for the client, so that it asks again over TCP (RFC
 /// 1035 4.2.1): the upstream's header with TC set, the question, and the
@@ -738,7 +594,7 @@ impl UdpProxy {
         if truncated || answer.len() > p.max_udp {
             answer = truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp);
         } else {
-            self.learn(&answer);
+            learn_from(&self.shared, &answer, &self.unparsed);
         }
         m::request(p.qtype, rcode, Action::Forwarded);
         replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: answer });
@@ -757,21 +613,6 @@ impl UdpProxy {
         let p = table.pending.remove(&key)?;
         table.by_client.release(p.client.ip());
         Some(p)
-    }
-
-    /// Records what a NOERROR answer teaches, before it is relayed.
-    fn learn(&self, answer: &[u8]) {
-        match lesson(answer) {
-            Lesson::Nothing => {}
-            Lesson::Records(qname, records) => {
-                let keep = sluice_policy::Retention::from(&self.shared.policy.load().settings().dns);
-                learn(&self.shared.names, &qname, &records, now(), keep);
-            }
-            Lesson::Unparsed(error) => {
-                tracing::debug!(%error, "unparseable upstream answer: relayed as it came, nothing learned");
-                self.unparsed.increment(1);
-            }
-        }
     }
 
     /// The upstream behind `socket` refused: its queries go to the next one.
@@ -825,55 +666,12 @@ impl UdpProxy {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::str::FromStr;
-
-    use hickory_proto::rr::RData;
+    use hickory_proto::op::Edns;
     use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 
     use super::*;
-
-    fn query(id: u16, name: &str, edns: Option<u16>) -> Vec<u8> {
-        let mut m = Message::query();
-        m.metadata.id = id;
-        m.metadata.recursion_desired = true;
-        m.add_query(Query::query(Name::from_str(name).unwrap(), RecordType::AAAA));
-        if let Some(size) = edns {
-            let mut e = Edns::new();
-            e.set_max_payload(size);
-            m.set_edns(e);
-        }
-        m.to_vec().unwrap()
-    }
-
-    #[test]
-    fn queries_are_read_with_their_payload_size() {
-        let p = parse_query(&query(7, "a.example.", Some(4_096)), false).unwrap();
-        assert_eq!((p.meta.id, p.max_udp, p.query.query_type()), (7, 4_096, RecordType::AAAA));
-        assert_eq!(p.question_end, 12 + 11 + 4);
-        assert_eq!(parse_query(&query(7, "a.example.", Some(100)), false).unwrap().max_udp, 512);
-        assert_eq!(parse_query(&query(7, "a.example.", None), false).unwrap().max_udp, 512);
-        assert!(matches!(
-            parse_query(&query(7, "a.example.", None), true),
-            Err(Refuse::FormErr(Metadata { id: 7, .. }))
-        ));
-        let mut answer = query(7, "a.example.", None);
-        answer[2] |= 0x80;
-        assert!(matches!(parse_query(&answer, false), Err(Refuse::Drop)));
-        assert!(matches!(parse_query(&answer[..5], false), Err(Refuse::Drop)));
-    }
-
-    /// The upstream's answer to `q` with three AAAA records, its EDNS (if
-    /// any) after them.
-    fn long_answer(q: &[u8], edns: Option<Edns>) -> Vec<u8> {
-        let mut m = Message::from_vec(q).unwrap();
-        m.metadata.message_type = MessageType::Response;
-        for i in 0..3 {
-            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
-            m.add_answer(Record::from_rdata(m.queries[0].name().clone(), 60, RData::AAAA(ip.into())));
-        }
-        m.edns = edns;
-        m.to_vec().unwrap()
-    }
+    use crate::handler::parse_query;
+    use crate::handler::tests::{long_answer, query};
 
     #[test]
     fn a_too_long_answer_becomes_a_truncated_one() {
@@ -936,46 +734,10 @@ mod tests {
     }
 
     #[test]
-    fn only_noerror_answers_are_parsed_and_an_unparseable_one_is_still_relayed() {
-        let q = query(3, "a.example.", None);
-        let answer = long_answer(&q, None);
-        assert!(
-            matches!(lesson(&answer), Lesson::Records(name, records) if name.to_string() == "a.example." && records.len() == 3)
-        );
-        // A NOERROR answer whose answer section hickory cannot read.
-        let question_end = parse_query(&q, false).unwrap().question_end;
-        let mut bad = answer[..question_end].to_vec();
-        bad[2] |= 0x80;
-        bad[7] = 1;
-        bad.extend_from_slice(&[0xc0, 0xff, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]); // a pointer past the end
-        bad.extend_from_slice(&[0; 16]);
-        assert!(matches!(lesson(&bad), Lesson::Unparsed(_)));
-        // An error answer is not parsed at all: nothing to learn, whatever it holds.
-        bad[3] |= 2;
-        assert!(matches!(lesson(&bad), Lesson::Nothing));
-        assert_eq!(header_rcode(&bad), ResponseCode::ServFail);
-    }
-
-    #[test]
     fn a_panicking_batch_does_not_end_its_thread() {
         let mut after = false;
         survive("queries", || panic!("a bug"));
         survive("answers", || after = true);
         assert!(after);
-    }
-
-    #[test]
-    fn local_replies_keep_id_question_and_edns() {
-        let q = query(9, "blocked.example.", Some(4_096));
-        let p = parse_query(&q, false).unwrap();
-        let r =
-            Message::from_vec(&local_reply(&p.meta, Some(&p.query), p.edns.as_ref(), ResponseCode::NXDomain)).unwrap();
-        assert_eq!(r.metadata.id, 9);
-        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-        assert!(r.metadata.recursion_desired && r.metadata.recursion_available);
-        assert_eq!(r.queries[0].name().to_string(), "blocked.example.");
-        assert_eq!(r.authorities.len(), 1, "the SOA that makes it cacheable");
-        assert_eq!(r.edns.unwrap().max_payload(), LOCAL_PAYLOAD);
-        assert_eq!(header_only(5, ResponseCode::ServFail)[3] & 0x0f, 2);
     }
 }

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, config, dig, kdig, query, shared, status, tcp_exchange, udp_exchange};
+use common::{
+    Proxy, Upstream, config, dig, kdig, query, shared, status, tcp_exchange, tcp_receive, tcp_send, udp_exchange,
+};
 use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use sluice_dnsproxy::Config;
@@ -431,4 +433,29 @@ fn forged_answers_are_ignored_and_an_unparseable_one_is_relayed() {
     let asked = query(0x4343, "refuse.sluice.test.", RecordType::A, None);
     let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).unwrap();
     assert_eq!(got, [&[0x43, 0x43][..], &header(&asked, 5, 0, 0)[2..]].concat(), "REFUSED, question and all dropped");
+}
+
+/// Over TCP too, a NOERROR answer hickory cannot parse reaches the client
+/// as it came, not as SERVFAIL, and teaches nothing.
+#[test]
+fn an_unparseable_answer_over_tcp_is_relayed_too() {
+    // Nothing answers UDP at this address: the query goes over TCP, as after a truncated answer.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bad = [0xc0, 0xff, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 77];
+    let upstream = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let q = tcp_receive(&mut s).unwrap();
+        tcp_send(&mut s, &[header(&q, 0, 1, 1), q[12..].to_vec(), bad.to_vec()].concat());
+    });
+    let proxy = Proxy::to(addr, shared(None));
+
+    let asked = query(0x4444, "bad.sluice.test.", RecordType::A, None);
+    let got = tcp_exchange(proxy.addr, &asked);
+    assert_eq!(got[..2], [0x44, 0x44]);
+    assert_eq!(got[3] & 0x0f, 0, "NOERROR, not SERVFAIL");
+    assert_eq!(got[12..], [&asked[12..], &bad[..]].concat());
+    assert!(Message::from_vec(&got).is_err(), "the upstream's bytes, unparseable as they came");
+    assert!(proxy.names("192.0.2.77").is_empty());
+    upstream.join().unwrap();
 }
