@@ -15,12 +15,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hickory_proto::op::{Edns, Message, Query};
+use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use sluice_dnsproxy::{Config, DnsError, Shared};
 use sluice_policy::{NameTable, Snapshot, SourceFile, Timestamp, load_sources};
 use tokio::sync::oneshot;
 
+#[allow(unused_imports)] // not every test binary starts an upstream (flood.rs)
 pub use upstream::Upstream;
 
 /// A future on its own thread and tokio current-thread runtime, given a
@@ -280,4 +281,16 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The RCODE of a DNS message (parsed with hickory).
+pub fn rcode(answer: &[u8]) -> ResponseCode {
+    Message::from_vec(answer).unwrap().metadata.response_code
+}
+
+/// A UDP port that swallows queries and never answers (kept open while held).
+pub fn silent() -> (UdpSocket, SocketAddr) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
 }
