@@ -29,9 +29,10 @@
 //!   Upstreams that stopped answering are skipped ([`Health`]), so with
 //!   all of them down SERVFAIL comes at once.
 //!
-//! TCP has its own loop (`tcp`, answering through `handler` with
-//! hickory-server's types): it is the slow path (truncated answers,
-//! zone-sized replies).
+//! TCP has its own loop (`tcp`, one upstream exchange per query): it is the
+//! slow path (truncated answers, zone-sized replies). What both do with a
+//! message (read the query, the policy gate, local replies, learning) is in
+//! `handler`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
