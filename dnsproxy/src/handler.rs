@@ -28,7 +28,7 @@ use crate::metrics::{self as m, Action};
 use crate::upstream::Upstreams;
 
 /// The UDP payload size the proxy advertises in answers it makes itself.
-pub(crate) const LOCAL_PAYLOAD: u16 = 1232;
+const LOCAL_PAYLOAD: u16 = 1232;
 
 /// What the policy says about a query name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub(crate) fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
     }
 }
 
-pub(crate) fn now() -> Timestamp {
+fn now() -> Timestamp {
     Timestamp::from_system(SystemTime::now())
 }
 
@@ -73,7 +73,7 @@ const BLOCKED_NEGATIVE_TTL: u32 = 60;
 
 /// The SOA that makes a blocked NXDOMAIN cacheable: owned by the query name,
 /// served by "sluice.invalid" (a name that cannot exist, RFC 6761).
-pub(crate) fn blocked_soa(owner: Name) -> Option<Record> {
+fn blocked_soa(owner: Name) -> Option<Record> {
     let mname = Name::from_ascii("blocked.sluice.invalid.").ok()?;
     let rname = Name::from_ascii("hostmaster.sluice.invalid.").ok()?;
     let soa = hickory_proto::rr::rdata::SOA::new(mname, rname, 1, 3600, 600, 86400, BLOCKED_NEGATIVE_TTL);
@@ -149,7 +149,7 @@ pub(crate) fn header_rcode(answer: &[u8]) -> ResponseCode {
 /// What an upstream's answer (one that [`answers`](crate::upstream::answers)
 /// its query) holds for learning.
 #[derive(Debug)]
-pub(crate) enum Lesson {
+enum Lesson {
     /// Not NOERROR: not parsed at all, nothing to learn.
     Nothing,
     /// The question's name and the answer section.
@@ -162,7 +162,7 @@ pub(crate) enum Lesson {
 /// their question and answer section: an error answer, or bytes after the
 /// answer section that hickory would reject, never costs the client its
 /// answer.
-pub(crate) fn lesson(answer: &[u8]) -> Lesson {
+fn lesson(answer: &[u8]) -> Lesson {
     if header_rcode(answer) != ResponseCode::NoError {
         return Lesson::Nothing;
     }
@@ -214,7 +214,7 @@ pub(crate) fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&
 }
 
 /// The last resort reply: a bare header.
-pub(crate) fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
+fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
     let mut h = vec![0u8; 12];
     h[..2].copy_from_slice(&id.to_be_bytes());
     h[2] = 0x80;

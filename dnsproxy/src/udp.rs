@@ -671,7 +671,6 @@ mod tests {
     use hickory_proto::rr::rdata::opt::{EdnsCode, EdnsOption};
 
     use super::*;
-    use crate::handler::parse_query;
     use crate::handler::tests::{long_answer, query};
 
     #[test]

@@ -4,8 +4,9 @@
 //! in this process exactly as the daemon runs it (one tokio current-thread
 //! runtime on its own thread, `sluice_dnsproxy::serve`), or through dnsdist
 //! (no packet cache), or through a bare relay that does nothing else
-//! (`dns-relay`, the floor: `dns_relay.rs`). Two dnsperf runs per target: full speed (queries/s and
-//! the proxy's CPU per query), then a fixed 10,000 queries/s (latency).
+//! (`dns-relay`, the floor: `dns_relay.rs`). Two dnsperf runs per target:
+//! full speed (queries/s and the proxy's CPU per query), then a fixed 10,000
+//! queries/s (latency).
 //! Everything listens on 127.0.0.1 inside the benchmark namespace.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
