@@ -294,10 +294,8 @@ fn can_set_mark() -> bool {
 
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        // hickory's own logging is kept to warnings: sluice says what it does with DNS in its own lines and metrics.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!("{},hickory_proto=warn,hickory_resolver=warn", config.log_level))
-        });
+        // hickory-proto's own logging is kept to warnings: sluice says what it does with DNS in its own lines and metrics.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},hickory_proto=warn", config.log_level)));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
