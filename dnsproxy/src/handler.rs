@@ -239,8 +239,13 @@ pub(crate) fn learn_from(shared: &Shared, answer: &[u8], unparsed: &Counter) {
     }
 }
 
-/// The TCP path's queries: blocked or forwarded (one upstream TCP exchange
-/// each, at most `max_in_flight` at once), learned from, answered.
+/// The most queries in flight on either transport, whatever the config
+/// says: a free random ID is then always quick to find (a quarter of one
+/// socket's or connection's at worst).
+pub(crate) const MAX_IN_FLIGHT: usize = 16_384;
+
+/// The TCP path's queries: blocked or forwarded (over the upstreams' shared
+/// TCP connections, at most `max_in_flight` at once), learned from, answered.
 #[derive(Debug)]
 pub(crate) struct Proxy {
     shared: Shared,
@@ -254,14 +259,13 @@ impl Proxy {
         Proxy {
             shared,
             upstreams,
-            in_flight: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            in_flight: Arc::new(Semaphore::new(max_in_flight.clamp(1, MAX_IN_FLIGHT))),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "tcp"),
         }
     }
 
     /// The reply to one query that came over TCP: the upstream's answer as
-    /// it came (the client's own ID and question went upstream, so they come
-    /// back), or one made here. `None`: not to be answered (too short to be
+    /// it came but for the ID (the client's put back), or one made here. `None`: not to be answered (too short to be
     /// DNS, or itself an answer: never answered, against reflection).
     pub(crate) async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
         let parsed = match parse_query(query, false) {

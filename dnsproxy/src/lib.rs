@@ -66,8 +66,8 @@ pub struct Config {
     /// 16,384); past this, SERVFAIL at once. Over UDP one client address
     /// may hold half of them.
     pub max_in_flight: usize,
-    /// A client TCP connection with no query this long is closed (and one
-    /// whose reply waits this long to be read).
+    /// A client TCP connection with no query in flight and none arriving
+    /// this long is closed (and one whose reply waits this long to be read).
     pub tcp_idle_timeout: Duration,
     /// Client TCP connections open at once; at the cap, accepting pauses.
     pub max_tcp_connections: usize,

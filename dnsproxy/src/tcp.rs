@@ -1,7 +1,9 @@
 //! DNS over TCP: sluice's own accept loop and message framing (RFC 1035
-//! §4.2.2: each message behind its two-byte length; RFC 7766: several
-//! queries per connection, answered in order), each query answered by
-//! `handler::Proxy` (the upstream's answer as it came, or a local reply).
+//! §4.2.2: each message behind its two-byte length), each query answered
+//! by `handler::Proxy` (the upstream's answer as it came, or a local
+//! reply). A connection's queries are answered concurrently, each reply
+//! sent as soon as it is ready (RFC 7766 §6.2.1.1), up to [`PIPELINE`] at
+//! once: a slow answer does not hold back the ones behind it.
 //!
 //! Not hickory-server's `Server` loop: it accepts without a cap (every
 //! connection a pod opens to :53 holds one of the descriptors the forwarder
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::Gauge;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -34,8 +36,12 @@ use crate::share::Shares;
 /// Beyond any node's need, and what one semaphore call can take back.
 const MAX_CONNECTIONS: usize = 1 << 20;
 
-/// How long a stop waits for connections to finish the query they are on.
+/// How long a stop waits for connections to finish the queries they are on.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Queries of one client connection answered at once; past them, the next
+/// one is read when one is answered.
+const PIPELINE: usize = 32;
 
 /// The TCP side of the proxy: its listeners, the connection cap, the idle timeout.
 #[derive(Debug)]
@@ -115,8 +121,11 @@ impl TcpServer {
         }
     }
 
-    /// Queries in order until the client closes, is idle too long, sends a
-    /// frame that is not a DNS message, or the proxy stops (between queries).
+    /// Queries, answered as they come, until the client closes, sends a
+    /// frame that is not a DNS message or does not take a reply within the
+    /// idle timeout, is idle that long (no query in flight, none arriving),
+    /// or the proxy stops; those in flight are answered first, but after a
+    /// frame that is not DNS.
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -125,29 +134,77 @@ impl TcpServer {
     ) {
         self.open.increment(1.0);
         let _ = stream.set_nodelay(true);
-        loop {
-            let len = tokio::select! {
-                len = tokio::time::timeout(self.idle, stream.read_u16()) => match len {
-                    Ok(Ok(len)) => usize::from(len),
-                    _ => break,
+        let (mut read, mut write) = stream.split();
+        let mut frames = Frames::default();
+        let mut answering: tokio::task::JoinSet<Option<Vec<u8>>> = tokio::task::JoinSet::new();
+        let mut reading = true;
+        let mut last = tokio::time::Instant::now();
+        while reading || !answering.is_empty() {
+            tokio::select! {
+                biased;
+                answered = answering.join_next(), if !answering.is_empty() => {
+                    // `None` from the proxy: not DNS (the framing is lost) or an answer sent to us.
+                    let Some(Ok(Some(reply))) = answered else { break };
+                    if !send(&mut write, &reply, self.idle).await {
+                        break;
+                    }
+                    last = tokio::time::Instant::now();
+                }
+                query = frames.next(&mut read), if reading && answering.len() < PIPELINE => match query {
+                    Ok(Some(query)) => {
+                        let proxy = Arc::clone(&self.proxy);
+                        answering.spawn(async move { proxy.answer(&query).await });
+                        last = tokio::time::Instant::now();
+                    }
+                    _ => reading = false,
                 },
-                _ = stopping.changed() => break,
-            };
-            let mut query = vec![0u8; len];
-            if !matches!(tokio::time::timeout(self.idle, stream.read_exact(&mut query)).await, Ok(Ok(_))) {
-                break;
-            }
-            // `None`: not DNS (the framing is lost) or an answer sent to us.
-            let Some(reply) = self.proxy.answer(&query).await else { break };
-            let Ok(reply_len) = u16::try_from(reply.len()) else { break };
-            let mut frame = Vec::with_capacity(2 + reply.len());
-            frame.extend_from_slice(&reply_len.to_be_bytes());
-            frame.extend_from_slice(&reply);
-            if !matches!(tokio::time::timeout(self.idle, stream.write_all(&frame)).await, Ok(Ok(()))) {
-                break;
+                () = tokio::time::sleep_until(last + self.idle), if answering.is_empty() => break,
+                _ = stopping.changed(), if reading => reading = false,
             }
         }
         self.open.decrement(1.0);
+    }
+}
+
+/// Writes one message behind its length; false when it did not go within `idle`.
+async fn send(write: &mut (impl AsyncWrite + Unpin), message: &[u8], idle: Duration) -> bool {
+    let Ok(len) = u16::try_from(message.len()) else { return false };
+    let mut frame = Vec::with_capacity(2 + message.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(message);
+    matches!(tokio::time::timeout(idle, write.write_all(&frame)).await, Ok(Ok(())))
+}
+
+/// DNS messages off a TCP stream, each behind its two-byte length.
+/// [`next`](Self::next) is cancel-safe (what was read stays here), so it
+/// can wait beside other work in a `select!`.
+#[derive(Debug, Default)]
+pub(crate) struct Frames {
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    /// Whether every byte read has been taken as a message.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The next whole message; `None` once the stream ends (a message cut
+    /// short by the end is dropped). Reads ahead at most 4 KiB past it.
+    pub(crate) async fn next(&mut self, read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(len) = self.buf.get(..2).map(|l| 2 + usize::from(u16::from_be_bytes([l[0], l[1]])))
+                && self.buf.len() >= len
+            {
+                let message = self.buf.get(2..len).unwrap_or_default().to_vec();
+                self.buf.drain(..len);
+                return Ok(Some(message));
+            }
+            self.buf.reserve(4_096);
+            if read.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
     }
 }
 

@@ -45,7 +45,9 @@ use hickory_proto::rr::RecordType;
 use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
-use crate::handler::{Gate, Refuse, gate, header_rcode, is_transfer, learn_from, local_reply, parse_query};
+use crate::handler::{
+    Gate, MAX_IN_FLIGHT, Refuse, gate, header_rcode, is_transfer, learn_from, local_reply, parse_query,
+};
 use crate::metrics::{self as m, Action};
 use crate::share::Shares;
 use crate::sys::{self, Arrival, Batch};
@@ -62,8 +64,6 @@ const QUERY_MAX: usize = 4_096;
 /// Upstream answers are read into slots this large; a longer one is
 /// answered with TC set, and the client asks again over TCP.
 const ANSWER_MAX: usize = 16_384;
-/// The most UDP queries in flight, whatever the config says.
-const MAX_IN_FLIGHT: usize = 16_384;
 
 /// A client-facing socket.
 #[derive(Debug)]
@@ -263,7 +263,6 @@ impl UdpProxy {
                 Ok(Listener { socket, wildcard })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        // Bounded so that a free random ID is always quick to find (a quarter of one socket's at worst).
         let max_in_flight = config.max_in_flight.clamp(1, MAX_IN_FLIGHT);
         Ok(UdpProxy {
             shared,

@@ -1,23 +1,30 @@
 //! The upstream side over TCP, and where the upstreams come from.
 //!
 //! A TCP query (the client asked over TCP, usually after a truncated UDP
-//! answer) goes upstream over its own marked connection, the client's bytes
-//! unchanged; the answer's bytes come back. Each attempt has a timeout; a
-//! failed attempt moves on to the next upstream, and the last one that
-//! answered is tried first next time. UDP has its own multiplexed path
+//! answer) goes upstream over a marked connection that other queries share
+//! ([`Pool`]), under an ID of its own on that connection and otherwise the
+//! client's bytes; the answer's bytes come back with the client's ID. Each
+//! attempt has a timeout; a failed attempt moves on to the next upstream,
+//! and the last one that answered is tried first next time. UDP has its own multiplexed path
 //! (`udp`). Both transports keep a [`Health`] of their upstreams: one that
 //! stopped answering is skipped, so when every upstream is down a query
 //! gets SERVFAIL at once instead of after a timeout per upstream.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
+use crate::tcp::Frames;
 use crate::{Config, DnsError, metrics as m, sys};
 
 /// Why one upstream attempt failed (the `reason` label).
@@ -139,6 +146,9 @@ impl Health {
 struct Upstream {
     addr: SocketAddr,
     latency: Histogram,
+    /// Answers on its connections that answer no query waiting there.
+    mismatch: Counter,
+    pool: Pool,
 }
 
 /// The configured upstreams, in order of preference.
@@ -158,6 +168,8 @@ impl Upstreams {
             .map(|&addr| Upstream {
                 addr,
                 latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "tcp"),
+                mismatch: failure(addr, "mismatch"),
+                pool: Pool::default(),
             })
             .collect();
         Upstreams { list, health: Health::new(addrs, "tcp"), preferred: AtomicUsize::new(0), mark, timeout }
@@ -207,22 +219,224 @@ pub(crate) fn failure(addr: SocketAddr, reason: &'static str) -> Counter {
 }
 
 impl Upstream {
+    /// One attempt: `query` on one of this upstream's connections. A
+    /// connection used before that the upstream has closed since (servers
+    /// close idle ones, or after so many queries) fails the query at once:
+    /// it is asked again on a new connection, within the same attempt.
     async fn tcp(&self, query: &[u8], question: &[u8], mark: u32, timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
-        let mut stream = sys::tcp_connect(self.addr, None, mark, timeout).await?;
-        let len = u16::try_from(query.len()).map_err(|_| UpstreamError::Mismatch)?;
-        let mut framed = Vec::with_capacity(query.len() + 2);
-        framed.extend_from_slice(&len.to_be_bytes());
-        framed.extend_from_slice(query);
-        stream.write_all(&framed).await?;
-        let mut len = [0u8; 2];
-        stream.read_exact(&mut len).await?;
-        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream.read_exact(&mut buf).await?;
-        if query.len() < 2 || !answers(&query[..2], question, &buf) {
-            return Err(UpstreamError::Mismatch);
+        let (conn, reused) = self.connection(mark, timeout, false).await?;
+        match conn.ask(query, question).await {
+            Err(UpstreamError::Io(error)) if reused => {
+                tracing::debug!(upstream = %self.addr, %error, "upstream connection closed under a query: asking on a new one");
+                let (conn, _) = self.connection(mark, timeout, true).await?;
+                conn.ask(query, question).await
+            }
+            asked => asked,
         }
-        Ok(buf)
     }
+
+    /// A connection for one more query, and whether it carried queries
+    /// before: the open one with the fewest in flight, or a new one when
+    /// every open one has [`PIPELINE`] in flight (and there are fewer than
+    /// [`CONNECTIONS`]), when there is none, or when `fresh` is asked.
+    async fn connection(&self, mark: u32, timeout: Duration, fresh: bool) -> io::Result<(Arc<Conn>, bool)> {
+        let mut conns = self.pool.conns.lock().await;
+        conns.retain(|c| c.state().open());
+        if !fresh
+            && let Some(least) = conns.iter().min_by_key(|c| c.state().waiting.len())
+            && (least.state().waiting.len() < PIPELINE || conns.len() >= CONNECTIONS)
+        {
+            return Ok((Arc::clone(least), true));
+        }
+        // One connect at a time per upstream: the queries behind it take the new connection too.
+        let (read, write) = sys::tcp_connect(self.addr, None, mark, timeout).await?.into_split();
+        let (outgoing, frames) = mpsc::unbounded_channel();
+        let conn =
+            Arc::new(Conn { state: Mutex::new(ConnState { outgoing: Some(outgoing), waiting: HashMap::new() }) });
+        let mut tasks = self.pool.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        while tasks.try_join_next().is_some() {} // reap the tasks of connections that ended
+        tasks.spawn(write_queries(Arc::clone(&conn), write, frames));
+        tasks.spawn(read_answers(Arc::clone(&conn), read, self.mismatch.clone()));
+        drop(tasks);
+        conns.push(Arc::clone(&conn));
+        Ok((conn, false))
+    }
+}
+
+/// Queries in flight on one upstream connection before another is opened.
+const PIPELINE: usize = 32;
+/// Connections per upstream at most (past them, the least busy takes more).
+const CONNECTIONS: usize = 8;
+/// An upstream connection with no query in flight this long is closed.
+const CONNECTION_IDLE: Duration = Duration::from_secs(10);
+
+/// One upstream's TCP connections, shared by the queries that go there
+/// (RFC 7766 §6.2.1: reuse and pipelining): no handshake per query, and no
+/// socket left in TIME_WAIT per query on the node (at one per query, a few
+/// hundred TCP queries/s to one upstream would use up the ephemeral ports
+/// within TIME_WAIT's minute). Each connection has a writer task and a
+/// reader task; dropping the pool ends them and closes the connections.
+#[derive(Debug, Default)]
+struct Pool {
+    conns: tokio::sync::Mutex<Vec<Arc<Conn>>>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+/// One upstream connection: queries go out under IDs unique on it, and
+/// answers are matched to them by ID and question in whatever order they
+/// come back.
+#[derive(Debug)]
+struct Conn {
+    state: Mutex<ConnState>,
+}
+
+/// Who waits for an answer on a connection: the question asked, and where the answer goes.
+type Waiter = (Box<[u8]>, oneshot::Sender<Result<Vec<u8>, UpstreamError>>);
+
+#[derive(Debug)]
+struct ConnState {
+    /// Framed queries, to the writer task (a frame is written whole or the
+    /// connection fails: an attempt that times out cannot cut one short).
+    /// `None` once the connection takes no new queries: it failed, closed,
+    /// went idle, or a query on it went unanswered. Dropping the last
+    /// sender ends the writer.
+    outgoing: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// By the ID on the wire.
+    waiting: HashMap<u16, Waiter>,
+}
+
+impl ConnState {
+    fn open(&self) -> bool {
+        self.outgoing.is_some()
+    }
+}
+
+impl Conn {
+    fn state(&self) -> MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `query` under an ID free on this connection and waits for its
+    /// answer, which comes back with the query's own ID.
+    async fn ask(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, UpstreamError> {
+        let (Ok(len), Some(client_id), Some(rest)) = (u16::try_from(query.len()), query.get(..2), query.get(2..))
+        else {
+            return Err(UpstreamError::Mismatch);
+        };
+        let (answer, waiting) = oneshot::channel();
+        let mut asked = {
+            let mut state = self.state();
+            let Some(outgoing) = state.outgoing.clone() else { return Err(closed().into()) };
+            // At most the proxy's in-flight cap (≤ 16,384) of 65,536 IDs are taken.
+            let id = loop {
+                let id = rand::random::<u16>();
+                if !state.waiting.contains_key(&id) {
+                    break id;
+                }
+            };
+            state.waiting.insert(id, (question.into(), answer));
+            let mut frame = Vec::with_capacity(2 + query.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(&id.to_be_bytes());
+            frame.extend_from_slice(rest);
+            // The writer is gone only once the connection closed: the reader fails those waiting then.
+            let _ = outgoing.send(frame);
+            Asked { conn: self, id, answered: false }
+        };
+        let mut answer = waiting.await.map_err(|_| closed())??;
+        asked.answered = true;
+        if let Some(id) = answer.get_mut(..2) {
+            id.copy_from_slice(client_id);
+        }
+        Ok(answer)
+    }
+
+    /// Closes it to new queries and fails those waiting (`why`).
+    fn close(&self, why: &io::Error) {
+        let waiting = {
+            let mut state = self.state();
+            state.outgoing = None;
+            std::mem::take(&mut state.waiting)
+        };
+        for (_, (_, answer)) in waiting {
+            let _ = answer.send(Err(io::Error::new(why.kind(), why.to_string()).into()));
+        }
+    }
+}
+
+/// A query waiting on a connection; dropped unanswered (failed, or the
+/// attempt timed out), it stops waiting and the connection takes no more
+/// queries (it closes once the rest are answered): a connection that left
+/// one query unanswered is not trusted with the next.
+struct Asked<'a> {
+    conn: &'a Conn,
+    id: u16,
+    answered: bool,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            let mut state = self.conn.state();
+            state.waiting.remove(&self.id);
+            state.outgoing = None;
+        }
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "the upstream connection closed")
+}
+
+/// A connection's writer: frames in order, each whole.
+async fn write_queries(conn: Arc<Conn>, mut write: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if let Err(error) = write.write_all(&frame).await {
+            conn.close(&error);
+            return;
+        }
+    }
+}
+
+/// A connection's reader: answers to whoever waits for them, until the
+/// upstream closes it or it has no query in flight for [`CONNECTION_IDLE`].
+///
+/// Answers are acknowledged at once (`TCP_QUICKACK` after each read), not
+/// after the kernel's delayed-ACK timer: servers that leave Nagle's
+/// algorithm on (nsd does) hold a second pipelined answer until the first
+/// is acknowledged, and on a connection that carries no query for a while
+/// that waited up to 40 ms — measured: at 10k q/s over 8 connections to
+/// nsd, p99 45 ms without, 1.3 ms with.
+async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counter) {
+    let mut frames = Frames::default();
+    let why = loop {
+        match tokio::time::timeout(CONNECTION_IDLE, frames.next(&mut read)).await {
+            Ok(Ok(Some(answer))) => {
+                if frames.is_empty() {
+                    // Everything read is taken: acknowledge it now (see `read_answers`).
+                    let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
+                }
+                let id = answer.get(..2).map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                let waiter = conn.state().waiting.remove(&id);
+                match waiter {
+                    Some((question, to)) => {
+                        let matched = answers(&id.to_be_bytes(), &question, &answer);
+                        let _ = to.send(if matched { Ok(answer) } else { Err(UpstreamError::Mismatch) });
+                    }
+                    // Late (its attempt gave up) or not ours.
+                    None => mismatch.increment(1),
+                }
+            }
+            Ok(Ok(None)) => break closed(),
+            Ok(Err(error)) => break error,
+            Err(_idle) => {
+                if conn.state().waiting.is_empty() {
+                    break io::Error::new(io::ErrorKind::TimedOut, "idle");
+                }
+            }
+        }
+    };
+    conn.close(&why);
 }
 
 /// RCODEs (the header's four bits) of answers that may come without their

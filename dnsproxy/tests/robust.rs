@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Proxy, Upstream, config, dig, kdig, query, rcode, shared, silent, status, tcp_exchange, tcp_receive, tcp_send,
-    udp_exchange,
+    Proxy, Upstream, a_record, config, dig, header, kdig, query, rcode, shared, silent, status, tcp_exchange,
+    tcp_receive, tcp_send, udp_exchange,
 };
 use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
@@ -352,22 +352,6 @@ impl Drop for Scripted {
             let _ = t.join();
         }
     }
-}
-
-/// A response header to `query` (ID and RD kept): `rcode`, the counts given.
-fn header(query: &[u8], rcode: u8, questions: u16, answers: u16) -> Vec<u8> {
-    let mut h = query[..12].to_vec();
-    h[2] |= 0x80;
-    h[3] = 0x80 | rcode;
-    h[4..6].copy_from_slice(&questions.to_be_bytes());
-    h[6..8].copy_from_slice(&answers.to_be_bytes());
-    h[8..12].fill(0);
-    h
-}
-
-/// An A record for the name at offset 12, TTL 60.
-fn a_record(ip: [u8; 4]) -> Vec<u8> {
-    [&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4][..], &ip].concat()
 }
 
 /// Answers that are not the query's are ignored (and a forged address is not

@@ -1,17 +1,20 @@
-//! DNS over TCP: several queries on one connection answered in order, idle
-//! connections closed, the connection cap (accepting pauses, then resumes)
-//! and one client address's share of it.
+//! DNS over TCP: pipelined queries on one connection answered as they are
+//! ready, upstream connections shared and asked again when the upstream
+//! closes one, idle connections closed, the connection cap (accepting
+//! pauses, then resumes) and one client address's share of it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Proxy, Upstream, config, query, shared, tcp_send as send};
+use common::{Proxy, Upstream, a_record, config, header, query, shared, tcp_send as send};
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::RecordType;
+use hickory_proto::rr::{RData, RecordType};
 use sluice_dnsproxy::Config;
 
 fn receive(s: &mut TcpStream) -> std::io::Result<Message> {
@@ -33,7 +36,7 @@ fn connect_from(ip: &str, addr: SocketAddr) -> TcpStream {
 }
 
 #[test]
-fn queries_on_one_connection_are_answered_in_order() {
+fn pipelined_queries_on_one_connection_are_all_answered() {
     let up = Upstream::start();
     let proxy = Proxy::to(up.addr, shared(None));
     let mut s = connect(proxy.addr);
@@ -41,7 +44,9 @@ fn queries_on_one_connection_are_answered_in_order() {
     send(&mut s, &query(1, "api.sluice.test.", RecordType::A, None));
     send(&mut s, &query(2, "www.sluice.test.", RecordType::A, Some(1232)));
     send(&mut s, &query(3, "ghost.sluice.test.", RecordType::A, None));
-    let answers: Vec<Message> = (0..3).map(|_| receive(&mut s).unwrap()).collect();
+    // In whatever order they are ready.
+    let mut answers: Vec<Message> = (0..3).map(|_| receive(&mut s).unwrap()).collect();
+    answers.sort_by_key(|m| m.metadata.id);
     let ids: Vec<u16> = answers.iter().map(|m| m.metadata.id).collect();
     assert_eq!(ids, [1, 2, 3]);
     let rcodes: Vec<ResponseCode> = answers.iter().map(|m| m.metadata.response_code).collect();
@@ -55,6 +60,115 @@ fn queries_on_one_connection_are_answered_in_order() {
     assert_eq!((formerr.metadata.id, formerr.metadata.response_code), (0xabcd, ResponseCode::FormErr));
     send(&mut s, &query(4, "api.sluice.test.", RecordType::A, None));
     assert_eq!(receive(&mut s).unwrap().metadata.id, 4);
+}
+
+/// A TCP upstream written for these tests: the query for `qN.…` gets one
+/// A record, 192.0.2.N, and the one for `slowN.…` too but 300 ms late;
+/// each is answered from its own thread, so the answers on a connection go
+/// back in the order they are ready. Counts the connections it accepts.
+/// With `limit`, a connection's query past that many closes it unanswered,
+/// as a server's per-connection query limit does.
+struct TcpUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl TcpUpstream {
+    fn start(limit: Option<usize>) -> TcpUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        // Left running when the test ends: it only ever answers the proxy.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || Self::serve(stream, limit));
+            }
+        });
+        TcpUpstream { addr, accepted }
+    }
+
+    fn serve(mut s: TcpStream, limit: Option<usize>) {
+        let writer = Arc::new(Mutex::new(s.try_clone().unwrap()));
+        let mut taken = 0;
+        while let Ok(q) = common::tcp_receive(&mut s) {
+            if limit.is_some_and(|l| taken >= l) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            taken += 1;
+            let writer = Arc::clone(&writer);
+            std::thread::spawn(move || {
+                // The first label, e.g. "q7" or "slow1"; the queries carry no EDNS.
+                let label = std::str::from_utf8(&q[13..13 + usize::from(q[12])]).unwrap().to_owned();
+                let n: u8 = label.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap();
+                if label.starts_with("slow") {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
+                let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&reply);
+                let _ = writer.lock().unwrap().write_all(&framed);
+            });
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// The next answer on `s`: its ID and its A record's address.
+fn answered(s: &mut TcpStream) -> (u16, [u8; 4]) {
+    let m = receive(s).unwrap();
+    match &m.answers[..] {
+        [record] => match &record.data {
+            RData::A(a) => (m.metadata.id, a.0.octets()),
+            other => panic!("not an A record: {other:?}"),
+        },
+        other => panic!("{} records: {other:?}", other.len()),
+    }
+}
+
+/// A connection's queries are answered as they are ready (RFC 7766
+/// §6.2.1.1), and the queries of several clients share one upstream
+/// connection under IDs of their own (two clients' queries with the same ID
+/// in flight at once each get their own answer).
+#[test]
+fn a_slow_answer_does_not_hold_back_the_others_and_one_upstream_connection_carries_all() {
+    let up = TcpUpstream::start(None);
+    let proxy = Proxy::to(up.addr, shared(None));
+    let mut s = connect(proxy.addr);
+    send(&mut s, &query(1, "slow1.sluice.test.", RecordType::A, None));
+    for n in 2..=4 {
+        send(&mut s, &query(n, &format!("q{n}.sluice.test."), RecordType::A, None));
+    }
+    let mut other = connect_from("127.0.0.2", proxy.addr);
+    send(&mut other, &query(1, "q5.sluice.test.", RecordType::A, None));
+    assert_eq!(answered(&mut other), (1, [192, 0, 2, 5]));
+    let got: Vec<(u16, [u8; 4])> = (0..4).map(|_| answered(&mut s)).collect();
+    assert_eq!(got.last(), Some(&(1, [192, 0, 2, 1])), "the slow one comes last: {got:?}");
+    let mut quick = got[..3].to_vec();
+    quick.sort();
+    assert_eq!(quick, [(2, [192, 0, 2, 2]), (3, [192, 0, 2, 3]), (4, [192, 0, 2, 4])]);
+    assert_eq!(up.accepted(), 1, "one upstream connection for the five queries");
+    assert_eq!(proxy.names("192.0.2.5"), ["q5.sluice.test"]);
+}
+
+/// An upstream may close a connection the proxy reuses, even with a query
+/// on it (its per-connection limit): that query is asked again on a new
+/// connection, not answered SERVFAIL.
+#[test]
+fn a_query_on_a_connection_the_upstream_closes_is_asked_again_on_a_new_one() {
+    let up = TcpUpstream::start(Some(1));
+    let proxy = Proxy::to(up.addr, shared(None));
+    let mut s = connect(proxy.addr);
+    for n in 1..=4 {
+        send(&mut s, &query(n, &format!("q{n}.sluice.test."), RecordType::A, None));
+        assert_eq!(answered(&mut s), (n, [192, 0, 2, n as u8]));
+    }
+    assert_eq!(up.accepted(), 4, "each query after the first found its connection closed under it");
 }
 
 #[test]

@@ -294,3 +294,19 @@ pub fn silent() -> (UdpSocket, SocketAddr) {
     let addr = s.local_addr().unwrap();
     (s, addr)
 }
+
+/// A response header to `query` (ID and RD kept): `rcode`, the counts given.
+pub fn header(query: &[u8], rcode: u8, questions: u16, answers: u16) -> Vec<u8> {
+    let mut h = query[..12].to_vec();
+    h[2] |= 0x80;
+    h[3] = 0x80 | rcode;
+    h[4..6].copy_from_slice(&questions.to_be_bytes());
+    h[6..8].copy_from_slice(&answers.to_be_bytes());
+    h[8..12].fill(0);
+    h
+}
+
+/// An A record for the name at offset 12, TTL 60.
+pub fn a_record(ip: [u8; 4]) -> Vec<u8> {
+    [&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4][..], &ip].concat()
+}
