@@ -6,7 +6,9 @@
 //! (no packet cache), or through a bare relay that does nothing else
 //! (`dns-relay`, the floor: `dns_relay.rs`). Two dnsperf runs per target:
 //! full speed (queries/s and the proxy's CPU per query), then a fixed 10,000
-//! queries/s (latency).
+//! queries/s (latency). `dns-tcp` does the same over TCP (dnsperf's
+//! clients each keep a connection and pipeline their queries on it), for
+//! every target but the relay.
 //! Everything listens on 127.0.0.1 inside the benchmark namespace.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -348,19 +350,22 @@ fn start_dnsdist(ns: &Netns, upstream: &Upstream) -> Result<ChildGuard> {
     Ok(ChildGuard::new(child))
 }
 
-/// One round of the `dns` scenario against `up`: full speed, then the fixed rate.
-pub(crate) fn dns(ns: &Netns, up: &DnsUp<'_>, round: usize, p: &Params) -> Result<Run> {
+/// One round of DNS scenario `s` (`dns` or `dns-tcp`) against `up`: full
+/// speed, then the fixed rate.
+pub(crate) fn dns(ns: &Netns, up: &DnsUp<'_>, s: Scenario, round: usize, p: &Params) -> Result<Run> {
     let (dir, queries, server) = (&up.upstream.dir, up.upstream.queries(), up.addr());
+    let tcp = s == Scenario::DnsTcp;
+    let run = |pace, secs| dnsperf::run(ns, dir, server, &queries, tcp, pace, secs);
     scenario::settle(up);
     if !p.warmup.is_zero() {
-        dnsperf::run(ns, dir, server, &queries, Pace::Max, p.warmup.as_secs_f64().max(0.2))?;
+        run(Pace::Max, p.warmup.as_secs_f64().max(0.2))?;
     }
     let secs = p.duration.as_secs_f64();
     let a = Snap::take(up);
-    let max = dnsperf::run(ns, dir, server, &queries, Pace::Max, secs)?;
+    let max = run(Pace::Max, secs)?;
     let (cpu, window) = a.cpu(&Snap::take(up));
-    let fixed = dnsperf::run(ns, dir, server, &queries, Pace::Fixed(FIXED_RATE), secs)?;
-    let mut r = scenario::run(up.target, round, Scenario::Dns, max.qps, cpu);
+    let fixed = run(Pace::Fixed(FIXED_RATE), secs)?;
+    let mut r = scenario::run(up.target, round, s, max.qps, cpu);
     r.cost = scenario::cost(cpu.proxy, window, max.completed as f64, 1e6);
     let pct = |q: f64| scenario::percentile(&fixed.latencies_us, q);
     (r.p50_us, r.p99_us, r.p999_us) = (pct(0.50), pct(0.99), pct(0.999));

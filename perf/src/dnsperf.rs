@@ -41,13 +41,24 @@ pub(crate) struct Report {
     pub(crate) failed: u64,
 }
 
-/// Runs dnsperf against `server` for `secs`, reading the names from
-/// `queries`; its output goes to files in `dir`.
-pub(crate) fn run(ns: &Netns, dir: &Path, server: SocketAddr, queries: &Path, pace: Pace, secs: f64) -> Result<Report> {
+/// Runs dnsperf against `server` for `secs`, over UDP or `tcp`, reading
+/// the names from `queries`; its output goes to files in `dir`.
+pub(crate) fn run(
+    ns: &Netns,
+    dir: &Path,
+    server: SocketAddr,
+    queries: &Path,
+    tcp: bool,
+    pace: Pace,
+    secs: f64,
+) -> Result<Report> {
     let (ip, port, secs) = (server.ip().to_string(), server.port().to_string(), format!("{secs:.1}"));
     let (q, rate) =
         (queries.to_string_lossy(), if let Pace::Fixed(qps) = pace { qps.to_string() } else { String::new() });
     let mut argv = vec!["dnsperf", "-s", &ip, "-p", &port, "-d", &q, "-l", &secs, "-c", CLIENTS, "-t", QUERY_TIMEOUT];
+    if tcp {
+        argv.extend(["-m", "tcp"]);
+    }
     match pace {
         Pace::Max => argv.extend(["-q", OUTSTANDING, "-T", "2"]),
         Pace::Fixed(_) => argv.extend(["-Q", &rate, "-v"]),

@@ -82,7 +82,7 @@ fn opts() -> OptionParser<Opts> {
         .fallback(sluice_forwarder::Config::default().pipe_max_size);
     let all_scenarios: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
     let scenarios = long("scenarios")
-        .help("Comma-separated: bulk-1, bulk-4, short, keepalive, idle, dns, reload (default: all)")
+        .help("Comma-separated: bulk-1, bulk-4, short, keepalive, idle, dns, dns-tcp, reload (default: all)")
         .argument::<String>("LIST")
         .fallback(all_scenarios.join(","));
     let all_targets: Vec<&str> = Target::ALL.iter().map(|t| t.name()).collect();

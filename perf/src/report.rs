@@ -55,7 +55,7 @@ fn run_table(runs: &[Run], targets: &[Target], s: Scenario) -> Option<Table> {
     table.rows.push(rows.row(s.cost_unit(), Better::Lower, Agg::Median, if bulk { 2 } else { 1 }, |r| r.cost));
     table.rows.extend(extra_rows(&rows));
     cpu_rows(&mut table, &rows);
-    let errors = if s == Scenario::Dns { "lost + failed at 10k q/s (all rounds)" } else { "errors (all rounds)" };
+    let errors = if s.is_dns() { "lost + failed at 10k q/s (all rounds)" } else { "errors (all rounds)" };
     table.rows.push(rows.row(errors, Better::Neither, Agg::Sum, 0, |r| Some(r.errors as f64)));
     Some(table.with_ratios())
 }
@@ -65,20 +65,20 @@ fn latency_rows(table: &mut Table, rows: &Rows<'_>) {
     let s = rows.s;
     let percentiles: &[(&str, Figure)] = match s {
         Scenario::Short | Scenario::Reload => &[("p50 µs", |r| r.p50_us), ("p99 µs", |r| r.p99_us)],
-        Scenario::Keepalive | Scenario::Dns => {
+        Scenario::Keepalive | Scenario::Dns | Scenario::DnsTcp => {
             &[("p50 µs", |r| r.p50_us), ("p99 µs", |r| r.p99_us), ("p99.9 µs", |r| r.p999_us)]
         }
         _ => &[],
     };
     let (prec, at) = match s {
         Scenario::Keepalive => (1, ""),
-        Scenario::Dns => (0, " at 10k q/s"),
+        Scenario::Dns | Scenario::DnsTcp => (0, " at 10k q/s"),
         _ => (0, ""),
     };
     for (label, f) in percentiles {
         table.rows.push(rows.row(&format!("{label}{at}"), Better::Lower, Agg::Median, prec, f));
     }
-    if matches!(s, Scenario::Keepalive | Scenario::Dns) {
+    if s == Scenario::Keepalive || s.is_dns() {
         for (label, _) in percentiles {
             let base = s.baseline().map_or("baseline", Target::name);
             let added = table.added_row(&format!("{label}{at}"), &format!("+{label} over {base}"));
@@ -89,7 +89,7 @@ fn latency_rows(table: &mut Table, rows: &Rows<'_>) {
 
 /// Where the CPU went, in cores (the baseline has no proxy).
 fn cpu_rows(table: &mut Table, rows: &Rows<'_>) {
-    let (load, sink) = if rows.s == Scenario::Dns { ("dnsperf", "nsd") } else { ("generator", "sink") };
+    let (load, sink) = if rows.s.is_dns() { ("dnsperf", "nsd") } else { ("generator", "sink") };
     let cpu: [(&str, Figure); 4] = [
         ("proxy", |r| (Some(r.target) != r.scenario.baseline()).then_some(r.cpu.proxy)),
         (load, |r| Some(r.cpu.generator)),
@@ -112,7 +112,9 @@ fn title(s: Scenario, rounds: usize) -> String {
 fn extra_rows(rows: &Rows<'_>) -> Vec<Row> {
     let (n, sum) = (Better::Neither, Agg::Sum);
     match rows.s {
-        Scenario::Dns => vec![rows.row("lost at full speed (all rounds)", n, sum, 0, |r| Some(r.dns?.lost as f64))],
+        Scenario::Dns | Scenario::DnsTcp => {
+            vec![rows.row("lost at full speed (all rounds)", n, sum, 0, |r| Some(r.dns?.lost as f64))]
+        }
         Scenario::Reload => {
             let f = |r: &Run| r.reload;
             let failed = |r: &Run| f(r).map(|x| x.failures);

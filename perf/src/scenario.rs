@@ -31,6 +31,8 @@ pub(crate) enum Scenario {
     Idle,
     #[serde(rename = "dns")]
     Dns,
+    #[serde(rename = "dns-tcp")]
+    DnsTcp,
     #[serde(rename = "reload")]
     Reload,
 }
@@ -39,13 +41,14 @@ pub(crate) enum Scenario {
 const TCP_PEERS: &[Target] = &[Target::Haproxy, Target::Nginx];
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 7] = [
+    pub(crate) const ALL: [Scenario; 8] = [
         Scenario::Bulk1,
         Scenario::Bulk4,
         Scenario::Short,
         Scenario::Keepalive,
         Scenario::Idle,
         Scenario::Dns,
+        Scenario::DnsTcp,
         Scenario::Reload,
     ];
 
@@ -61,16 +64,24 @@ impl Scenario {
             Scenario::Keepalive => "keepalive",
             Scenario::Idle => "idle",
             Scenario::Dns => "dns",
+            Scenario::DnsTcp => "dns-tcp",
             Scenario::Reload => "reload",
         }
     }
 
-    /// Whether this scenario measures `t`: DNS targets only for `dns`, the
+    /// A DNS scenario (dnsperf against the DNS targets).
+    pub(crate) fn is_dns(self) -> bool {
+        matches!(self, Scenario::Dns | Scenario::DnsTcp)
+    }
+
+    /// Whether this scenario measures `t`: DNS targets only for `dns` (but
+    /// the UDP-only relay for `dns-tcp`), the
     /// in-process forwarder only for `reload`, the bare TCP relay only for
     /// the bulk ones, every TCP target for the rest.
     pub(crate) fn runs_on(self, t: Target) -> bool {
         match self {
             Scenario::Dns => t.is_dns(),
+            Scenario::DnsTcp => t.is_dns() && t != Target::DnsRelay,
             Scenario::Reload => t.is_sluice(),
             // A thread per direction: a floor for streams, not a proxy for thousands of connections.
             Scenario::Bulk1 | Scenario::Bulk4 => !t.is_dns(),
@@ -81,7 +92,7 @@ impl Scenario {
     /// The target every other one is compared with (`×direct`).
     pub(crate) fn baseline(self) -> Option<Target> {
         match self {
-            Scenario::Dns => Some(Target::DnsDirect),
+            Scenario::Dns | Scenario::DnsTcp => Some(Target::DnsDirect),
             Scenario::Reload => None,
             _ => Some(Target::Direct),
         }
@@ -90,7 +101,7 @@ impl Scenario {
     /// The other proxies: `×peer` is the ratio to the best of them.
     pub(crate) fn peers(self) -> &'static [Target] {
         match self {
-            Scenario::Dns => &[Target::Dnsdist],
+            Scenario::Dns | Scenario::DnsTcp => &[Target::Dnsdist],
             Scenario::Reload => &[],
             _ => TCP_PEERS,
         }
@@ -104,6 +115,7 @@ impl Scenario {
             Scenario::Keepalive => "keepalive (1 connection, 64 B ping-pong)",
             Scenario::Idle => "idle connections held open",
             Scenario::Dns => "DNS forwarding (dnsperf, UDP, 1000-name zone on nsd)",
+            Scenario::DnsTcp => "DNS forwarding over TCP (dnsperf -m tcp, 8 connections, 1000-name zone on nsd)",
             Scenario::Reload => "policy reload under short-connection load (REGISTRY_ONLY)",
         }
     }
@@ -114,7 +126,7 @@ impl Scenario {
             Scenario::Short | Scenario::Reload => "conn/s",
             Scenario::Keepalive => "round trips/s",
             Scenario::Idle => "proxy KiB/conn",
-            Scenario::Dns => "queries/s",
+            Scenario::Dns | Scenario::DnsTcp => "queries/s",
         }
     }
 
@@ -125,7 +137,7 @@ impl Scenario {
             Scenario::Short | Scenario::Reload => "CPU-µs/conn",
             Scenario::Keepalive => "CPU-µs/round trip",
             Scenario::Idle => "-",
-            Scenario::Dns => "CPU-µs/query",
+            Scenario::Dns | Scenario::DnsTcp => "CPU-µs/query",
         }
     }
 }

@@ -87,11 +87,14 @@ impl Suite<'_> {
         };
         if t.is_dns() {
             let upstream = self.upstream.context("no DNS upstream (nsd)")?;
-            step(Scenario::Dns);
             let up = DnsUp::start(self.ns, t, upstream)?;
-            let run = dns::dns(self.ns, &up, round, &self.p)?;
-            pb.inc(1);
-            return Ok((vec![run], None));
+            let mut runs = Vec::new();
+            for &s in self.scenarios.iter().filter(|s| s.runs_on(t)) {
+                step(s);
+                runs.push(dns::dns(self.ns, &up, s, round, &self.p)?);
+                pb.inc(1);
+            }
+            return Ok((runs, None));
         }
         let wants = |s: Scenario| self.scenarios.contains(&s) && s.runs_on(t);
         let mut idle = None;
@@ -125,7 +128,7 @@ impl Suite<'_> {
             Scenario::Short => scenario::short(ns, up, round, p),
             Scenario::Keepalive => scenario::keepalive(ns, up, round, p),
             Scenario::Reload => reload::reload(ns, up, self.scratch, round, p),
-            Scenario::Idle | Scenario::Dns => unreachable!("{} is not a TCP scenario", s.name()),
+            Scenario::Idle | Scenario::Dns | Scenario::DnsTcp => unreachable!("{} is not a TCP scenario", s.name()),
         }
     }
 }

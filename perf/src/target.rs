@@ -110,7 +110,7 @@ impl Target {
         matches!(self, Target::Haproxy | Target::Nginx | Target::Dnsdist)
     }
 
-    /// A DNS target (the `dns` scenario), not a TCP one.
+    /// A DNS target (the DNS scenarios), not a TCP one.
     pub(crate) fn is_dns(self) -> bool {
         matches!(self, Target::DnsDirect | Target::SluiceDns | Target::Dnsdist | Target::DnsRelay)
     }
