@@ -190,7 +190,9 @@ impl Frames {
     }
 
     /// The next whole message; `None` once the stream ends (a message cut
-    /// short by the end is dropped). Reads ahead at most 4 KiB past it.
+    /// short by the end is dropped). Reads only while no whole message is
+    /// here, so the buffer holds one message (at most 64 KiB) and what came
+    /// with its last read.
     pub(crate) async fn next(&mut self, read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Vec<u8>>> {
         loop {
             if let Some(len) = self.buf.get(..2).map(|l| 2 + usize::from(u16::from_be_bytes([l[0], l[1]])))
