@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -105,7 +105,7 @@ struct NamesQuery {
 }
 
 async fn debug_names(State(a): State<Admin>, Query(q): Query<NamesQuery>) -> Json<serde_json::Value> {
-    let now = Timestamp::from_system(SystemTime::now());
+    let now = Timestamp::now();
     let limit = q.limit.unwrap_or(1000).min(100_000);
     let name = q.name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
     let rows = a.names.dump(now, limit, |ip, names| {

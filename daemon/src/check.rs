@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use sluice_policy::model::{Enforcement, Mode, PolicySet};
@@ -165,7 +165,7 @@ impl Query {
 /// `--explain`: one connection through `decide()`, as the forwarder would see it.
 fn explain(set: &PolicySet, q: Query) -> String {
     let snapshot = Snapshot::compile(set);
-    let now = Timestamp::from_system(SystemTime::now());
+    let now = Timestamp::now();
     let names = NameTable::new(64);
     let keep = Retention::from(&set.settings.dns);
     let (conn, destination) = (&q.conn, q.conn.destination);

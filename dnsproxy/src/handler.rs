@@ -12,7 +12,6 @@
 //! the client as they came.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
@@ -61,10 +60,6 @@ pub(crate) fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
         Ok(host) if snapshot.covers_name(&host) => Gate::Forward,
         _ => Gate::Block,
     }
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_system(SystemTime::now())
 }
 
 /// How long clients may cache a blocked name's NXDOMAIN (the SOA's TTL and
@@ -230,7 +225,7 @@ pub(crate) fn learn_from(shared: &Shared, answer: &[u8], unparsed: &Counter) {
         Lesson::Nothing => {}
         Lesson::Records(qname, records) => {
             let keep = Retention::from(&shared.policy.load().settings().dns);
-            learn(&shared.names, &qname, &records, now(), keep);
+            learn(&shared.names, &qname, &records, Timestamp::now(), keep);
         }
         Lesson::Unparsed(error) => {
             tracing::debug!(%error, "unparseable upstream answer: relayed as it came, nothing learned");

@@ -10,17 +10,13 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use sluice_policy::names::PersistStats;
 use sluice_policy::{NameTable, Timestamp};
 
 use crate::DnsError;
 use crate::metrics as m;
-
-fn now() -> Timestamp {
-    Timestamp::from_system(SystemTime::now())
-}
 
 fn persist_error(path: &Path, source: std::io::Error) -> DnsError {
     DnsError::Persist { path: path.to_path_buf(), source }
@@ -29,7 +25,7 @@ fn persist_error(path: &Path, source: std::io::Error) -> DnsError {
 /// Loads a table saved by [`save`]; expired entries are skipped, a missing
 /// file is an empty table.
 pub fn restore(names: &NameTable, path: &Path) -> Result<PersistStats, DnsError> {
-    let stats = names.restore(path, now()).map_err(|e| persist_error(path, e))?;
+    let stats = names.restore(path, Timestamp::now()).map_err(|e| persist_error(path, e))?;
     m::table_gauges(names);
     Ok(stats)
 }
@@ -37,7 +33,7 @@ pub fn restore(names: &NameTable, path: &Path) -> Result<PersistStats, DnsError>
 /// Drops expired entries, then writes the alive ones to `path` atomically.
 pub async fn save(names: Arc<NameTable>, path: PathBuf) -> Result<PersistStats, DnsError> {
     let job = tokio::task::spawn_blocking(move || {
-        let now = now();
+        let now = Timestamp::now();
         names.purge_expired(now);
         let saved = names.save(&path, now).map_err(|e| persist_error(&path, e));
         m::table_gauges(&names);

@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use hickory_resolver::Resolver;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
@@ -120,7 +120,7 @@ async fn refresh(resolver: Resolver<Marked>, shared: Shared, host: Hostname) -> 
         match resolver.lookup(name.clone(), rtype).await {
             Ok(lookup) => {
                 let keep = Retention::from(&shared.policy.load().settings().dns);
-                let now = Timestamp::from_system(SystemTime::now());
+                let now = Timestamp::now();
                 let learned = learn(&shared.names, &name, lookup.answers(), now, keep);
                 if learned.ips > 0 {
                     let ttl = lookup.valid_until().saturating_duration_since(std::time::Instant::now());

@@ -6,7 +6,7 @@
 mod common;
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::{Proxy, Upstream, dig, kdig, query, shared, udp_exchange};
 use hickory_proto::rr::RecordType;
@@ -56,7 +56,7 @@ fn the_table_is_updated_before_the_reply_leaves() {
         let answer = udp_exchange(proxy.addr, &query(i, &name, RecordType::A, Some(1232)), Duration::from_secs(3));
         assert!(answer.is_some());
         // No waiting: the answer is in hand, so the table must already know.
-        let now = Timestamp::from_system(SystemTime::now());
+        let now = Timestamp::now();
         let known = proxy.shared.names.names(ip, now);
         assert!(known.iter().any(|h| h.as_str() == name.trim_end_matches('.')), "{name} not yet in the table");
     }
@@ -74,7 +74,7 @@ spec:
 fn ttl_rules_of_the_policy_apply() {
     let up = Upstream::start();
     let proxy = Proxy::to(up.addr, shared(Some(RETENTION)));
-    let at = |secs: u64| Timestamp::from_system(SystemTime::now() + Duration::from_secs(secs));
+    let at = |secs: u64| Timestamp::now().plus(Duration::from_secs(secs));
     let names = |ip: &str, t| proxy.shared.names.names(ip.parse().unwrap(), t);
 
     // short.sluice.test has a 2 s TTL: raised to minTtl (60 s), plus 5 s grace.

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use common::{Background, Proxy, Upstream, dig, names, shared, wait_for};
 use sluice_dnsproxy::{DnsError, persist};
@@ -62,7 +62,7 @@ fn a_corrupt_file_starts_empty_and_is_replaced() {
         "192.0.2.1".parse().unwrap(),
         &"after.example".parse().unwrap(),
         Duration::from_secs(60),
-        Timestamp::from_system(SystemTime::now()),
+        Timestamp::now(),
         sluice_policy::Retention { min_ttl: Duration::ZERO, grace: Duration::ZERO },
     );
     saver.stop().unwrap();

@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -177,14 +177,14 @@ async fn forward(
         }
         conn.sniffed = seen.sniffed();
     }
-    let mut verdict = decide(&snapshot, names, &conn, now());
+    let mut verdict = decide(&snapshot, names, &conn, Timestamp::now());
     if !verdict.allow && !seen.is_final() && first.is_empty() && failed.is_none() {
         // Refusing anyway: waiting for the client's bytes costs nothing, and
         // tells whether to answer HTTP 502 (and which Host it wanted).
         seen = read_first(&client, &mut first, ctx.config.sniff_timeout).await.unwrap_or(Sniff::NeedMore);
         if let Some(s) = seen.sniffed() {
             conn.sniffed = Some(s);
-            verdict = decide(&snapshot, names, &conn, now());
+            verdict = decide(&snapshot, names, &conn, Timestamp::now());
         }
     }
     report.http = seen.is_http();
@@ -233,10 +233,6 @@ async fn forward(
     report.sent += o.sent;
     report.received = o.received;
     report.outcome = Outcome::Spliced(o.end);
-}
-
-fn now() -> Timestamp {
-    Timestamp::from_system(SystemTime::now())
 }
 
 /// Reads the client's first bytes until sniffing can tell, the cap, the

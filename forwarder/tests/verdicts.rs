@@ -162,7 +162,7 @@ fn registry_only_passes_service_entries_and_refuses_the_rest() {
         assert!(reply.starts_with(b"HTTP/1.1 200"), "{driver:?}");
         // Opaque TCP to a name DNS gave: passes; to an unknown IP: reset.
         let keep = Retention { min_ttl: Duration::from_secs(5), grace: Duration::from_secs(60) };
-        let now = Timestamp::from_system(std::time::SystemTime::now());
+        let now = Timestamp::now();
         fwd.names.record(ip, &Hostname::parse("search.vendor.test").unwrap(), Duration::from_secs(60), now, keep);
         assert!(exchange(&ns, tcp, b"\x00\x01binary").unwrap().starts_with(b"HTTP/1.1 200"));
         let refused = exchange(&ns, other, b"\x00\x01binary");

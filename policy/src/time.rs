@@ -18,8 +18,8 @@ impl Timestamp {
     }
 
     /// For callers (the daemon, tests): the current wall-clock time.
-    pub fn from_system(t: SystemTime) -> Self {
-        let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    pub fn now() -> Self {
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
         Timestamp(u64::try_from(ms).unwrap_or(u64::MAX))
     }
 

@@ -124,7 +124,7 @@ impl Proxy {
     }
 
     pub fn names(&self, ip: &str) -> Vec<String> {
-        let now = Timestamp::from_system(std::time::SystemTime::now());
+        let now = Timestamp::now();
         let mut v: Vec<String> =
             self.shared.names.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
         v.sort();
@@ -268,7 +268,7 @@ pub fn tcp_receive(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 /// The alive names of `ip` in the table, sorted.
 pub fn names(table: &NameTable, ip: &str) -> Vec<String> {
-    let now = Timestamp::from_system(std::time::SystemTime::now());
+    let now = Timestamp::now();
     let mut v: Vec<String> = table.names(ip.parse().unwrap(), now).iter().map(ToString::to_string).collect();
     v.sort();
     v
