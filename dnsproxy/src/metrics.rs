@@ -16,8 +16,8 @@ pub const REQUESTS: &str = "sluice_dns_requests_total";
 /// Time from sending a query upstream to a matching answer: `upstream`, `transport`.
 pub const UPSTREAM_DURATION: &str = "sluice_dns_upstream_duration_seconds";
 /// Upstream attempts that failed: `upstream`, `reason` (`timeout`, `io`,
-/// `refused`, `mismatch`: an answer that is not the query's — over UDP also a
-/// stray datagram: late, duplicate or forged).
+/// `refused`, `mismatch`: an answer that is not the query's, or one that
+/// answers no query in flight: late, duplicate, or over UDP forged).
 pub const UPSTREAM_FAILURES: &str = "sluice_dns_upstream_failures_total";
 /// 1 while an upstream answers, 0 while it is down (its last 3 attempts
 /// failed; queries skip it but for a probe every 500 ms): `upstream`,
