@@ -67,7 +67,8 @@ pub struct Config {
     /// may hold half of them.
     pub max_in_flight: usize,
     /// A client TCP connection with no query in flight and none arriving
-    /// this long is closed (and one whose reply waits this long to be read).
+    /// this long is closed (and one whose reply waits this long to be
+    /// read); so is an upstream TCP connection with no query in flight.
     pub tcp_idle_timeout: Duration,
     /// Client TCP connections open at once; at the cap, accepting pauses.
     pub max_tcp_connections: usize,
@@ -146,7 +147,7 @@ pub fn start(
     ours.dedup();
     let addrs = resolve_upstreams(&config, &ours)?;
     tracing::info!(upstreams = ?addrs, listen = ?ours, "DNS proxy starting");
-    let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout);
+    let upstreams = upstream::Upstreams::new(&addrs, config.mark, config.timeout, config.tcp_idle_timeout);
     let udp = udp.into_iter().map(tokio::net::UdpSocket::into_std).collect::<Result<Vec<_>, _>>();
     let udp = udp::UdpProxy::new(&config, shared.clone(), &addrs, udp.map_err(DnsError::Socket)?);
     let udp = Arc::new(udp.map_err(DnsError::Socket)?);

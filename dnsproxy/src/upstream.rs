@@ -162,14 +162,15 @@ pub(crate) struct Upstreams {
 }
 
 impl Upstreams {
-    pub(crate) fn new(addrs: &[SocketAddr], mark: u32, timeout: Duration) -> Self {
+    /// `idle`: how long an upstream connection with no query in flight stays open.
+    pub(crate) fn new(addrs: &[SocketAddr], mark: u32, timeout: Duration, idle: Duration) -> Self {
         let list = addrs
             .iter()
             .map(|&addr| Upstream {
                 addr,
                 latency: metrics::histogram!(m::UPSTREAM_DURATION, "upstream" => addr.to_string(), "transport" => "tcp"),
                 mismatch: failure(addr, "mismatch"),
-                pool: Pool::default(),
+                pool: Pool { conns: Default::default(), tasks: Default::default(), idle },
             })
             .collect();
         Upstreams { list, health: Health::new(addrs, "tcp"), preferred: AtomicUsize::new(0), mark, timeout }
@@ -256,7 +257,7 @@ impl Upstream {
         let mut tasks = self.pool.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         while tasks.try_join_next().is_some() {} // reap the tasks of connections that ended
         tasks.spawn(write_queries(Arc::clone(&conn), write, frames));
-        tasks.spawn(read_answers(Arc::clone(&conn), read, self.mismatch.clone()));
+        tasks.spawn(read_answers(Arc::clone(&conn), read, self.mismatch.clone(), self.pool.idle));
         drop(tasks);
         conns.push(Arc::clone(&conn));
         Ok((conn, false))
@@ -267,8 +268,6 @@ impl Upstream {
 const PIPELINE: usize = 32;
 /// Connections per upstream at most (past them, the least busy takes more).
 const CONNECTIONS: usize = 8;
-/// An upstream connection with no query in flight this long is closed.
-const CONNECTION_IDLE: Duration = Duration::from_secs(10);
 
 /// One upstream's TCP connections, shared by the queries that go there
 /// (RFC 7766 §6.2.1: reuse and pipelining): no handshake per query, and no
@@ -276,10 +275,13 @@ const CONNECTION_IDLE: Duration = Duration::from_secs(10);
 /// hundred TCP queries/s to one upstream would use up the ephemeral ports
 /// within TIME_WAIT's minute). Each connection has a writer task and a
 /// reader task; dropping the pool ends them and closes the connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pool {
     conns: tokio::sync::Mutex<Vec<Arc<Conn>>>,
     tasks: Mutex<JoinSet<()>>,
+    /// A connection with no query in flight this long is closed (the
+    /// client side's idle timeout, `Config::tcp_idle_timeout`).
+    idle: Duration,
 }
 
 /// One upstream connection: queries go out under IDs unique on it, and
@@ -399,7 +401,7 @@ async fn write_queries(conn: Arc<Conn>, mut write: OwnedWriteHalf, mut frames: m
 }
 
 /// A connection's reader: answers to whoever waits for them, until the
-/// upstream closes it or it has no query in flight for [`CONNECTION_IDLE`].
+/// upstream closes it or it has no query in flight for `idle`.
 ///
 /// Answers are acknowledged at once (`TCP_QUICKACK` after each read), not
 /// after the kernel's delayed-ACK timer: servers that leave Nagle's
@@ -407,10 +409,10 @@ async fn write_queries(conn: Arc<Conn>, mut write: OwnedWriteHalf, mut frames: m
 /// is acknowledged, and on a connection that carries no query for a while
 /// that waited up to 40 ms — measured: at 10k q/s over 8 connections to
 /// nsd, p99 45 ms without, 1.3 ms with.
-async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counter) {
+async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counter, idle: Duration) {
     let mut frames = Frames::default();
     let why = loop {
-        match tokio::time::timeout(CONNECTION_IDLE, frames.next(&mut read)).await {
+        match tokio::time::timeout(idle, frames.next(&mut read)).await {
             Ok(Ok(Some(answer))) => {
                 if frames.is_empty() {
                     // Everything read is taken: acknowledge it now (see `read_answers`).

@@ -65,37 +65,45 @@ fn pipelined_queries_on_one_connection_are_all_answered() {
 /// A TCP upstream written for these tests: the query for `qN.…` gets one
 /// A record, 192.0.2.N, and the one for `slowN.…` too but 300 ms late;
 /// each is answered from its own thread, so the answers on a connection go
-/// back in the order they are ready. Counts the connections it accepts.
+/// back in the order they are ready. Counts the connections it accepts, and
+/// those the proxy closed.
 /// With `limit`, a connection's query past that many closes it unanswered,
 /// as a server's per-connection query limit does.
 struct TcpUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    closed: Arc<AtomicUsize>,
 }
 
 impl TcpUpstream {
     fn start(limit: Option<usize>) -> TcpUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (count, closes) = (Arc::clone(&accepted), Arc::clone(&closed));
         // Left running when the test ends: it only ever answers the proxy.
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 count.fetch_add(1, Ordering::SeqCst);
-                std::thread::spawn(move || Self::serve(stream, limit));
+                let closes = Arc::clone(&closes);
+                std::thread::spawn(move || {
+                    if Self::serve(stream, limit) {
+                        closes.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
             }
         });
-        TcpUpstream { addr, accepted }
+        TcpUpstream { addr, accepted, closed }
     }
 
-    fn serve(mut s: TcpStream, limit: Option<usize>) {
+    /// Answers until the proxy closes the connection (true) or the limit closes it here.
+    fn serve(mut s: TcpStream, limit: Option<usize>) -> bool {
         let writer = Arc::new(Mutex::new(s.try_clone().unwrap()));
         let mut taken = 0;
         while let Ok(q) = common::tcp_receive(&mut s) {
             if limit.is_some_and(|l| taken >= l) {
                 let _ = s.shutdown(std::net::Shutdown::Both);
-                return;
+                return false;
             }
             taken += 1;
             let writer = Arc::clone(&writer);
@@ -112,10 +120,15 @@ impl TcpUpstream {
                 let _ = writer.lock().unwrap().write_all(&framed);
             });
         }
+        true
     }
 
     fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -169,6 +182,27 @@ fn a_query_on_a_connection_the_upstream_closes_is_asked_again_on_a_new_one() {
         assert_eq!(answered(&mut s), (n, [192, 0, 2, n as u8]));
     }
     assert_eq!(up.accepted(), 4, "each query after the first found its connection closed under it");
+}
+
+/// An upstream connection with no query in flight for the idle timeout is
+/// closed (by the proxy: a socket in TIME_WAIT per idle spell, not per
+/// query), and the next query opens another.
+#[test]
+fn an_idle_upstream_connection_is_closed() {
+    let up = TcpUpstream::start(None);
+    let idle = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { tcp_idle_timeout: idle, ..config(vec![up.addr]) }, shared(None));
+    let mut s = connect(proxy.addr);
+    send(&mut s, &query(1, "q1.sluice.test.", RecordType::A, None));
+    assert_eq!(answered(&mut s), (1, [192, 0, 2, 1]));
+    assert_eq!(up.closed(), 0, "closed at once");
+    let t = Instant::now();
+    common::wait_for("the idle upstream connection to close", || up.closed() == 1);
+    assert!(t.elapsed() >= idle - Duration::from_millis(100), "closed after {:?}", t.elapsed());
+    let mut s = connect(proxy.addr);
+    send(&mut s, &query(2, "q2.sluice.test.", RecordType::A, None));
+    assert_eq!(answered(&mut s), (2, [192, 0, 2, 2]));
+    assert_eq!(up.accepted(), 2);
 }
 
 #[test]
