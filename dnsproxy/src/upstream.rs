@@ -256,7 +256,7 @@ impl Upstream {
             Arc::new(Conn { state: Mutex::new(ConnState { outgoing: Some(outgoing), waiting: HashMap::new() }) });
         let mut tasks = self.pool.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         while tasks.try_join_next().is_some() {} // reap the tasks of connections that ended
-        tasks.spawn(write_queries(Arc::clone(&conn), write, frames));
+        tasks.spawn(write_queries(Arc::clone(&conn), write, frames, self.pool.idle));
         tasks.spawn(read_answers(Arc::clone(&conn), read, self.mismatch.clone(), self.pool.idle));
         drop(tasks);
         conns.push(Arc::clone(&conn));
@@ -390,13 +390,23 @@ fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "the upstream connection closed")
 }
 
-/// A connection's writer: frames in order, each whole.
-async fn write_queries(conn: Arc<Conn>, mut write: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+/// A connection's writer: frames in order, each whole. One the upstream
+/// does not take within `idle` (it stopped reading) fails the connection:
+/// a stuck upstream must not keep sockets open forever.
+async fn write_queries(
+    conn: Arc<Conn>,
+    mut write: OwnedWriteHalf,
+    mut frames: mpsc::UnboundedReceiver<Vec<u8>>,
+    idle: Duration,
+) {
     while let Some(frame) = frames.recv().await {
-        if let Err(error) = write.write_all(&frame).await {
-            conn.close(&error);
-            return;
-        }
+        let error = match tokio::time::timeout(idle, write.write_all(&frame)).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => error,
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "the upstream does not read its connection"),
+        };
+        conn.close(&error);
+        return;
     }
 }
 
