@@ -63,7 +63,8 @@ fn pipelined_queries_on_one_connection_are_all_answered() {
 }
 
 /// A TCP upstream written for these tests: the query for `qN.…` gets one
-/// A record, 192.0.2.N, and the one for `slowN.…` too but 300 ms late;
+/// A record, 192.0.2.N, and the one for `slowN.…` too but 800 ms late
+/// (long past the others even on a loaded machine);
 /// each is answered from its own thread, so the answers on a connection go
 /// back in the order they are ready. Counts the connections it accepts, and
 /// those the proxy closed.
@@ -112,7 +113,7 @@ impl TcpUpstream {
                 let label = std::str::from_utf8(&q[13..13 + usize::from(q[12])]).unwrap().to_owned();
                 let n: u8 = label.trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap();
                 if label.starts_with("slow") {
-                    std::thread::sleep(Duration::from_millis(300));
+                    std::thread::sleep(Duration::from_millis(800));
                 }
                 let reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
                 let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
@@ -151,7 +152,8 @@ fn answered(s: &mut TcpStream) -> (u16, [u8; 4]) {
 #[test]
 fn a_slow_answer_does_not_hold_back_the_others_and_one_upstream_connection_carries_all() {
     let up = TcpUpstream::start(None);
-    let proxy = Proxy::to(up.addr, shared(None));
+    // Time enough for the slow answer.
+    let proxy = Proxy::start(Config { timeout: Duration::from_secs(3), ..config(vec![up.addr]) }, shared(None));
     let mut s = connect(proxy.addr);
     send(&mut s, &query(1, "slow1.sluice.test.", RecordType::A, None));
     for n in 2..=4 {
@@ -190,7 +192,7 @@ fn a_query_on_a_connection_the_upstream_closes_is_asked_again_on_a_new_one() {
 #[test]
 fn an_idle_upstream_connection_is_closed() {
     let up = TcpUpstream::start(None);
-    let idle = Duration::from_millis(300);
+    let idle = Duration::from_secs(1);
     let proxy = Proxy::start(Config { tcp_idle_timeout: idle, ..config(vec![up.addr]) }, shared(None));
     let mut s = connect(proxy.addr);
     send(&mut s, &query(1, "q1.sluice.test.", RecordType::A, None));
