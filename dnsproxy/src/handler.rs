@@ -260,8 +260,9 @@ impl Proxy {
     }
 
     /// The reply to one query that came over TCP: the upstream's answer as
-    /// it came but for the ID (the client's put back), or one made here. `None`: not to be answered (too short to be
-    /// DNS, or itself an answer: never answered, against reflection).
+    /// it came but for the ID (the client's put back), or one made here.
+    /// `None`: not to be answered (too short to be DNS, or itself an
+    /// answer: never answered, against reflection).
     pub(crate) async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
         let parsed = match parse_query(query, false) {
             Ok(p) => p,

@@ -6,8 +6,8 @@
 //! - [`serve`]: UDP on sluice's own batched loop (`udp`: a receiving thread
 //!   per socket, queries multiplexed over a few long-lived upstream sockets,
 //!   answers relayed byte for byte), TCP on its own capped accept loop
-//!   (`tcp`, one upstream exchange per query, answers relayed byte for byte
-//!   too); what both do with a message is in `handler`: both walk the CNAME
+//!   (`tcp`: a connection's queries answered concurrently over a few shared
+//!   upstream connections, answers relayed byte for byte too); what both do with a message is in `handler`: both walk the CNAME
 //!   chain and learn before replying, and answer NXDOMAIN for unregistered
 //!   names when the policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
 //! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`

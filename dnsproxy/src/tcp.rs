@@ -168,11 +168,18 @@ impl TcpServer {
 
 /// Writes one message behind its length; false when it did not go within `idle`.
 async fn send(write: &mut (impl AsyncWrite + Unpin), message: &[u8], idle: Duration) -> bool {
-    let Ok(len) = u16::try_from(message.len()) else { return false };
+    let Some(frame) = framed(message) else { return false };
+    matches!(tokio::time::timeout(idle, write.write_all(&frame)).await, Ok(Ok(())))
+}
+
+/// `message` behind its two-byte length, as it goes on a TCP stream;
+/// `None` if it is longer than a length can say.
+pub(crate) fn framed(message: &[u8]) -> Option<Vec<u8>> {
+    let len = u16::try_from(message.len()).ok()?;
     let mut frame = Vec::with_capacity(2 + message.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(message);
-    matches!(tokio::time::timeout(idle, write.write_all(&frame)).await, Ok(Ok(())))
+    Some(frame)
 }
 
 /// DNS messages off a TCP stream, each behind its two-byte length.

@@ -29,7 +29,7 @@
 //!   Upstreams that stopped answering are skipped ([`Health`]), so with
 //!   all of them down SERVFAIL comes at once.
 //!
-//! TCP has its own loop (`tcp`, one upstream exchange per query): it is the
+//! TCP has its own loop (`tcp`, over shared upstream connections): it is the
 //! slow path (truncated answers, zone-sized replies). What both do with a
 //! message (read the query, the policy gate, local replies, learning) is in
 //! `handler`.

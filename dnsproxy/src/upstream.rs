@@ -24,7 +24,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use crate::tcp::Frames;
+use crate::tcp::{Frames, framed};
 use crate::{Config, DnsError, metrics as m, sys};
 
 /// Why one upstream attempt failed (the `reason` label).
@@ -244,8 +244,8 @@ impl Upstream {
         let mut conns = self.pool.conns.lock().await;
         conns.retain(|c| c.state().open());
         if !fresh
-            && let Some(least) = conns.iter().min_by_key(|c| c.state().waiting.len())
-            && (least.state().waiting.len() < PIPELINE || conns.len() >= CONNECTIONS)
+            && let Some((in_flight, least)) = conns.iter().map(|c| (c.state().waiting.len(), c)).min_by_key(|(n, _)| *n)
+            && (in_flight < PIPELINE || conns.len() >= CONNECTIONS)
         {
             return Ok((Arc::clone(least), true));
         }
@@ -321,8 +321,7 @@ impl Conn {
     /// Sends `query` under an ID free on this connection and waits for its
     /// answer, which comes back with the query's own ID.
     async fn ask(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, UpstreamError> {
-        let (Ok(len), Some(client_id), Some(rest)) = (u16::try_from(query.len()), query.get(..2), query.get(2..))
-        else {
+        let (Some(client_id), Some(mut frame)) = (query.get(..2), framed(query)) else {
             return Err(UpstreamError::Mismatch);
         };
         let (answer, waiting) = oneshot::channel();
@@ -337,10 +336,9 @@ impl Conn {
                 }
             };
             state.waiting.insert(id, (question.into(), answer));
-            let mut frame = Vec::with_capacity(2 + query.len());
-            frame.extend_from_slice(&len.to_be_bytes());
-            frame.extend_from_slice(&id.to_be_bytes());
-            frame.extend_from_slice(rest);
+            if let Some(wire_id) = frame.get_mut(2..4) {
+                wire_id.copy_from_slice(&id.to_be_bytes()); // the ID, behind the length
+            }
             // The writer is gone only once the connection closed: the reader fails those waiting then.
             let _ = outgoing.send(frame);
             Asked { conn: self, id, answered: false }
