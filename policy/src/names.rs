@@ -45,7 +45,16 @@ const TOUCH_SLACK_MS: u64 = 1_000;
 const RESTORE_HORIZON: Duration = Duration::from_secs(2 * 86_400);
 
 type Leases = smallvec::SmallVec<[Lease; 2]>;
-type Map = papaya::HashMap<IpAddr, IpNames, foldhash::fast::RandomState>;
+/// foldhash's *quality* variant, not its fast one. For about one random
+/// seed in 3,000, the fast hash spreads a run of consecutive addresses so
+/// badly that 50,000 of them need a probe sequence past papaya's limit (85
+/// slots) in a table at 38% load; papaya 0.2.5 then moves everything to a
+/// new table of the same size, where the same entries land the same way,
+/// for ever: one core at 100% and memory growing ~150 MB/s (seen as a test
+/// hung at 18 GB). With the quality hash's extra multiply the longest probe
+/// was 21 over 20,000 seeds (fast: 147, six seeds past 85).
+type Hasher = foldhash::quality::SeedableRandomState;
+type Map = papaya::HashMap<IpAddr, IpNames, Hasher>;
 
 /// IP → names with expiry. Share it behind an `Arc`.
 #[derive(Debug)]
@@ -156,13 +165,17 @@ struct Record {
 
 impl NameTable {
     pub fn new(capacity: usize) -> Self {
+        Self::with_hasher(capacity, Hasher::random())
+    }
+
+    fn with_hasher(capacity: usize, hasher: Hasher) -> Self {
         // Blocking resizes: papaya's default incremental mode leaves a
         // half-moved table behind (reads probe both) until more writes come,
         // which made lookups 6x slower. The one writer (DNS) pays instead.
         let map = papaya::HashMap::builder()
             .capacity(capacity.min(1 << 20))
             .resize_mode(papaya::ResizeMode::Blocking)
-            .hasher(foldhash::fast::RandomState::default())
+            .hasher(hasher)
             .build();
         let capacity = capacity.max(1);
         NameTable {

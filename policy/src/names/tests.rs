@@ -149,6 +149,31 @@ fn readers_see_stable_names_while_a_writer_inserts() {
     assert_eq!(t.names(ip(1), T0), vec![host("stable.example")], "the stable IP, being used, survives eviction");
 }
 
+/// With this seed (and foldhash's fixed shared seed) the fast hash piles a
+/// run of 50,000 consecutive addresses up past papaya's probe limit, and
+/// papaya resizes to the same size for ever (memory grows without end).
+/// The table's hash must spread them: the run fits, in the time a fill takes.
+#[test]
+fn a_run_of_consecutive_addresses_fills_the_table_with_any_seed() {
+    const SEED_THE_FAST_HASH_PILES_UP: u64 = 6_736_196_181_918_680_967;
+    let hasher = Hasher::with_seed(SEED_THE_FAST_HASH_PILES_UP, foldhash::SharedSeed::global_fixed());
+    let t = Arc::new(NameTable::with_hasher(50_000, hasher));
+    let (done, filled) = std::sync::mpsc::channel();
+    let writer = t.clone();
+    std::thread::spawn(move || {
+        for i in 50_000..100_000u32 {
+            let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            writer.record(addr, &host("run.example"), Duration::from_secs(60), T0, KEEP);
+        }
+        let _ = done.send(());
+    });
+    // A fill takes well under a second, even in a debug build; a hung
+    // resize never ends (and its thread goes on until the test process does).
+    let fill = filled.recv_timeout(Duration::from_secs(20));
+    assert!(fill.is_ok(), "50,000 consecutive addresses did not fit in 20 s: the table is resizing for ever");
+    assert_eq!(t.len(), 50_000);
+}
+
 #[test]
 fn save_and_restore_round_trip_skipping_expired_and_garbage() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
