@@ -165,12 +165,42 @@ fn machine() -> Machine {
     }
 }
 
+/// How often the metrics' histogram samples are folded into buckets (the daemon's `UPKEEP_EVERY`).
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Installs the Prometheus recorder the daemon installs (`daemon/src/run.rs`:
+/// the same histogram buckets), and its upkeep on a thread of its own, so that
+/// the in-process forwarder and DNS proxy pay for their metrics as they do in
+/// the daemon: without a recorder every counter and histogram is a no-op.
+/// The upkeep thread's name matches no target's, so its CPU (~1 run a second)
+/// is not counted as the proxy's.
+fn install_metrics() -> Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(sluice_dnsproxy::metrics::UPSTREAM_DURATION.into()),
+            sluice_dnsproxy::metrics::UPSTREAM_BUCKETS,
+        )
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    std::thread::Builder::new()
+        .name("perf-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP_EVERY);
+                prometheus.run_upkeep();
+            }
+        })
+        .context("starting the metrics upkeep thread")?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let res = match args.first().map(String::as_str) {
+    let res = install_metrics().and_then(|()| match args.first().map(String::as_str) {
         Some(child::FLAG) => child::main(&args[1..]),
         _ => bench(opts().run()),
-    };
+    });
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
