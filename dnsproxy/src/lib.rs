@@ -20,6 +20,8 @@
 //! `sluice-policy` types (the snapshot and the NameTable).
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzz;
 mod handler;
 pub mod learn;
 pub mod metrics;

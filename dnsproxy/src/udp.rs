@@ -212,7 +212,7 @@ const ERROR_PAUSE: Duration = Duration::from_millis(10);
 /// options) — the answer re-encoded by hickory without its records, when it
 /// parses and that fits in `max_udp`; else header and question only.
 /// `answer` has a header.
-fn truncated_reply(answer: &[u8], question: &[u8], max_udp: usize) -> Vec<u8> {
+pub(crate) fn truncated_reply(answer: &[u8], question: &[u8], max_udp: usize) -> Vec<u8> {
     if let Ok(mut m) = Message::from_vec(answer) {
         m.answers.clear();
         m.authorities.clear();
