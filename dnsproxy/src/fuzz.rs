@@ -15,7 +15,7 @@ use metrics::Counter;
 use sluice_policy::{NameTable, Snapshot, SourceFile, load_sources};
 
 use crate::Shared;
-use crate::handler::{Gate, Refuse, gate, header_rcode, is_transfer, learn_from, local_reply, parse_query};
+use crate::handler::{Gate, Refuse, gate, is_transfer, learn_from, local_reply, parse_query};
 use crate::udp::truncated_reply;
 use crate::upstream::answers;
 
@@ -147,7 +147,7 @@ pub fn query(bytes: &[u8], truncated: bool, shared: &Shared) -> Fate {
     Fate::Forwarded { question: 12..parsed.question_end, max_udp: parsed.max_udp }
 }
 
-/// An upstream's datagram for the query whose question is `question`, as
+/// An upstream's datagram (`bytes`) for the query whose question is `question`, as
 /// `udp::on_answer` takes it: ignored unless it answers that question
 /// (`None`); learned from and relayed when it fits in `max_udp`, else
 /// relayed truncated (TC set, records dropped). Over TCP the same answer
@@ -155,19 +155,18 @@ pub fn query(bytes: &[u8], truncated: bool, shared: &Shared) -> Fate {
 ///
 /// # Panics
 /// When a truncated reply lacks its header or TC bit (a bug).
-pub fn answer(question: &[u8], answer: &[u8], max_udp: usize, shared: &Shared) -> Option<Vec<u8>> {
-    let id = answer.get(..2)?;
-    if !answers(id, question, answer) {
+pub fn answer(question: &[u8], bytes: &[u8], max_udp: usize, shared: &Shared) -> Option<Vec<u8>> {
+    let id = bytes.get(..2)?;
+    if !answers(id, question, bytes) {
         return None;
     }
-    let _ = header_rcode(answer);
-    if answer.len() > max_udp {
-        let reply = truncated_reply(answer, question, max_udp);
+    if bytes.len() > max_udp {
+        let reply = truncated_reply(bytes, question, max_udp);
         assert!(reply.len() >= 12 && reply[2] & 0x02 != 0, "a truncated reply without its header or TC bit");
         return Some(reply);
     }
-    learn_from(shared, answer, &Counter::noop());
-    Some(answer.to_vec())
+    learn_from(shared, bytes, &Counter::noop());
+    Some(bytes.to_vec())
 }
 
 fn checked(reply: Vec<u8>) -> Vec<u8> {
