@@ -15,7 +15,7 @@ use metrics::Counter;
 use sluice_policy::{NameTable, Snapshot, SourceFile, load_sources};
 
 use crate::Shared;
-use crate::handler::{Gate, Refuse, gate, is_transfer, learn_from, local_reply, parse_query};
+use crate::handler::{Triage, learn_from, triage};
 use crate::udp::truncated_reply;
 use crate::upstream::answers;
 
@@ -121,30 +121,22 @@ pub enum Fate {
     Forwarded { question: Range<usize>, max_udp: usize },
 }
 
-/// A client's query, as `udp::on_query` and the TCP path take it.
+/// A client's query, through the triage both transports use
+/// (`handler::triage`); for one that is forwarded, the SERVFAIL the proxy
+/// would answer if no upstream could take it is made too.
 ///
 /// # Panics
 /// When a reply made here does not parse as a DNS message (a bug).
 pub fn query(bytes: &[u8], truncated: bool, shared: &Shared) -> Fate {
-    let parsed = match parse_query(bytes, truncated) {
-        Ok(p) => p,
-        Err(Refuse::Drop) => return Fate::Dropped,
-        Err(Refuse::FormErr(meta)) => {
-            return Fate::Answered(checked(local_reply(&meta, None, None, ResponseCode::FormErr)));
+    match triage(bytes, truncated, &shared.policy) {
+        Triage::Drop => Fate::Dropped,
+        Triage::Reply(reply) => Fate::Answered(checked(reply)),
+        Triage::Forward(parsed) => {
+            // The SERVFAIL the proxy answers when no upstream can take it.
+            checked(parsed.reply(ResponseCode::ServFail));
+            Fate::Forwarded { question: 12..parsed.question_end, max_udp: parsed.max_udp }
         }
-        Err(Refuse::NotImp(meta, q)) => {
-            return Fate::Answered(checked(local_reply(&meta, Some(&q), None, ResponseCode::NotImp)));
-        }
-    };
-    let refuse =
-        |rcode| Fate::Answered(checked(local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode)));
-    if is_transfer(parsed.query.query_type()) {
-        return refuse(ResponseCode::Refused);
     }
-    if gate(&shared.policy.load(), parsed.query.name()) == Gate::Block {
-        return refuse(ResponseCode::NXDomain);
-    }
-    Fate::Forwarded { question: 12..parsed.question_end, max_udp: parsed.max_udp }
 }
 
 /// An upstream's datagram (`bytes`) for the query whose question is `question`, as

@@ -1,7 +1,7 @@
 //! What both transports do with a DNS message — read the query, ask the
-//! policy, make a local reply, learn from the upstream's answer — and the
-//! TCP path's answer to one query (`Proxy`; the `tcp` loop calls it, UDP has
-//! its own in `udp`).
+//! policy, make a local reply ([`triage`]), learn from the upstream's answer
+//! — and the TCP path's answer to one query (`Proxy`; the `tcp` loop calls
+//! it, UDP has its own in `udp`).
 //!
 //! Order matters: the name table is updated before the reply is handed to
 //! the connection, so an app that connects the instant it reads the answer is
@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -31,7 +32,7 @@ const LOCAL_PAYLOAD: u16 = 1232;
 
 /// What the policy says about a query name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Gate {
+enum Gate {
     Forward,
     /// NXDOMAIN: REGISTRY_ONLY with `dns.blockUnregistered`, and no
     /// ServiceEntry host covers the name.
@@ -41,14 +42,14 @@ pub(crate) enum Gate {
 /// Zone transfers (AXFR, IXFR) are refused here, on both transports: the
 /// proxy relays one answer per query, and a transfer is a stream of them —
 /// relayed, it would end after its first message, silently cut short.
-pub(crate) fn is_transfer(qtype: RecordType) -> bool {
+fn is_transfer(qtype: RecordType) -> bool {
     matches!(qtype, RecordType::AXFR | RecordType::IXFR)
 }
 
 /// Decides whether a query for `name` may go upstream. Names that are not
 /// valid host names (the root, escaped bytes) cannot be registered, so they
 /// are blocked too when blocking is on. Dry-run never blocks.
-pub(crate) fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
+fn gate(snapshot: &Snapshot, name: &Name) -> Gate {
     let settings = snapshot.settings();
     if settings.mode != Mode::RegistryOnly
         || !settings.dns.block_unregistered
@@ -83,6 +84,54 @@ pub(crate) struct Parsed {
     pub(crate) question_end: usize,
     pub(crate) max_udp: usize,
     pub(crate) edns: Option<Edns>,
+}
+
+impl Parsed {
+    /// A reply made here to this query, with `rcode`.
+    pub(crate) fn reply(&self, rcode: ResponseCode) -> Vec<u8> {
+        local_reply(&self.meta, Some(&self.query), self.edns.as_ref(), rcode)
+    }
+}
+
+/// What becomes of a client's query before any upstream is asked, on
+/// either transport.
+#[derive(Debug)]
+pub(crate) enum Triage {
+    /// Not answered: too short to carry an ID, or itself an answer (never
+    /// answered, against reflection).
+    Drop,
+    /// Answered here, and counted: FORMERR, NOTIMP, REFUSED for a zone
+    /// transfer, NXDOMAIN for a name the policy blocks.
+    Reply(Vec<u8>),
+    /// For the upstreams.
+    Forward(Parsed),
+}
+
+/// Reads a client's query (`truncated`: cut short by the receive buffer)
+/// and decides whether it goes upstream, under the current `policy`.
+pub(crate) fn triage(bytes: &[u8], truncated: bool, policy: &ArcSwap<Snapshot>) -> Triage {
+    let parsed = match parse_query(bytes, truncated) {
+        Ok(p) => p,
+        Err(Refuse::Drop) => return Triage::Drop,
+        Err(Refuse::FormErr(meta)) => {
+            m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
+            return Triage::Reply(local_reply(&meta, None, None, ResponseCode::FormErr));
+        }
+        Err(Refuse::NotImp(meta, query)) => {
+            m::request(query.query_type(), ResponseCode::NotImp, Action::Failed);
+            return Triage::Reply(local_reply(&meta, Some(&query), None, ResponseCode::NotImp));
+        }
+    };
+    let qtype = parsed.query.query_type();
+    let rcode = if is_transfer(qtype) {
+        ResponseCode::Refused
+    } else if gate(&policy.load(), parsed.query.name()) == Gate::Block {
+        ResponseCode::NXDomain
+    } else {
+        return Triage::Forward(parsed);
+    };
+    m::request(qtype, rcode, Action::Blocked);
+    Triage::Reply(parsed.reply(rcode))
 }
 
 /// Why a query is answered here instead of forwarded.
@@ -186,7 +235,7 @@ fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::Prot
 
 /// A reply made here: the client's ID and question, `rcode`, no records
 /// but the SOA of a blocked name, EDNS if the client used it.
-pub(crate) fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
+fn local_reply(meta: &Metadata, query: Option<&Query>, edns: Option<&Edns>, rcode: ResponseCode) -> Vec<u8> {
     let mut reply = Message::new(meta.id, MessageType::Response, meta.op_code);
     reply.metadata.recursion_desired = meta.recursion_desired;
     reply.metadata.checking_disabled = meta.checking_disabled;
@@ -264,32 +313,19 @@ impl Proxy {
     /// `None`: not to be answered (too short to be DNS, or itself an
     /// answer: never answered, against reflection).
     pub(crate) async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let parsed = match parse_query(query, false) {
-            Ok(p) => p,
-            Err(Refuse::Drop) => return None,
-            Err(Refuse::FormErr(meta)) => {
-                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
-                return Some(local_reply(&meta, None, None, ResponseCode::FormErr));
-            }
-            Err(Refuse::NotImp(meta, q)) => {
-                m::request(q.query_type(), ResponseCode::NotImp, Action::Failed);
-                return Some(local_reply(&meta, Some(&q), None, ResponseCode::NotImp));
-            }
+        let parsed = match triage(query, false, &self.shared.policy) {
+            Triage::Drop => return None,
+            Triage::Reply(reply) => return Some(reply),
+            Triage::Forward(parsed) => parsed,
         };
         let qtype = parsed.query.query_type();
-        let refuse = |rcode: ResponseCode, action: Action| {
-            m::request(qtype, rcode, action);
-            Some(local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode))
+        let servfail = || {
+            m::request(qtype, ResponseCode::ServFail, Action::Failed);
+            Some(parsed.reply(ResponseCode::ServFail))
         };
-        if is_transfer(qtype) {
-            return refuse(ResponseCode::Refused, Action::Blocked);
-        }
-        if gate(&self.shared.policy.load(), parsed.query.name()) == Gate::Block {
-            return refuse(ResponseCode::NXDomain, Action::Blocked);
-        }
         let Ok(permit) = self.in_flight.try_acquire() else {
             tracing::debug!("in-flight cap reached: SERVFAIL");
-            return refuse(ResponseCode::ServFail, Action::Failed);
+            return servfail();
         };
         let exchanged = self.upstreams.exchange(query, query.get(12..parsed.question_end)?).await;
         drop(permit);
@@ -301,7 +337,7 @@ impl Proxy {
             }
             Err(error) => {
                 tracing::debug!(%error, "every upstream failed: SERVFAIL");
-                refuse(ResponseCode::ServFail, Action::Failed)
+                servfail()
             }
         }
     }

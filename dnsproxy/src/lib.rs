@@ -7,9 +7,10 @@
 //!   per socket, queries multiplexed over a few long-lived upstream sockets,
 //!   answers relayed byte for byte), TCP on its own capped accept loop
 //!   (`tcp`: a connection's queries answered concurrently over a few shared
-//!   upstream connections, answers relayed byte for byte too); what both do with a message is in `handler`: both walk the CNAME
-//!   chain and learn before replying, and answer NXDOMAIN for unregistered
-//!   names when the policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
+//!   upstream connections, answers relayed byte for byte too); what both do
+//!   with a message is in `handler`: both walk the CNAME chain and learn
+//!   before replying, and answer NXDOMAIN for unregistered names when the
+//!   policy asks for it (REGISTRY_ONLY + `dns.blockUnregistered`).
 //! - [`warm`]: hickory-resolver pre-resolves registered `resolution: DNS`
 //!   hosts and refreshes them at their TTL, for apps that bypass the proxy.
 //! - [`persist`]: the name table survives restarts (restore, periodic and
@@ -64,8 +65,8 @@ pub struct Config {
     pub mark: u32,
     /// How long one upstream gets to answer before the next is tried.
     pub timeout: Duration,
-    /// Queries waiting on an upstream at once (per transport; UDP at most
-    /// 16,384); past this, SERVFAIL at once. Over UDP one client address
+    /// Queries waiting on an upstream at once (per transport, at most
+    /// 16,384 whatever this says); past this, SERVFAIL at once. Over UDP one client address
     /// may hold half of them.
     pub max_in_flight: usize,
     /// A client TCP connection with no query in flight and none arriving

@@ -45,9 +45,7 @@ use hickory_proto::rr::RecordType;
 use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
-use crate::handler::{
-    Gate, MAX_IN_FLIGHT, Refuse, gate, header_rcode, is_transfer, learn_from, local_reply, parse_query,
-};
+use crate::handler::{MAX_IN_FLIGHT, Triage, header_rcode, learn_from, parse_query, triage};
 use crate::metrics::{self as m, Action};
 use crate::share::Shares;
 use crate::sys::{self, Arrival, Batch};
@@ -393,42 +391,26 @@ impl UdpProxy {
     }
 
     fn on_query(&self, listener: usize, bytes: &[u8], d: sys::Datagram, pick: usize, out: &mut Vec<Outgoing>) {
-        let parsed = match parse_query(bytes, d.truncated) {
-            Ok(p) => p,
-            Err(Refuse::Drop) => return,
-            Err(Refuse::FormErr(meta)) => {
-                m::request(RecordType::Unknown(0), ResponseCode::FormErr, Action::Failed);
-                let reply = local_reply(&meta, None, None, ResponseCode::FormErr);
-                return self.reply(listener, d.from, d.to, &reply);
-            }
-            Err(Refuse::NotImp(meta, query)) => {
-                m::request(query.query_type(), ResponseCode::NotImp, Action::Failed);
-                let reply = local_reply(&meta, Some(&query), None, ResponseCode::NotImp);
-                return self.reply(listener, d.from, d.to, &reply);
-            }
+        let parsed = match triage(bytes, d.truncated, &self.shared.policy) {
+            Triage::Drop => return,
+            Triage::Reply(reply) => return self.reply(listener, d.from, d.to, &reply),
+            Triage::Forward(parsed) => parsed,
         };
         let qtype = parsed.query.query_type();
-        let refuse = |rcode: ResponseCode, action: Action| {
-            m::request(qtype, rcode, action);
-            let reply = local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), rcode);
-            self.reply(listener, d.from, d.to, &reply);
+        let servfail = || {
+            m::request(qtype, ResponseCode::ServFail, Action::Failed);
+            self.reply(listener, d.from, d.to, &parsed.reply(ResponseCode::ServFail));
         };
-        if is_transfer(qtype) {
-            return refuse(ResponseCode::Refused, Action::Blocked);
-        }
-        if gate(&self.shared.policy.load(), parsed.query.name()) == Gate::Block {
-            return refuse(ResponseCode::NXDomain, Action::Blocked);
-        }
         let mut table = self.table();
         if table.pending.len() >= self.max_in_flight {
             drop(table);
             tracing::debug!("in-flight cap reached: SERVFAIL");
-            return refuse(ResponseCode::ServFail, Action::Failed);
+            return servfail();
         }
         if !table.by_client.hold(d.from.ip()) {
             drop(table);
             tracing::debug!(client = %d.from.ip(), "the client's share of the in-flight cap reached: SERVFAIL");
-            return refuse(ResponseCode::ServFail, Action::Failed);
+            return servfail();
         }
         let n = self.upstreams.len();
         let pending = Pending {
@@ -565,8 +547,7 @@ impl UdpProxy {
         tracing::debug!("every upstream failed: SERVFAIL");
         m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
         let Ok(parsed) = parse_query(&p.query, false) else { return };
-        let reply = local_reply(&parsed.meta, Some(&parsed.query), parsed.edns.as_ref(), ResponseCode::ServFail);
-        self.reply(p.listener, p.client, p.arrival, &reply);
+        self.reply(p.listener, p.client, p.arrival, &parsed.reply(ResponseCode::ServFail));
     }
 
     /// An upstream's datagram: learned from, then readied for its client

@@ -5,8 +5,8 @@
 //! ([`Pool`]), under an ID of its own on that connection and otherwise the
 //! client's bytes; the answer's bytes come back with the client's ID. Each
 //! attempt has a timeout; a failed attempt moves on to the next upstream,
-//! and the last one that answered is tried first next time. UDP has its own multiplexed path
-//! (`udp`). Both transports keep a [`Health`] of their upstreams: one that
+//! and the last one that answered is tried first next time. UDP has its
+//! own multiplexed path (`udp`). Both transports keep a [`Health`] of their upstreams: one that
 //! stopped answering is skipped, so when every upstream is down a query
 //! gets SERVFAIL at once instead of after a timeout per upstream.
 
@@ -423,10 +423,14 @@ async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counte
         match tokio::time::timeout(idle, frames.next(&mut read)).await {
             Ok(Ok(Some(answer))) => {
                 if frames.is_empty() {
-                    // Everything read is taken: acknowledge it now (see `read_answers`).
+                    // Everything read is taken: acknowledge it now (see above).
                     let _ = socket2::SockRef::from(read.as_ref()).set_tcp_quickack(true);
                 }
-                let id = answer.get(..2).map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                // Shorter than an ID: answers nobody (not the query that happens to have ID 0).
+                let Some(id) = answer.get(..2).map(|id| u16::from_be_bytes([id[0], id[1]])) else {
+                    mismatch.increment(1);
+                    continue;
+                };
                 let waiter = conn.state().waiting.remove(&id);
                 match waiter {
                     Some((question, to)) => {

@@ -116,9 +116,7 @@ impl TcpUpstream {
                     std::thread::sleep(Duration::from_millis(800));
                 }
                 let reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
-                let mut framed = (reply.len() as u16).to_be_bytes().to_vec();
-                framed.extend_from_slice(&reply);
-                let _ = writer.lock().unwrap().write_all(&framed);
+                send(&mut writer.lock().unwrap(), &reply);
             });
         }
         true

@@ -74,10 +74,10 @@ impl Scenario {
         matches!(self, Scenario::Dns | Scenario::DnsTcp)
     }
 
-    /// Whether this scenario measures `t`: DNS targets only for `dns` (but
-    /// the UDP-only relay for `dns-tcp`), the
-    /// in-process forwarder only for `reload`, the bare TCP relay only for
-    /// the bulk ones, every TCP target for the rest.
+    /// Whether this scenario measures `t`: DNS targets only for the DNS
+    /// scenarios (all but the UDP-only relay for `dns-tcp`), the in-process
+    /// forwarder only for `reload`, the bare TCP relay only for the bulk
+    /// ones, every TCP target for the rest.
     pub(crate) fn runs_on(self, t: Target) -> bool {
         match self {
             Scenario::Dns => t.is_dns(),
