@@ -125,7 +125,8 @@ impl TcpServer {
     /// frame that is not a DNS message or does not take a reply within the
     /// idle timeout, is idle that long (no query in flight, none arriving),
     /// or the proxy stops; those in flight are answered first, but after a
-    /// frame that is not DNS.
+    /// frame that is not DNS or a reply it cannot write (they finish
+    /// upstream without the client).
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
@@ -162,6 +163,12 @@ impl TcpServer {
                 _ = stopping.changed(), if reading => reading = false,
             }
         }
+        // Queries still upstream when the client connection ends finish
+        // without it: their answers are learned from, and the shared
+        // upstream connection they went out on is not retired, as it is when
+        // a query on it is given up unanswered (their count stays within the
+        // in-flight cap, their time within the upstream timeouts).
+        answering.detach_all();
         self.open.decrement(1.0);
     }
 }

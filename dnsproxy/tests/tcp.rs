@@ -184,6 +184,32 @@ fn a_query_on_a_connection_the_upstream_closes_is_asked_again_on_a_new_one() {
     assert_eq!(up.accepted(), 4, "each query after the first found its connection closed under it");
 }
 
+/// A client connection that ends before its answer comes (here the proxy
+/// hangs up on a frame that is not a query; a reply it cannot write ends
+/// one the same way) costs nothing upstream: the query is still answered
+/// there and learned from, and the shared connection it went out on keeps
+/// carrying the others' queries (a connection is retired only when a query
+/// on it goes unanswered past the timeout).
+#[test]
+fn a_client_connection_that_ends_before_its_answer_does_not_retire_the_upstream_connection() {
+    let up = TcpUpstream::start(None);
+    let proxy = Proxy::start(Config { timeout: Duration::from_secs(3), ..config(vec![up.addr]) }, shared(None));
+    let mut s = connect(proxy.addr);
+    send(&mut s, &query(1, "slow1.sluice.test.", RecordType::A, None));
+    send(&mut s, &query(2, "q2.sluice.test.", RecordType::A, None));
+    assert_eq!(answered(&mut s), (2, [192, 0, 2, 2]));
+    // While slow1 is upstream, a frame that is not a query (an answer): the proxy hangs up on it.
+    let mut junk = query(3, "q3.sluice.test.", RecordType::A, None);
+    junk[2] |= 0x80;
+    send(&mut s, &junk);
+    assert_eq!(s.read(&mut [0; 1]).unwrap(), 0, "closed by the proxy");
+    common::wait_for("the abandoned answer to be learned", || proxy.names("192.0.2.1") == ["slow1.sluice.test"]);
+    let mut other = connect_from("127.0.0.2", proxy.addr);
+    send(&mut other, &query(3, "q3.sluice.test.", RecordType::A, None));
+    assert_eq!(answered(&mut other), (3, [192, 0, 2, 3]));
+    assert_eq!((up.accepted(), up.closed()), (1, 0), "the first upstream connection carries every query");
+}
+
 /// An upstream connection with no query in flight for the idle timeout is
 /// closed (by the proxy: a socket in TIME_WAIT per idle spell, not per
 /// query), and the next query opens another.
