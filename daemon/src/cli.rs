@@ -107,7 +107,7 @@ fn run() -> OptionParser<Command> {
         .to_options()
         .descr("Run sluice: the forwarder, the DNS proxy, the admin API and policy hot reload")
         .footer(
-            "Examples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll\n\nSignals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy.",
+            "Examples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll\n\nSignals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy, 1 a failure while starting or running.",
         )
 }
 
@@ -149,7 +149,7 @@ fn rules() -> OptionParser<Command> {
         .map(|(rules, action)| Command::Rules(action, rules))
         .to_options()
         .descr("The nftables ruleset (table inet sluice) that sends the node's outbound TCP to the forwarder")
-        .footer("Examples:\n  sluice rules print --exclude 10.96.0.0/12 --drop-udp\n  sluice rules apply --uid $(id -u sluice)\n  sluice rules remove\n\napply replaces the table atomically; remove succeeds when it is already gone.")
+        .footer("Examples:\n  sluice rules print --exclude 10.96.0.0/12 --drop-udp\n  sluice rules apply --uid $(id -u sluice)\n  sluice rules remove\n\napply replaces the table atomically; remove succeeds when it is already gone.\nExit status: 0 done, 1 nft failed (its message is printed), 64 bad usage.")
 }
 
 pub(crate) fn parser() -> OptionParser<Command> {

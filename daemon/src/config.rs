@@ -171,6 +171,16 @@ fn duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<D
     Ok(d)
 }
 
+/// A duration for which 0 means nothing sensible (every connection or query
+/// would fail at once; a re-read interval of 0 would stop the watcher).
+fn positive_duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
+    let d = duration(field, v, default)?;
+    if d.is_zero() {
+        bail!("{field}: must be longer than 0");
+    }
+    Ok(d)
+}
+
 pub(crate) fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
     let opts = serde_saphyr::options! { with_snippet: false };
@@ -218,8 +228,12 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
             Some(AcceptName::Auto) | None => Accept::Auto,
         },
         mark: f.mark.unwrap_or(DEFAULT_MARK),
-        connect_timeout: duration("forwarder.connectTimeout", f.connect_timeout.as_deref(), defaults.connect_timeout)?,
-        idle_timeout: duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
+        connect_timeout: positive_duration(
+            "forwarder.connectTimeout",
+            f.connect_timeout.as_deref(),
+            defaults.connect_timeout,
+        )?,
+        idle_timeout: positive_duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
         sniff_timeout: duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
         max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
         pipe_size: f.pipe_size.unwrap_or(defaults.pipe_size).clamp(4096, 16 << 20),
@@ -242,12 +256,19 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         );
     }
     let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &mut dns_listen, &file.intercept));
+    if intercept.as_ref().is_some_and(|r| r.mark == 0 && r.uid.is_none()) {
+        // Root is not excluded by user (that would exclude every root process): only the mark is left.
+        bail!(
+            "--intercept with forwarder.mark 0 as root: nothing would keep sluice's own connections and \
+             lookups out of its rules (they would come straight back to it); set a mark or run as another user"
+        );
+    }
     let dns_defaults = sluice_dnsproxy::Config::default();
     let dns = sluice_dnsproxy::Config {
         upstreams: if o.dns_upstream.is_empty() { file.dns.upstreams.clone() } else { o.dns_upstream.clone() },
         listen: dns_listen.clone(),
         mark: forwarder.mark,
-        timeout: duration("dns.timeout", file.dns.timeout.as_deref(), dns_defaults.timeout)?,
+        timeout: positive_duration("dns.timeout", file.dns.timeout.as_deref(), dns_defaults.timeout)?,
         max_tcp_connections: file.dns.max_tcp_connections.unwrap_or(dns_defaults.max_tcp_connections).max(1),
         ..dns_defaults
     };
@@ -265,7 +286,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         log_format: if o.log_json { LogFormat::Json } else { file.log.format.unwrap_or_default() },
         log_level: file.log.level.clone().unwrap_or_else(|| "info".into()),
         drain_timeout: duration("drainTimeout", file.drain_timeout.as_deref(), Duration::from_secs(30))?,
-        reload_interval: duration("reloadInterval", file.reload_interval.as_deref(), Duration::from_secs(60))?,
+        reload_interval: positive_duration("reloadInterval", file.reload_interval.as_deref(), Duration::from_secs(60))?,
         name_table_capacity: file.name_table_capacity.unwrap_or(1_000_000).max(1024),
         intercept,
     })
@@ -385,6 +406,18 @@ mod tests {
         let (_d4, p4) = write("forwarder: {idleTimeout: 500000000000y}\n");
         let e = resolve(Overrides { config: Some(p4), ..Overrides::default() }).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("forwarder.idleTimeout") && e.contains("longer than a year")));
+        let (_d5, p5) = write("forwarder: {mark: 0}\n");
+        let e = resolve(Overrides { config: Some(p5), intercept: true, ..Overrides::default() }).err();
+        if nix::unistd::getuid().is_root() {
+            assert!(e.is_some_and(|e| e.to_string().contains("forwarder.mark 0 as root")));
+        } else {
+            assert!(e.is_none(), "sluice's user is excluded instead");
+        }
+        for zero in ["reloadInterval: 0s", "dns: {timeout: 0ms}", "forwarder: {connectTimeout: 0s}"] {
+            let (_d, p) = write(&format!("{zero}\n"));
+            let e = resolve(Overrides { config: Some(p), ..Overrides::default() }).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains("must be longer than 0")), "{zero}: {e:?}");
+        }
         let (_d2, p2) = write("drainTimeout: soon\n");
         let e = resolve(Overrides { config: Some(p2), ..Overrides::default() }).err().map(|e| e.to_string());
         assert!(e.as_deref().is_some_and(|e| e.contains("drainTimeout")), "{e:?}");

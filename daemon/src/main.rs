@@ -36,8 +36,18 @@ fn main() -> ExitCode {
                 print!("{}", rules.render());
                 Ok(ExitCode::SUCCESS)
             }
-            cli::RulesAction::Apply => rules::apply(&rules).map(|()| ExitCode::SUCCESS),
-            cli::RulesAction::Remove => rules::remove().map(|()| ExitCode::SUCCESS),
+            // nft missing or refusing the ruleset: a failure (1), not bad usage.
+            cli::RulesAction::Apply | cli::RulesAction::Remove => {
+                let done =
+                    if matches!(action, cli::RulesAction::Apply) { rules::apply(&rules) } else { rules::remove() };
+                Ok(done.map_or_else(
+                    |e| {
+                        eprintln!("sluice: {e:#}");
+                        ExitCode::FAILURE
+                    },
+                    |()| ExitCode::SUCCESS,
+                ))
+            }
         },
     };
     match result {

@@ -51,19 +51,22 @@ impl Rules {
         let (v4, v6): (Vec<IpNet>, Vec<IpNet>) = self.exclude.iter().partition(|n| matches!(n, IpNet::V4(_)));
         let set = |nets: &[IpNet]| nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let _ = writeln!(r, "  chain output {{\n    type nat hook output priority -100; policy accept;");
+        // Before DNS: sluice's own lookups (its mark, its user) must not come back to it.
         self.common_returns(&mut r);
-        self.dns_redirect(&mut r);
-        let _ = writeln!(r, "    oifname \"lo\" return\n    fib daddr type local return");
         if let Some(uid) = self.uid {
             let _ = writeln!(r, "    meta skuid {uid} return");
         }
-        self.excludes(&mut r, &v4, &v6, &set);
+        self.excluded_destinations(&mut r, &v4, &v6, &set);
+        self.dns_redirect(&mut r);
+        let _ = writeln!(r, "    oifname \"lo\" return\n    fib daddr type local return");
+        self.excludes(&mut r);
         let _ = writeln!(r, "    meta l4proto tcp redirect to :{}\n  }}", self.forwarder_port);
         let _ = writeln!(r, "  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;");
         self.common_returns(&mut r);
+        self.excluded_destinations(&mut r, &v4, &v6, &set);
         self.dns_redirect(&mut r);
         let _ = writeln!(r, "    fib daddr type local return");
-        self.excludes(&mut r, &v4, &v6, &set);
+        self.excludes(&mut r);
         let _ = writeln!(r, "    meta l4proto tcp redirect to :{}\n  }}", self.forwarder_port);
         self.input_chain(&mut r);
         if self.drop_udp {
@@ -72,6 +75,10 @@ impl Rules {
                 let _ = writeln!(r, "    meta l4proto != udp accept\n    udp dport 53 accept");
                 if hook == "output" {
                     let _ = writeln!(r, "    oifname \"lo\" accept");
+                    if self.mark != 0 {
+                        // sluice's own upstream DNS, on whatever port its upstreams listen.
+                        let _ = writeln!(r, "    meta mark {:#x} accept", self.mark);
+                    }
                     if let Some(uid) = self.uid {
                         let _ = writeln!(r, "    meta skuid {uid} accept");
                     }
@@ -101,14 +108,19 @@ impl Rules {
         let _ = writeln!(r, "    meta l4proto != tcp return");
     }
 
-    fn excludes(&self, r: &mut String, v4: &[IpNet], v6: &[IpNet], set: &dyn Fn(&[IpNet]) -> String) {
-        let _ = writeln!(r, "    ip daddr 127.0.0.0/8 return\n    ip6 daddr ::1 return");
+    /// The destinations never intercepted (`--exclude`): neither their TCP nor their DNS.
+    fn excluded_destinations(&self, r: &mut String, v4: &[IpNet], v6: &[IpNet], set: &dyn Fn(&[IpNet]) -> String) {
         if !v4.is_empty() {
             let _ = writeln!(r, "    ip daddr {{ {} }} return", set(v4));
         }
         if !v6.is_empty() {
             let _ = writeln!(r, "    ip6 daddr {{ {} }} return", set(v6));
         }
+    }
+
+    /// What the forwarder never gets: loopback, and the excluded TCP ports.
+    fn excludes(&self, r: &mut String) {
+        let _ = writeln!(r, "    ip daddr 127.0.0.0/8 return\n    ip6 daddr ::1 return");
         if !self.exclude_ports.is_empty() {
             let ports = self.exclude_ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             let _ = writeln!(r, "    tcp dport {{ {ports} }} return");
@@ -241,6 +253,12 @@ mod tests {
         assert_eq!(text.matches("counter drop comment").count(), 2, "UDP dropped in output and forward");
         assert_eq!(text.matches("udp dport 53 redirect to :15053\n    tcp dport 53 redirect to :15053").count(), 2);
         assert!(text.contains("th dport 15053 ct status dnat accept"));
+        let output = &text[..text.find("chain prerouting").unwrap_or(0)];
+        let at = |what: &str| output.find(what).unwrap_or_else(|| panic!("{what} in {output}"));
+        assert!(at("meta skuid 990 return") < at("udp dport 53 redirect"), "sluice's own lookups go out");
+        assert!(at("ip daddr { 10.96.0.0/12 } return") < at("udp dport 53 redirect"), "excluded: DNS too");
+        assert!(at("udp dport 53 redirect") < at("tcp dport { 22 } return"), "port excludes are TCP's");
+        assert!(text.contains("meta mark 0x51ce accept"), "sluice's marked UDP passes the UDP drop");
     }
 
     #[test]

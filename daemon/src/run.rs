@@ -266,6 +266,10 @@ async fn control(
 }
 
 /// A DNS socket: non-blocking, `[::]` v6-only so it can sit beside `0.0.0.0`.
+/// `SO_REUSEADDR` on the TCP listener only (a restart binds again beside
+/// connections still in `TIME_WAIT`): on a UDP socket it would let any
+/// local user bind the same port on a more specific address with the same
+/// option — and receive the node's redirected DNS instead of sluice.
 fn bind_dns(addr: SocketAddr, tcp: bool) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
@@ -274,7 +278,7 @@ fn bind_dns(addr: SocketAddr, tcp: bool) -> std::io::Result<socket2::Socket> {
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
-    s.set_reuse_address(true)?;
+    s.set_reuse_address(tcp)?;
     s.bind(&addr.into())?;
     if tcp {
         s.listen(1024)?;
@@ -352,5 +356,26 @@ fn refusal_log() -> impl Fn(&ConnReport) + Send + Sync + 'static {
         } else {
             tracing::info!(source = %r.source, destination = %dst, name, workload, reason = %v.reason, suppressed = also, "refused");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nobody can bind beside sluice's UDP DNS socket on a more specific
+    /// address and take the node's DNS (with `SO_REUSEADDR` on both, Linux
+    /// lets anyone; the uid is checked only for `SO_REUSEPORT`).
+    #[test]
+    fn the_udp_dns_socket_cannot_be_shared() {
+        let ours =
+            bind_dns("0.0.0.0:0".parse().unwrap_or_else(|e| panic!("{e}")), false).unwrap_or_else(|e| panic!("{e}"));
+        let port = ours.local_addr().ok().and_then(|a| a.as_socket()).map_or(0, |a| a.port());
+        let theirs =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap_or_else(|e| panic!("{e}"));
+        theirs.set_reuse_address(true).unwrap_or_else(|e| panic!("{e}"));
+        let at: SocketAddr = SocketAddr::from(([127, 0, 0, 1], port));
+        let bound = theirs.bind(&at.into());
+        assert_eq!(bound.map_err(|e| e.kind()), Err(std::io::ErrorKind::AddrInUse));
     }
 }

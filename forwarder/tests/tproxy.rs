@@ -52,12 +52,16 @@ fn tproxy_destination_is_the_local_address_v4_and_v6() {
         });
         let h = fwd.handle.as_ref().unwrap();
         let (p4, p6) = (h.local_addrs[0].port(), h.local_addrs[1].port());
+        // The ruleset docs/forwarder.md gives operators ("TPROXY rules"), with the pods' interface and ports.
         node.nft(&format!(
             "table inet sluice_tproxy {{
-  chain pre {{
+  chain prerouting {{
     type filter hook prerouting priority mangle; policy accept;
-    iifname \"node0\" ip daddr 198.18.{w}.0/24 meta l4proto tcp tproxy ip to :{p4} meta mark set 1 accept
-    iifname \"node0\" ip6 daddr 2001:db8:{w}::/64 meta l4proto tcp tproxy ip6 to :{p6} meta mark set 1 accept
+    iifname != \"node0\" return
+    meta l4proto != tcp return
+    fib daddr type local return
+    meta nfproto ipv4 meta l4proto tcp tproxy ip to :{p4} meta mark set 1 accept
+    meta nfproto ipv6 meta l4proto tcp tproxy ip6 to :{p6} meta mark set 1 accept
   }}
 }}"
         ));
