@@ -215,6 +215,9 @@ impl Link<'_> {
         let mut moved = 0u64;
         let mut held = Held::default();
         let mut eof = false;
+        // The source polled readable since the last fill: a fill that finds
+        // nothing then may be stuck at an urgent mark.
+        let mut readied = false;
         // The upstream speaks after it has heard the client (or, for
         // server-first protocols, at once — readiness says so): a first
         // splice would only come back EAGAIN.
@@ -243,12 +246,31 @@ impl Link<'_> {
                         eof = true;
                         held.release();
                     }
-                    Ok(_) => {}
+                    Ok(_) => readied = false,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if readied && let Some(urgent) = sys::recv_urgent(src) {
+                            readied = false;
+                            match self.cross_urgent_mark(src, dst, from, urgent).await {
+                                Ok((n, ended)) => {
+                                    moved += n;
+                                    self.delivered(from, n);
+                                    if ended {
+                                        eof = true;
+                                        held.release();
+                                    }
+                                }
+                                Err(end) => {
+                                    self.fail(end);
+                                    return moved;
+                                }
+                            }
+                            continue;
+                        }
                         if let Err(end) = self.wait_for_source(src, from, &mut held).await {
                             self.fail(end);
                             return moved;
                         }
+                        readied = true;
                         continue;
                     }
                     Err(_) => {
@@ -265,11 +287,7 @@ impl Link<'_> {
             match held.drain(dst) {
                 Ok(n) => {
                     moved += n as u64;
-                    self.last_activity.set(Instant::now());
-                    match from {
-                        Side::Client => self.meter.upstream.increment(n as u64),
-                        Side::Upstream => self.meter.client.increment(n as u64),
-                    }
+                    self.delivered(from, n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(end) = self.wait(dst, false, from).await {
@@ -281,6 +299,55 @@ impl Link<'_> {
                     self.fail(error_end(other(from)));
                     return moved;
                 }
+            }
+        }
+    }
+
+    /// `n` bytes from `from` reached the other side: counted, and the
+    /// connection is active.
+    fn delivered(&self, from: Side, n: u64) {
+        self.last_activity.set(Instant::now());
+        match from {
+            Side::Client => self.meter.upstream.increment(n),
+            Side::Upstream => self.meter.client.increment(n),
+        }
+    }
+
+    /// Crosses TCP's urgent mark on `src`, which `splice(2)` never does: it
+    /// stops there and says `EAGAIN` while the socket polls readable, so
+    /// without this one urgent byte (telnet's interrupt, FTP's `ABOR`, Oracle
+    /// Net's break) would stall the direction for good, its worker polling
+    /// in a loop. `urgent` (read out of band) goes to `dst` out of band too,
+    /// after every byte before it (the pipe is empty here); then one ordinary
+    /// read moves `src` past the mark, and the byte it returns, if any,
+    /// follows. Returns the bytes delivered and whether `src` ended.
+    async fn cross_urgent_mark(
+        &self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        from: Side,
+        urgent: u8,
+    ) -> Result<(u64, bool), End> {
+        self.send_byte(dst, urgent, true, from).await?;
+        let mut byte = [0u8; 1];
+        match sys::recv_now(src, &mut byte) {
+            Ok(0) => Ok((1, true)),
+            Ok(_) => {
+                self.send_byte(dst, byte[0], false, from).await?;
+                Ok((2, false))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((1, false)),
+            Err(_) => Err(error_end(from)),
+        }
+    }
+
+    /// One byte to `dst`, waiting for room.
+    async fn send_byte(&self, dst: &TcpStream, byte: u8, urgent: bool, from: Side) -> Result<(), End> {
+        loop {
+            match sys::send_byte(dst, byte, urgent) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(dst, false, from).await?,
+                Err(_) => return Err(error_end(other(from))),
             }
         }
     }

@@ -80,6 +80,27 @@ pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usi
     nix::sys::socket::recv(stream.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io_err)
 }
 
+/// The TCP urgent byte waiting on `stream` (`recv(MSG_OOB)`), if there is
+/// one not yet read.
+pub(crate) fn recv_urgent<S: AsRawFd>(stream: &S) -> Option<u8> {
+    use nix::sys::socket::MsgFlags;
+    let mut byte = [0u8; 1];
+    match nix::sys::socket::recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_OOB | MsgFlags::MSG_DONTWAIT) {
+        Ok(1) => Some(byte[0]),
+        _ => None,
+    }
+}
+
+/// Sends one byte without waiting, as TCP urgent data when `urgent`.
+pub(crate) fn send_byte<S: AsRawFd>(stream: &S, byte: u8, urgent: bool) -> io::Result<usize> {
+    use nix::sys::socket::MsgFlags;
+    let mut flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    if urgent {
+        flags |= MsgFlags::MSG_OOB;
+    }
+    nix::sys::socket::send(stream.as_raw_fd(), &[byte], flags).map_err(io_err)
+}
+
 pub(crate) fn shutdown<S: AsRawFd>(stream: &S, how: Shutdown) -> io::Result<()> {
     match nix::sys::socket::shutdown(stream.as_raw_fd(), how) {
         Ok(()) | Err(Errno::ENOTCONN) => Ok(()),

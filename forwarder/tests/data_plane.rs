@@ -7,6 +7,7 @@ mod common;
 use std::hash::Hasher;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::{ALLOW_ANY, Bytes, DRIVERS, Fwd, Netns};
@@ -472,5 +473,48 @@ fn connections_left_when_the_drain_ends_are_reset_and_reported() {
             assert_eq!(sock.read(&mut b).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "{driver:?}: {side}");
         }
         assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::Spliced(End::Shutdown), "{driver:?}");
+    }
+}
+
+/// TCP urgent data (`MSG_OOB`: telnet's interrupt, FTP's ABOR, Oracle Net's
+/// break) stops `splice(2)` at the urgent mark: the bytes around it must
+/// still all arrive, each way, the urgent byte out of band as it came, and
+/// the connection must not stall.
+#[test]
+fn urgent_data_passes_and_does_not_stall_a_connection() {
+    use nix::sys::socket::{MsgFlags, recv};
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(3), 7100);
+        let (mut c, mut s) = ns.connected(dst);
+        timeouts(&c);
+        timeouts(&s);
+        for client_sends in [true, false] {
+            let (from, to) = if client_sends { (&mut c, &mut s) } else { (&mut s, &mut c) };
+            let mut got = [0u8; 2];
+            from.write_all(b"ab").unwrap();
+            to.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"ab");
+            socket2::SockRef::from(&*from).send_out_of_band(b"!").unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            from.write_all(b"cd").unwrap();
+            // The receiver reads the urgent byte before it reads past the mark (as it would direct).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut oob = [0u8; 1];
+            while recv(to.as_raw_fd(), &mut oob, MsgFlags::MSG_OOB | MsgFlags::MSG_DONTWAIT).is_err() {
+                assert!(std::time::Instant::now() < deadline, "{driver:?}: no urgent byte came");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(oob[0], b'!', "{driver:?}");
+            to.read_exact(&mut got).map_err(|e| format!("{driver:?}: {e}")).unwrap();
+            assert_eq!(&got, b"cd", "{driver:?}");
+        }
+        c.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0, "{driver:?}: EOF after the urgent data");
+        drop((c, s));
+        let reports = fwd.wait_reports(1);
+        assert_eq!(reports[0].outcome, ConnOutcome::Spliced(End::Closed), "{driver:?}");
     }
 }
