@@ -212,8 +212,12 @@ async fn forward(
             return;
         }
     };
-    // The bytes read for sniffing go first, then the splice takes over.
-    if !first.is_empty() {
+    // The bytes read for sniffing go first, then the splice takes over; the
+    // buffer (16 KiB of capacity once sniffing read into it, even when it
+    // read nothing) is freed before the splice, which may last hours.
+    if first.is_empty() {
+        drop(first);
+    } else {
         let n = first.len() as u64;
         // Bounded like any other wait: an upstream that never opens its window.
         let written = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)).await;
