@@ -166,7 +166,14 @@ pub async fn warm(config: Config, shared: Shared, shutdown: impl Future<Output =
             due.insert(host.clone(), now + MAX_REFRESH);
             running.spawn(refresh(resolver.clone(), shared.clone(), host));
         }
-        let wake = due.values().min().copied().unwrap_or(now + POLICY_POLL).min(now + POLICY_POLL);
+        // With every lookup slot taken, hosts already due wait for a lookup to
+        // end (`join_next`): waking for them would only find the slots full
+        // again, every millisecond, walking every host each time.
+        let wake = if running.len() >= CONCURRENCY {
+            now + POLICY_POLL
+        } else {
+            due.values().min().copied().unwrap_or(now + POLICY_POLL).min(now + POLICY_POLL)
+        };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
             Some(done) = running.join_next(), if !running.is_empty() => {

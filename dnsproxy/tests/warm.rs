@@ -56,3 +56,50 @@ fn registered_hosts_are_resolved_refreshed_and_follow_reloads() {
     sh.policy.store(Arc::new(snapshot(&policy(&[("one", "one.sluice.test", "DNS")]))));
     wait_for("the reloaded entry", || names(&sh.names, "203.0.113.99") == ["one.sluice.test"]);
 }
+
+/// How often this process's thread named `name` has gone to sleep and
+/// been woken (`voluntary_ctxt_switches`).
+fn thread_wakes(name: &str) -> u64 {
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("voluntary_ctxt_switches:")).unwrap();
+            return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+    }
+    panic!("no thread {name}");
+}
+
+/// More hosts due than lookups allowed at once, against an upstream that
+/// never answers: the warmer waits for a lookup to end, it does not spin.
+#[test]
+fn a_backlog_of_hosts_does_not_spin_the_warmer() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // reads nothing, answers nothing
+    let hosts: Vec<(String, String, &str)> =
+        (0..40).map(|i| (format!("h{i}"), format!("h{i}.sluice.test"), "DNS")).collect();
+    let extra: Vec<(&str, &str, &str)> = hosts.iter().map(|(n, h, r)| (n.as_str(), h.as_str(), *r)).collect();
+    let sh = shared(Some(&policy(&extra)));
+    let cfg = sluice_dnsproxy::Config {
+        timeout: std::time::Duration::from_secs(2),
+        ..config(vec![silent.local_addr().unwrap()])
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let warmer = std::thread::Builder::new()
+        .name("warm-backlog".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(warm(cfg, sh, async move {
+                let _ = stopped.await;
+            }))
+        })
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = thread_wakes("warm-backlog");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let woken = thread_wakes("warm-backlog") - before;
+    let _ = stop.send(());
+    warmer.join().unwrap().unwrap();
+    // Polling for the backlog, it woke every millisecond (~1,500 times), each time walking every host.
+    assert!(woken < 100, "the warmer woke {woken} times in 1.5 s");
+}
