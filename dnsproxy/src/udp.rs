@@ -99,12 +99,26 @@ struct Pending {
     tries: usize,
     sent: Instant,
     serial: u64,
+    /// An upstream's SERVFAIL or REFUSED, with the client's ID: relayed if
+    /// no other upstream gives a better answer.
+    fallback: Option<Vec<u8>>,
 }
 
 impl Pending {
     fn upstream(&self, n: usize) -> usize {
         (self.first + self.tries - 1) % n
     }
+}
+
+/// What became of an upstream's datagram.
+enum Taken {
+    /// It answers no query in flight (late, duplicate or forged).
+    Stray,
+    /// A rejection with an upstream left to try: the query went on (or, none
+    /// usable, the rejection was relayed).
+    MovedOn,
+    /// The answer to this query, for its client.
+    Answer(Pending),
 }
 
 /// A query readied for an upstream socket, under its ID on the wire.
@@ -373,12 +387,15 @@ impl UdpProxy {
 
     fn on_answers(&self, index: usize, batch: &Batch, n: usize) {
         let mut replies = Vec::with_capacity(n);
+        let mut again = Vec::new();
+        let pick = pick();
         for i in 0..n {
             if let Some((bytes, d)) = batch.get(i) {
-                self.on_answer(index, bytes, d.truncated, &mut replies);
+                self.on_answer(index, bytes, d.truncated, &mut replies, (pick, &mut again));
             }
         }
         self.flush_replies(replies);
+        self.flush_queries(again);
     }
 
     fn reply(&self, listener: usize, client: SocketAddr, arrival: Option<Arrival>, bytes: &[u8]) {
@@ -425,6 +442,7 @@ impl UdpProxy {
             tries: 0,
             sent: Instant::now(),
             serial: 0,
+            fallback: None,
         };
         if let Some(failed) = self.send_next(&mut table, pending, pick, out) {
             drop(table);
@@ -543,7 +561,18 @@ impl UdpProxy {
         }
     }
 
-    fn servfail(&self, p: Pending) {
+    /// Every upstream was tried: the SERVFAIL or REFUSED one of them gave,
+    /// or a SERVFAIL of the proxy's own.
+    fn servfail(&self, mut p: Pending) {
+        if let Some(answer) = p.fallback.take() {
+            m::request(p.qtype, header_rcode(&answer), Action::Forwarded);
+            let answer = if answer.len() > p.max_udp {
+                truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp)
+            } else {
+                answer
+            };
+            return self.reply(p.listener, p.client, p.arrival, &answer);
+        }
         tracing::debug!("every upstream failed: SERVFAIL");
         m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
         let Ok(parsed) = parse_query(&p.query, false) else { return };
@@ -551,21 +580,32 @@ impl UdpProxy {
     }
 
     /// An upstream's datagram: learned from, then readied for its client
-    /// byte for byte but the client's ID.
-    fn on_answer(&self, socket: usize, bytes: &[u8], truncated: bool, replies: &mut Vec<Reply>) {
-        let Some(p) = self.take_pending(socket, bytes) else {
-            // A stray or forged datagram: a query it claims keeps waiting.
-            if let Some(up) = self.upstreams.iter().find(|up| up.sockets.contains(&socket)) {
-                up.mismatch.increment(1);
+    /// byte for byte but the client's ID. A SERVFAIL or REFUSED moves the
+    /// query on to an upstream it has not tried (readied in `again`, on that
+    /// upstream's socket number `pick`), as a stub resolver moves on to its
+    /// next nameserver: a broken cache or an ACL on one upstream must not
+    /// fail the node's lookups while another answers.
+    fn on_answer(
+        &self,
+        socket: usize,
+        bytes: &[u8],
+        truncated: bool,
+        replies: &mut Vec<Reply>,
+        (pick, again): (usize, &mut Vec<Outgoing>),
+    ) {
+        let p = match self.take_pending(socket, bytes, (pick, again)) {
+            Taken::Answer(p) => p,
+            Taken::MovedOn => return,
+            Taken::Stray => {
+                // A stray or forged datagram: a query it claims keeps waiting.
+                if let Some(up) = self.upstreams.iter().find(|up| up.sockets.contains(&socket)) {
+                    up.mismatch.increment(1);
+                }
+                return;
             }
-            return;
         };
         let n = self.upstreams.len();
         let idx = p.upstream(n);
-        if let Some(up) = self.upstreams.get(idx) {
-            up.latency.record(p.sent.elapsed().as_secs_f64());
-        }
-        self.health.answered(idx);
         if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
             self.preferred.store(idx, Ordering::Relaxed);
         }
@@ -582,18 +622,43 @@ impl UdpProxy {
     }
 
     /// Takes the query in flight that `bytes`, read on `socket`, answers:
-    /// its ID on that socket and exactly its question.
-    fn take_pending(&self, socket: usize, bytes: &[u8]) -> Option<Pending> {
-        let id = bytes.get(..2)?;
+    /// its ID on that socket and exactly its question. The upstream
+    /// answered: it is up, whatever the RCODE. A SERVFAIL or REFUSED with
+    /// an upstream left to try is kept as the query's fallback and the query
+    /// readied for that upstream.
+    fn take_pending(&self, socket: usize, bytes: &[u8], (pick, again): (usize, &mut Vec<Outgoing>)) -> Taken {
+        let Some(id) = bytes.get(..2) else { return Taken::Stray };
         let key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
         let mut table = self.table();
-        let p = table.pending.get(&key)?;
+        let Some(p) = table.pending.get(&key) else { return Taken::Stray };
         if !crate::upstream::answers(id, &p.query[12..p.question_end], bytes) {
-            return None;
+            return Taken::Stray;
         }
-        let p = table.pending.remove(&key)?;
+        let Some(mut p) = table.pending.remove(&key) else { return Taken::Stray };
+        let n = self.upstreams.len();
+        let idx = p.upstream(n);
+        if let Some(up) = self.upstreams.get(idx) {
+            up.latency.record(p.sent.elapsed().as_secs_f64());
+        }
+        self.health.answered(idx);
+        if let Some(reason) = crate::upstream::rejection(bytes)
+            && p.tries < n
+        {
+            if let Some(up) = self.upstreams.get(idx) {
+                tracing::debug!(upstream = %up.addr, reason, "upstream rejected the query: asking the next");
+                failure(up.addr, reason).increment(1);
+            }
+            let mut answer = bytes.to_vec();
+            answer[..2].copy_from_slice(&p.query[..2]);
+            p.fallback = Some(answer);
+            if let Some(exhausted) = self.send_next(&mut table, p, pick, again) {
+                drop(table);
+                self.servfail(exhausted); // relays the fallback
+            }
+            return Taken::MovedOn;
+        }
         table.by_client.release(p.client.ip());
-        Some(p)
+        Taken::Answer(p)
     }
 
     /// The upstream behind `socket` refused: its queries go to the next one.

@@ -177,12 +177,15 @@ impl Upstreams {
     }
 
     /// Sends `query` over TCP to the upstreams in turn (those up, see
-    /// [`Health`]) until one answers it. `question` is the query's question
-    /// section (to match the answer).
+    /// [`Health`]) until one answers it — with anything but SERVFAIL or
+    /// REFUSED while others are left to ask (the last such answer is
+    /// relayed when no upstream does better). `question` is the query's
+    /// question section (to match the answer).
     pub(crate) async fn exchange(&self, query: &[u8], question: &[u8]) -> Result<Vec<u8>, UpstreamError> {
         let n = self.list.len();
         let start = self.preferred.load(Ordering::Relaxed) % n.max(1);
         let mut last = UpstreamError::AllDown;
+        let mut fallback = None;
         for i in 0..n {
             let idx = (start + i) % n;
             if !self.health.usable(idx) {
@@ -195,6 +198,14 @@ impl Upstreams {
                 Ok(answer) => {
                     up.latency.record(began.elapsed().as_secs_f64());
                     self.health.answered(idx);
+                    if let Some(reason) = rejection(&answer)
+                        && i + 1 < n
+                    {
+                        tracing::debug!(upstream = %up.addr, reason, "upstream rejected the query: asking the next");
+                        failure(up.addr, reason).increment(1);
+                        fallback = Some(answer);
+                        continue;
+                    }
                     if idx != start {
                         self.preferred.store(idx, Ordering::Relaxed);
                     }
@@ -208,7 +219,7 @@ impl Upstreams {
                 }
             }
         }
-        Err(last)
+        fallback.ok_or(last)
     }
 }
 
@@ -451,6 +462,17 @@ async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counte
         }
     };
     conn.close(&why);
+}
+
+/// The `reason` label for an answer that rejects its query (SERVFAIL: the
+/// upstream could not resolve it; REFUSED: it will not), after which a
+/// query moves on to an upstream it has not tried; `None` for any other.
+pub(crate) fn rejection(answer: &[u8]) -> Option<&'static str> {
+    match answer.get(3).map(|b| b & 0x0f) {
+        Some(2) => Some("answer_servfail"),
+        Some(5) => Some("answer_refused"),
+        _ => None,
+    }
 }
 
 /// RCODEs (the header's four bits) of answers that may come without their

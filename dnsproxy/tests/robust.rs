@@ -326,10 +326,28 @@ struct Scripted {
 }
 
 impl Scripted {
-    fn start(script: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + 'static) -> Scripted {
+    fn start(script: impl Fn(&[u8]) -> Vec<Vec<u8>> + Send + Sync + 'static) -> Scripted {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let addr = s.local_addr().unwrap();
+        let script = Arc::new(script);
+        // The same script over TCP on the same port, when it is free (left
+        // running when the test ends: it only ever answers the proxy).
+        if let Ok(listener) = std::net::TcpListener::bind(addr) {
+            let script = Arc::clone(&script);
+            std::thread::spawn(move || {
+                for mut stream in listener.incoming().flatten() {
+                    let script = Arc::clone(&script);
+                    std::thread::spawn(move || {
+                        while let Ok(q) = tcp_receive(&mut stream) {
+                            for answer in script(&q) {
+                                tcp_send(&mut stream, &answer);
+                            }
+                        }
+                    });
+                }
+            });
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -410,4 +428,36 @@ fn an_unparseable_answer_over_tcp_is_relayed_too() {
     assert!(Message::from_vec(&got).is_err(), "the upstream's bytes, unparseable as they came");
     assert!(proxy.names("192.0.2.77").is_empty());
     upstream.join().unwrap();
+}
+
+/// An upstream that answers SERVFAIL (a broken cache) or REFUSED (an ACL)
+/// does not answer for the others: the query moves on to the next
+/// upstream, as a stub resolver with two nameservers would; when every
+/// upstream rejects it, the last rejection is relayed as it came. Both
+/// transports.
+#[test]
+fn servfail_and_refused_answers_move_on_to_the_next_upstream() {
+    let rejecting = |code: u8| Scripted::start(move |q| vec![[header(q, code, 1, 0), q[12..].to_vec()].concat()]);
+    let (servfail, refusing) = (rejecting(2), rejecting(5));
+    let up = Upstream::start();
+    for first in [&servfail, &refusing] {
+        let proxy = Proxy::start(config(vec![first.addr, up.addr]), shared(None));
+        for id in [1, 2] {
+            let asked = query(id, "api.sluice.test.", RecordType::A, None);
+            let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
+            assert_eq!((rcode(&got), got[..2] == asked[..2]), (ResponseCode::NoError, true), "UDP, query {id}");
+            let got = tcp_exchange(proxy.addr, &asked);
+            assert_eq!((rcode(&got), got[..2] == asked[..2]), (ResponseCode::NoError, true), "TCP, query {id}");
+        }
+        assert_eq!(proxy.names("192.0.2.10"), ["api.sluice.test"]);
+    }
+    let proxy = Proxy::start(config(vec![servfail.addr, refusing.addr]), shared(None));
+    let asked = query(7, "api.sluice.test.", RecordType::A, None);
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
+    assert_eq!((rcode(&got), &got[..2]), (ResponseCode::Refused, &asked[..2]), "the last upstream's rejection");
+    assert_eq!(rcode(&tcp_exchange(proxy.addr, &asked)), ResponseCode::Refused);
+    // A lone upstream's SERVFAIL is its answer: asked once, relayed.
+    let proxy = Proxy::start(config(vec![servfail.addr]), shared(None));
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
+    assert_eq!(rcode(&got), ResponseCode::ServFail);
 }
