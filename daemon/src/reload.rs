@@ -22,6 +22,8 @@ pub(crate) const RELOADS: &str = "sluice_policy_reloads_total";
 pub(crate) const GENERATION: &str = "sluice_policy_generation";
 pub(crate) const LAST_SUCCESS: &str = "sluice_policy_last_success_timestamp_seconds";
 const DEBOUNCE: Duration = Duration::from_millis(250);
+/// The longest a burst of changes can hold a reload back.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 
 /// The policy in force and what the last reload said, shared with the admin API.
 #[derive(Debug)]
@@ -136,20 +138,25 @@ fn hash_files(files: &[sluice_policy::SourceFile]) -> u64 {
     h.finish()
 }
 
-/// The directories to watch: a directory path itself, a file's parent.
-fn watch_dirs(paths: &[PathBuf]) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = paths
+/// The directories to watch: a directory path itself, with what is under it
+/// (`Recursive`); a file's parent alone (`NonRecursive`: for
+/// `--policy /policy.yaml` a recursive watch would walk all of `/`,
+/// `/proc` included, on the control thread, until inotify ran out of watches).
+fn watch_dirs(paths: &[PathBuf]) -> Vec<(PathBuf, RecursiveMode)> {
+    let mut dirs: Vec<(PathBuf, RecursiveMode)> = paths
         .iter()
         .map(|p| {
             if p.is_dir() {
-                p.clone()
+                (p.clone(), RecursiveMode::Recursive)
             } else {
-                p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+                let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                (parent.to_path_buf(), RecursiveMode::NonRecursive)
             }
         })
         .collect();
-    dirs.sort();
-    dirs.dedup();
+    // A directory asked for both ways is watched recursively (sorted first, kept by dedup).
+    dirs.sort_by_key(|(dir, mode)| (dir.clone(), *mode != RecursiveMode::Recursive));
+    dirs.dedup_by(|later, first| later.0 == first.0);
     dirs
 }
 
@@ -172,8 +179,8 @@ pub(crate) async fn watch(
     });
     let _watcher = match watcher {
         Ok(mut w) => {
-            for dir in watch_dirs(&state.paths) {
-                if let Err(e) = w.watch(&dir, RecursiveMode::Recursive) {
+            for (dir, mode) in watch_dirs(&state.paths) {
+                if let Err(e) = w.watch(&dir, mode) {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
                 }
             }
@@ -190,9 +197,21 @@ pub(crate) async fn watch(
         let why = tokio::select! {
             _ = stop.changed() => return,
             Some(()) = changes.recv() => {
-                // Debounce: a ConfigMap swap or an editor's save is several events.
-                tokio::time::sleep(DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
+                // Debounce: a ConfigMap swap or an editor's save is several
+                // events. Read once the files have been quiet for DEBOUNCE
+                // (a file still being written keeps raising events), but
+                // within DEBOUNCE_MAX of the first event whatever happens.
+                let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
+                loop {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    let mut more = false;
+                    while changes.try_recv().is_ok() {
+                        more = true;
+                    }
+                    if !more || tokio::time::Instant::now() >= until {
+                        break;
+                    }
+                }
                 "file change"
             }
             Some(()) = hup.recv() => "SIGHUP",
@@ -201,5 +220,25 @@ pub(crate) async fn watch(
         on_reload(true);
         state.reload(why);
         on_reload(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_are_watched_recursively_and_a_files_parent_alone() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let d = dir.path().to_path_buf();
+        let paths = [d.join("x.yaml"), d.clone(), PathBuf::from("/policy.yaml"), PathBuf::from("local.yaml")];
+        assert_eq!(
+            watch_dirs(&paths),
+            [
+                (PathBuf::from("/"), RecursiveMode::NonRecursive),
+                (d, RecursiveMode::Recursive),
+                (PathBuf::from("."), RecursiveMode::NonRecursive),
+            ]
+        );
     }
 }
