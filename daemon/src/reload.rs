@@ -34,6 +34,8 @@ pub(crate) struct PolicyState {
     pub(crate) files: Mutex<Vec<PathBuf>>,
     paths: Vec<PathBuf>,
     hash: AtomicU64,
+    /// Where the last good policy's files are kept (in the state directory).
+    keep: Option<PathBuf>,
 }
 
 /// What a reload did.
@@ -45,25 +47,56 @@ pub(crate) enum Outcome {
 }
 
 impl PolicyState {
-    /// Loads the policy once; errors here are fatal (there is no last good policy yet).
-    pub(crate) fn load_initial(paths: Vec<PathBuf>) -> Result<(PolicyState, PolicySet), sluice_policy::LoadErrors> {
+    /// Loads the policy once. With `keep` (a file in the state directory)
+    /// each policy put in force is saved there, and when the files on disk
+    /// are invalid at start the one saved last is put in force instead — a
+    /// restart (an upgrade, a crash) does not lift a REGISTRY_ONLY node's
+    /// enforcement, nor leave the node's redirected traffic unanswered,
+    /// because of a bad file a reload had already refused. Without a saved
+    /// policy, invalid files are fatal.
+    pub(crate) fn load_initial(
+        paths: Vec<PathBuf>,
+        keep: Option<PathBuf>,
+    ) -> Result<(PolicyState, PolicySet), sluice_policy::LoadErrors> {
         let (files, mut problems) = read_paths(&paths);
         let hash = hash_files(&files);
-        let set = match load_sources(&files) {
-            Ok(set) if problems.is_empty() => set,
-            Ok(_) => return Err(sluice_policy::LoadErrors(problems)),
+        let loaded = match load_sources(&files) {
+            Ok(set) if problems.is_empty() => Ok(set),
+            Ok(_) => Err(sluice_policy::LoadErrors(problems)),
             Err(e) => {
                 problems.extend(e.0);
-                return Err(sluice_policy::LoadErrors(problems));
+                Err(sluice_policy::LoadErrors(problems))
+            }
+        };
+        let (set, last_error) = match loaded {
+            Ok(set) => {
+                if let Some(keep) = &keep {
+                    save_last_good(keep, &files);
+                }
+                (set, None)
+            }
+            Err(errors) => {
+                let Some(set) = keep.as_deref().and_then(load_last_good) else { return Err(errors) };
+                for p in &errors.0 {
+                    tracing::error!("{p}");
+                }
+                tracing::error!(
+                    errors = errors.0.len(),
+                    saved = %keep.as_deref().unwrap_or(Path::new("")).display(),
+                    "the policy files are invalid: starting with the last good policy, saved when it was last in force"
+                );
+                metrics::counter!(RELOADS, "result" => "error").increment(1);
+                (set, Some(errors.to_string()))
             }
         };
         let state = PolicyState {
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::compile(&set))),
             generation: AtomicU64::new(1),
-            last_error: Mutex::new(None),
+            last_error: Mutex::new(last_error),
             files: Mutex::new(set.files.iter().map(|f| f.to_path_buf()).collect()),
             paths,
             hash: AtomicU64::new(hash),
+            keep,
         };
         metrics::gauge!(GENERATION).set(1.0);
         metrics::gauge!(LAST_SUCCESS).set(unix_now());
@@ -85,6 +118,9 @@ impl PolicyState {
                     tracing::warn!("{w}");
                 }
                 self.snapshot.store(Arc::new(Snapshot::compile(&set)));
+                if let Some(keep) = &self.keep {
+                    save_last_good(keep, &files);
+                }
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 self.hash.store(hash, Ordering::Relaxed);
                 if let Ok(mut f) = self.files.lock() {
@@ -122,6 +158,50 @@ impl PolicyState {
             }
         }
     }
+}
+
+/// One policy file as kept in the state directory.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    path: PathBuf,
+    text: String,
+}
+
+/// Saves the files of the policy now in force to `keep` (a temporary file
+/// renamed over it: a crash mid-save leaves the previous one). A failure is
+/// logged: the policy is in force either way.
+fn save_last_good(keep: &Path, files: &[sluice_policy::SourceFile]) {
+    let kept: Vec<Kept> = files
+        .iter()
+        .map(|f| Kept { path: f.path.to_path_buf(), text: String::from_utf8_lossy(&f.bytes).into_owned() })
+        .collect();
+    let tmp = keep.with_extension("tmp");
+    let saved = serde_json::to_vec(&kept)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, keep));
+    if let Err(e) = saved {
+        tracing::warn!(path = %keep.display(), error = %e, "cannot save the policy in force (used at start if the files are then invalid)");
+    }
+}
+
+/// The policy saved by [`save_last_good`], if there is one and it loads.
+fn load_last_good(keep: &Path) -> Option<PolicySet> {
+    let bytes = std::fs::read(keep).ok()?;
+    let kept: Vec<Kept> = match serde_json::from_slice(&bytes) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(path = %keep.display(), error = %e, "the saved policy is unreadable");
+            return None;
+        }
+    };
+    let files: Vec<sluice_policy::SourceFile> = kept
+        .into_iter()
+        .map(|k| sluice_policy::SourceFile { path: k.path.into(), bytes: k.text.into_bytes() })
+        .collect();
+    load_sources(&files)
+        .inspect_err(|e| tracing::warn!(path = %keep.display(), "the saved policy does not load: {e}"))
+        .ok()
 }
 
 fn unix_now() -> f64 {

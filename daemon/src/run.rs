@@ -22,6 +22,8 @@ use crate::config::{Config, LogFormat};
 use crate::reload::{self, PolicyState};
 
 const NAMES_FILE: &str = "names.jsonl";
+/// The files of the last policy in force (`reload::PolicyState::load_initial`).
+const POLICY_FILE: &str = "policy.last-good.json";
 /// How often the name table is written to the state directory (also at exit).
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Whether this process installed the nftables rules (and so must remove them).
@@ -43,7 +45,12 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
             crate::config::DEFAULT_POLICY_DIR
         );
     }
-    let (state, set) = match PolicyState::load_initial(config.policy.clone()) {
+    if let Some(dir) = &config.state_dir {
+        // As systemd's StateDirectory= would: a missing directory would fail every save.
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    }
+    let keep = config.state_dir.as_ref().map(|d| d.join(POLICY_FILE));
+    let (state, set) = match PolicyState::load_initial(config.policy.clone(), keep) {
         Ok(x) => x,
         Err(errors) => {
             eprintln!("{errors}");
@@ -58,10 +65,6 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     let state = Arc::new(state);
 
     let names = Arc::new(NameTable::new(config.name_table_capacity));
-    if let Some(dir) = &config.state_dir {
-        // As systemd's StateDirectory= would: a missing directory would fail every save.
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-    }
     let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
     // Before the forwarder starts: its first connections are judged with the names restored.
     if let Some(path) = &names_path {

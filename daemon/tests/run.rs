@@ -407,3 +407,31 @@ fn names_learned_before_a_restart_are_known_after_it() {
     assert!(known(&second).contains("kept.test"), "not restored: {}", known(&second));
     assert_eq!(second.metric("sluice_dns_ips_tracked"), Some(1.0));
 }
+
+/// A policy file that went bad while sluice ran (the reload refused it)
+/// does not stop the next start when there is a state directory: the last
+/// policy in force, kept there, is put in force again, and the error shown.
+#[test]
+fn a_restart_with_a_broken_policy_file_starts_on_the_last_good_policy() {
+    let (policy, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
+    std::fs::write(policy.path().join("httpbin.yaml"), HTTPBIN).unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let mut first = Sluice::start(policy.path(), &["--state-dir", state_dir]);
+    assert_eq!(first.policy()["mode"], "REGISTRY_ONLY");
+    let broken = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  hosts: ['*']\n";
+    std::fs::write(policy.path().join("broken.yaml"), broken).unwrap();
+    first.wait_policy("the reload error", |p| p["lastReloadError"].is_string());
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(), Some(0));
+
+    let second = Sluice::start(policy.path(), &["--state-dir", state_dir]);
+    let p = second.policy();
+    assert_eq!((p["mode"].as_str(), p["entries"].as_array().map(Vec::len)), (Some("REGISTRY_ONLY"), Some(1)), "{p}");
+    assert!(p["lastReloadError"].as_str().is_some_and(|e| e.contains("broken.yaml:4:11: invalid host")), "{p}");
+    assert_eq!(second.metric("sluice_policy_reloads_total{result=\"error\"}"), Some(1.0));
+    // Mended, the files on disk take over.
+    std::fs::remove_file(policy.path().join("broken.yaml")).unwrap();
+    let p = second.wait_policy("the mended files", |p| p["generation"] == 2);
+    assert!(p["lastReloadError"].is_null(), "{p}");
+}
