@@ -102,6 +102,9 @@ struct Pending {
     /// An upstream's SERVFAIL or REFUSED, with the client's ID: relayed if
     /// no other upstream gives a better answer.
     fallback: Option<Vec<u8>>,
+    /// The keys of its earlier attempts (timed out, failed, rejected): an
+    /// answer that comes late under one of them still answers it.
+    earlier: Vec<(u16, u16)>,
 }
 
 impl Pending {
@@ -117,8 +120,8 @@ enum Taken {
     /// A rejection with an upstream left to try: the query went on (or, none
     /// usable, the rejection was relayed).
     MovedOn,
-    /// The answer to this query, for its client.
-    Answer(Pending),
+    /// The answer to this query, for its client, from this upstream.
+    Answer(Pending, usize),
 }
 
 /// A query readied for an upstream socket, under its ID on the wire.
@@ -147,11 +150,28 @@ struct Table {
     serial: u64,
     /// Queries in flight per client address: at most half the cap each.
     by_client: Shares,
+    /// The key of an earlier attempt → the key the query is in flight
+    /// under now (see [`Pending::earlier`]).
+    earlier: HashMap<(u16, u16), (u16, u16)>,
 }
 
 impl Table {
     fn new(max_in_flight: usize) -> Table {
-        Table { pending: HashMap::new(), deadlines: VecDeque::new(), serial: 0, by_client: Shares::of(max_in_flight) }
+        Table {
+            pending: HashMap::new(),
+            deadlines: VecDeque::new(),
+            serial: 0,
+            by_client: Shares::of(max_in_flight),
+            earlier: HashMap::new(),
+        }
+    }
+
+    /// `p` is done (answered, or every upstream tried): its earlier keys
+    /// answer nothing any more.
+    fn forget_earlier(&mut self, p: &Pending) {
+        for key in &p.earlier {
+            self.earlier.remove(key);
+        }
     }
 }
 
@@ -443,6 +463,7 @@ impl UdpProxy {
             sent: Instant::now(),
             serial: 0,
             fallback: None,
+            earlier: Vec::new(),
         };
         if let Some(failed) = self.send_next(&mut table, pending, pick, out) {
             drop(table);
@@ -471,13 +492,15 @@ impl UdpProxy {
         };
         let Some(up) = next else {
             table.by_client.release(p.client.ip());
+            table.forget_earlier(&p);
             return Some(p);
         };
         let socket = up.sockets.start + pick % up.sockets.len().max(1);
-        // A random ID that is free on this socket (at most max_in_flight of 65,536 are taken).
+        // A random ID that is free on this socket, and not an earlier attempt's
+        // (at most max_in_flight × (upstreams + 1) of 65,536 are taken).
         let key = loop {
             let key = (socket as u16, rand::random::<u16>());
-            if !table.pending.contains_key(&key) {
+            if !table.pending.contains_key(&key) && !table.earlier.contains_key(&key) {
                 break key;
             }
         };
@@ -488,6 +511,9 @@ impl UdpProxy {
         p.serial = table.serial;
         p.sent = Instant::now();
         table.deadlines.push_back((p.sent + self.timeout, key, p.serial));
+        for &earlier in &p.earlier {
+            table.earlier.insert(earlier, key);
+        }
         table.pending.insert(key, p);
         None
     }
@@ -503,7 +529,8 @@ impl UdpProxy {
         pick: usize,
         out: &mut Vec<Outgoing>,
     ) -> Option<Pending> {
-        let p = table.pending.remove(&key)?;
+        let mut p = table.pending.remove(&key)?;
+        p.earlier.push(key);
         let idx = p.upstream(self.upstreams.len());
         if let Some(up) = self.upstreams.get(idx) {
             tracing::debug!(upstream = %up.addr, reason, "upstream attempt failed");
@@ -593,8 +620,8 @@ impl UdpProxy {
         replies: &mut Vec<Reply>,
         (pick, again): (usize, &mut Vec<Outgoing>),
     ) {
-        let p = match self.take_pending(socket, bytes, (pick, again)) {
-            Taken::Answer(p) => p,
+        let (p, idx) = match self.take_pending(socket, bytes, (pick, again)) {
+            Taken::Answer(p, idx) => (p, idx),
             Taken::MovedOn => return,
             Taken::Stray => {
                 // A stray or forged datagram: a query it claims keeps waiting.
@@ -605,7 +632,6 @@ impl UdpProxy {
             }
         };
         let n = self.upstreams.len();
-        let idx = p.upstream(n);
         if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
             self.preferred.store(idx, Ordering::Relaxed);
         }
@@ -628,19 +654,38 @@ impl UdpProxy {
     /// readied for that upstream.
     fn take_pending(&self, socket: usize, bytes: &[u8], (pick, again): (usize, &mut Vec<Outgoing>)) -> Taken {
         let Some(id) = bytes.get(..2) else { return Taken::Stray };
-        let key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
+        let mut key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
         let mut table = self.table();
-        let Some(p) = table.pending.get(&key) else { return Taken::Stray };
+        // An earlier attempt's answer, come after the query moved on: taken all the same.
+        let late = !table.pending.contains_key(&key);
+        if late {
+            let Some(&now) = table.earlier.get(&key) else { return Taken::Stray };
+            key = now;
+        }
+        let Some(p) = table.pending.get_mut(&key) else { return Taken::Stray };
         if !crate::upstream::answers(id, &p.query[12..p.question_end], bytes) {
             return Taken::Stray;
         }
-        let Some(mut p) = table.pending.remove(&key) else { return Taken::Stray };
         let n = self.upstreams.len();
-        let idx = p.upstream(n);
-        if let Some(up) = self.upstreams.get(idx) {
+        let idx = if late {
+            self.upstreams.iter().position(|u| u.sockets.contains(&socket)).unwrap_or(n)
+        } else {
+            p.upstream(n)
+        };
+        self.health.answered(idx);
+        if late && crate::upstream::rejection(bytes).is_some() {
+            // The attempt in flight may do better; this is the fallback meanwhile.
+            if p.fallback.is_none() {
+                let mut answer = bytes.to_vec();
+                answer[..2].copy_from_slice(&p.query[..2]);
+                p.fallback = Some(answer);
+            }
+            return Taken::MovedOn;
+        }
+        let Some(mut p) = table.pending.remove(&key) else { return Taken::Stray };
+        if !late && let Some(up) = self.upstreams.get(idx) {
             up.latency.record(p.sent.elapsed().as_secs_f64());
         }
-        self.health.answered(idx);
         if let Some(reason) = crate::upstream::rejection(bytes)
             && p.tries < n
         {
@@ -651,6 +696,7 @@ impl UdpProxy {
             let mut answer = bytes.to_vec();
             answer[..2].copy_from_slice(&p.query[..2]);
             p.fallback = Some(answer);
+            p.earlier.push(key);
             if let Some(exhausted) = self.send_next(&mut table, p, pick, again) {
                 drop(table);
                 self.servfail(exhausted); // relays the fallback
@@ -658,7 +704,8 @@ impl UdpProxy {
             return Taken::MovedOn;
         }
         table.by_client.release(p.client.ip());
-        Taken::Answer(p)
+        table.forget_earlier(&p);
+        Taken::Answer(p, idx)
     }
 
     /// The upstream behind `socket` refused: its queries go to the next one.

@@ -461,3 +461,28 @@ fn servfail_and_refused_answers_move_on_to_the_next_upstream() {
     let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
     assert_eq!(rcode(&got), ResponseCode::ServFail);
 }
+
+/// An upstream that answers after the timeout, while the query is on at the
+/// next upstream, still answers it: a slow recursive lookup (cold cache)
+/// is not thrown away for a next upstream that may be as slow, or silent.
+#[test]
+fn a_late_answer_from_an_earlier_upstream_is_taken() {
+    let slow = Scripted::start(|q| {
+        std::thread::sleep(Duration::from_millis(450));
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 45])].concat()]
+    });
+    let (_hold, quiet) = silent();
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![slow.addr, quiet]) }, shared(None));
+    let asked = query(0x4545, "slow.sluice.test.", RecordType::A, None);
+    let t = Instant::now();
+    let got = udp_exchange(proxy.addr, &asked, Duration::from_secs(3)).expect("an answer");
+    let took = t.elapsed();
+    assert_eq!((rcode(&got), &got[..2]), (ResponseCode::NoError, &asked[..2]), "after {took:?}");
+    assert!(took < 2 * timeout, "the late answer, not a SERVFAIL after both timeouts: {took:?}");
+    assert_eq!(proxy.names("192.0.2.45"), ["slow.sluice.test"]);
+    // The slow upstream answered, so it is the one asked first next time (not the silent one).
+    let again = query(0x4546, "slow.sluice.test.", RecordType::A, None);
+    let got = udp_exchange(proxy.addr, &again, Duration::from_secs(3)).expect("an answer");
+    assert_eq!(rcode(&got), ResponseCode::NoError);
+}
