@@ -87,6 +87,8 @@ pub(crate) fn wake_receiver(socket: &std::net::UdpSocket) {
 /// One received datagram of a [`Batch`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Datagram {
+    /// Its receive slot in the batch.
+    slot: usize,
     pub(crate) len: usize,
     pub(crate) from: SocketAddr,
     pub(crate) to: Option<Arrival>,
@@ -125,7 +127,8 @@ impl Batch {
 
     /// Waits (on a blocking socket) for the first datagram on `socket`, then
     /// takes it and whatever else is waiting, at most [`BATCH`] in all
-    /// (`MSG_WAITFORONE`). Zero datagrams: the socket was shut down.
+    /// (`MSG_WAITFORONE`). Returns how many were received — zero: the socket
+    /// was shut down; [`get`](Self::get) has those with a source address.
     pub(crate) fn recv(&mut self, socket: &impl AsRawFd) -> io::Result<usize> {
         self.got.clear();
         // An array (no Drop), as recvmmsg borrows the slices for as long as the headers.
@@ -140,7 +143,9 @@ impl Batch {
             None,
         )
         .map_err(io::Error::from)?;
-        for msg in received {
+        let mut count = 0;
+        for (slot, msg) in received.enumerate() {
+            count += 1;
             let Some(from) = msg.address.as_ref().and_then(socket_addr) else { continue };
             let to = msg.cmsgs().ok().and_then(|mut cmsgs| {
                 cmsgs.find_map(|c| match c {
@@ -156,15 +161,16 @@ impl Batch {
             });
             // With MSG_TRUNC, `bytes` is the datagram's real length.
             let truncated = msg.bytes > self.slot || msg.flags.contains(MsgFlags::MSG_TRUNC);
-            self.got.push(Datagram { len: msg.bytes.min(self.slot), from, to, truncated });
+            self.got.push(Datagram { slot, len: msg.bytes.min(self.slot), from, to, truncated });
         }
-        Ok(self.got.len())
+        Ok(count)
     }
 
-    /// The `i`th datagram of the last [`recv`](Self::recv).
+    /// The `i`th datagram with a source address of the last [`recv`](Self::recv)
+    /// (each in its own slot: one skipped does not shift the others' bytes).
     pub(crate) fn get(&self, i: usize) -> Option<(&[u8], Datagram)> {
         let d = *self.got.get(i)?;
-        let start = i * self.slot;
+        let start = d.slot * self.slot;
         Some((self.bufs.get(start..start + d.len)?, d))
     }
 }
