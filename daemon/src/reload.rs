@@ -241,8 +241,8 @@ fn watch_dirs(paths: &[PathBuf]) -> Vec<(PathBuf, RecursiveMode)> {
 }
 
 /// Runs until `stop` fires: reloads on directory changes (debounced), on
-/// `hup`, and every `interval`. `on_reload` runs around each applied reload
-/// (systemd RELOADING/READY).
+/// `hup`, and every `interval`. `on_reload` runs around each reload asked
+/// for by a change or `hup` (systemd RELOADING/READY).
 pub(crate) async fn watch(
     state: Arc<PolicyState>,
     interval: Duration,
@@ -283,7 +283,11 @@ pub(crate) async fn watch(
                 // within DEBOUNCE_MAX of the first event whatever happens.
                 let until = tokio::time::Instant::now() + DEBOUNCE_MAX;
                 loop {
-                    tokio::time::sleep(DEBOUNCE).await;
+                    tokio::select! {
+                        // Stopping meanwhile: no reload (its READY=1 would follow STOPPING=1).
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(DEBOUNCE) => {}
+                    }
                     let mut more = false;
                     while changes.try_recv().is_ok() {
                         more = true;
@@ -297,9 +301,16 @@ pub(crate) async fn watch(
             Some(()) = hup.recv() => "SIGHUP",
             _ = tick.tick() => "periodic re-read",
         };
-        on_reload(true);
+        // systemd hears of reloads asked for (a change, SIGHUP), not of the
+        // periodic re-read, which finds nothing new almost always.
+        let told = why != "periodic re-read";
+        if told {
+            on_reload(true);
+        }
         state.reload(why);
-        on_reload(false);
+        if told {
+            on_reload(false);
+        }
     }
 }
 

@@ -299,6 +299,22 @@ fn load_document(acc: &mut Acc, file: &Arc<Path>, chunk: DocChunk<'_>) {
             );
             ck.problems.push(place.at(kind.referenced, msg, "kind"));
         }
+        (_, "ServiceEntry" | "Sidecar" | "EgressPolicy" | "List") => {
+            // Read by sluice under another group (a typo), or a `kubectl get -o yaml` list: ignored,
+            // but said, as a policy that silently lost its EgressPolicy would fall back to ALLOW_ANY.
+            let msg = if kind.value == "List" {
+                "a List is ignored: sluice reads one resource per document (split it at ---)".to_owned()
+            } else {
+                format!(
+                    "{} in {:?} is ignored: sluice reads it in {}",
+                    kind.value,
+                    api.value,
+                    if kind.value == "EgressPolicy" { "sluice.dev/v1alpha1" } else { "networking.istio.io" }
+                )
+            };
+            ck.warn(kind.referenced, msg, "kind");
+            acc.ignored.push(ignored(&env, origin));
+        }
         _ => acc.ignored.push(ignored(&env, origin)),
     }
     acc.problems.extend(ck.problems);

@@ -222,3 +222,23 @@ fn document_splitting_follows_yaml_markers() {
     assert!(docs[2].text.ends_with("c: 3\n"));
     assert!(split_documents("# only a comment\n").is_empty());
 }
+
+/// A kind sluice reads, under a group it does not (a typo), and a
+/// `kubectl get -o yaml` List are ignored — but with a warning: a policy that
+/// silently lost its EgressPolicy would fall back to ALLOW_ANY.
+#[test]
+fn a_known_kind_in_an_unknown_group_and_a_list_are_ignored_with_a_warning() {
+    let text = "apiVersion: sluice.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: n}\nspec: {}\n---\n\
+                apiVersion: v1\nkind: List\nitems: []\n---\n\
+                apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n";
+    let set = accepts(text);
+    assert_eq!((set.ignored.len(), set.settings.mode), (3, Mode::AllowAny));
+    let warnings: Vec<String> = set.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert!(
+        warnings[0].starts_with("p.yaml:2:7: warning: EgressPolicy in \"sluice.io/v1alpha1\" is ignored"),
+        "{warnings:#?}"
+    );
+    assert!(warnings[1].contains("a List is ignored"), "{warnings:#?}");
+    assert!(set.warnings.iter().all(|w| w.severity == Severity::Warning));
+}
