@@ -167,10 +167,11 @@ struct Kept {
     text: String,
 }
 
-/// Saves the files of the policy now in force to `keep` (a temporary file
-/// renamed over it: a crash mid-save leaves the previous one). A failure is
-/// logged: the policy is in force either way.
+/// Saves the files of the policy now in force to `keep` (written and
+/// synced to a temporary file, then renamed over it: a crash mid-save leaves
+/// the previous one). A failure is logged: the policy is in force either way.
 fn save_last_good(keep: &Path, files: &[sluice_policy::SourceFile]) {
+    use std::io::Write;
     let kept: Vec<Kept> = files
         .iter()
         .map(|f| Kept { path: f.path.to_path_buf(), text: String::from_utf8_lossy(&f.bytes).into_owned() })
@@ -178,7 +179,11 @@ fn save_last_good(keep: &Path, files: &[sluice_policy::SourceFile]) {
     let tmp = keep.with_extension("tmp");
     let saved = serde_json::to_vec(&kept)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|bytes| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
         .and_then(|()| std::fs::rename(&tmp, keep));
     if let Err(e) = saved {
         tracing::warn!(path = %keep.display(), error = %e, "cannot save the policy in force (used at start if the files are then invalid)");
