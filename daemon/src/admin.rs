@@ -1,15 +1,17 @@
 //! The admin HTTP API on its own address: `/metrics` (Prometheus text),
-//! `/healthz`, `/readyz`, `/debug/policy`, `/debug/names`.
+//! `/healthz`, `/readyz`, `/debug/policy`, `/debug/names` (the last two for
+//! loopback clients only).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Json};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -44,14 +46,34 @@ pub(crate) async fn upkeep(prometheus: PrometheusHandle) {
     }
 }
 
+/// The routes; serve them with the peer's address
+/// (`into_make_service_with_connect_info::<SocketAddr>`).
 pub(crate) fn router(admin: Admin) -> Router {
+    let debug = Router::new()
+        .route("/debug/policy", get(debug_policy))
+        .route("/debug/names", get(debug_names))
+        .route_layer(middleware::from_fn(loopback_only));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/debug/policy", get(debug_policy))
-        .route("/debug/names", get(debug_names))
+        .merge(debug)
         .with_state(admin)
+}
+
+/// The debug endpoints show the node's DNS history and its policy: they
+/// answer clients on the node itself only, also when the admin address is a
+/// wildcard so that a Prometheus elsewhere can scrape `/metrics`.
+async fn loopback_only(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next) -> Response {
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        next.run(request).await
+    } else {
+        (StatusCode::FORBIDDEN, "sluice: the /debug endpoints answer loopback clients only\n").into_response()
+    }
 }
 
 async fn metrics(State(a): State<Admin>) -> impl IntoResponse {

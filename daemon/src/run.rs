@@ -181,7 +181,9 @@ async fn control(
     let admin_stop = stopped(end_rx);
     let server = tokio::spawn(async move {
         let app = admin::router(admin);
-        axum::serve(listener, app).with_graceful_shutdown(admin_stop).await
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(admin_stop)
+            .await
     });
 
     let (hup_tx, hup_rx) = mpsc::unbounded_channel();

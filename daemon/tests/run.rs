@@ -37,7 +37,8 @@ impl Sluice {
         let mut child = Command::new(program)
             .args(wrapper_args)
             .args(if wrapper.is_empty() { None } else { Some(env!("CARGO_BIN_EXE_sluice")) })
-            .args(["run", "--log-json", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "2"])
+            .args(["run", "--log-json", "--listen", "127.0.0.1:0", "--workers", "2"])
+            .args(if extra.contains(&"--admin-listen") { &[][..] } else { &["--admin-listen", "127.0.0.1:0"][..] })
             // DNS on port 0, and (unless the test gives one) an upstream where
             // nothing listens: no query leaves the machine.
             .args(["--dns-listen", "127.0.0.1:0"])
@@ -434,4 +435,22 @@ fn a_restart_with_a_broken_policy_file_starts_on_the_last_good_policy() {
     std::fs::remove_file(policy.path().join("broken.yaml")).unwrap();
     let p = second.wait_policy("the mended files", |p| p["generation"] == 2);
     assert!(p["lastReloadError"].is_null(), "{p}");
+}
+
+/// The debug endpoints (the node's DNS history, its policy) answer loopback
+/// clients only, also when the admin API listens on every address so a
+/// Prometheus elsewhere can scrape `/metrics`.
+#[test]
+fn debug_endpoints_answer_loopback_clients_only() {
+    let ns = common::Ns::new("admin");
+    ns.ok("ip addr add 198.18.99.1/32 dev lo");
+    let dir = tempfile::tempdir().unwrap();
+    let sluice = Sluice::start_under(&["ip", "netns", "exec", &ns.0], dir.path(), &["--admin-listen", "0.0.0.0:0"]);
+    let port = sluice.admin.port();
+    let status =
+        |host: &str, path: &str| ns.ok(&format!("curl -s -o /dev/null -w %{{http_code}} 'http://{host}:{port}{path}'"));
+    assert_eq!(status("198.18.99.1", "/metrics"), "200");
+    assert_eq!(status("198.18.99.1", "/debug/policy"), "403");
+    assert_eq!(status("198.18.99.1", "/debug/names?ip=192.0.2.1"), "403");
+    assert_eq!(status("127.0.0.1", "/debug/policy"), "200");
 }
