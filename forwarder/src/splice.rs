@@ -241,31 +241,40 @@ impl Link<'_> {
                         return moved;
                     }
                 }
-                match held.fill(src, self.pipes) {
+                // splice(2) at an urgent mark says EAGAIN though the socket polled
+                // readable, or 0 when the end is queued behind the mark: either way
+                // past it may lie more bytes.
+                let filled = held.fill(src, self.pipes);
+                let at_mark = match &filled {
+                    Ok(0) => true,
+                    Err(e) => readied && e.kind() == io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                };
+                if at_mark && let Some(urgent) = sys::recv_urgent(src) {
+                    readied = false;
+                    match self.cross_urgent_mark(src, dst, from, urgent).await {
+                        Ok((n, ended)) => {
+                            moved += n;
+                            self.delivered(from, n);
+                            if ended {
+                                eof = true;
+                                held.release();
+                            }
+                        }
+                        Err(end) => {
+                            self.fail(end);
+                            return moved;
+                        }
+                    }
+                    continue;
+                }
+                match filled {
                     Ok(0) => {
                         eof = true;
                         held.release();
                     }
                     Ok(_) => readied = false,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if readied && let Some(urgent) = sys::recv_urgent(src) {
-                            readied = false;
-                            match self.cross_urgent_mark(src, dst, from, urgent).await {
-                                Ok((n, ended)) => {
-                                    moved += n;
-                                    self.delivered(from, n);
-                                    if ended {
-                                        eof = true;
-                                        held.release();
-                                    }
-                                }
-                                Err(end) => {
-                                    self.fail(end);
-                                    return moved;
-                                }
-                            }
-                            continue;
-                        }
                         if let Err(end) = self.wait_for_source(src, from, &mut held).await {
                             self.fail(end);
                             return moved;
