@@ -10,7 +10,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use sluice_policy::{Connection, Snapshot, Timestamp, Verdict, decide};
 
-use crate::sniff::{MAX_SNIFF_BYTES, Sniff, sniff};
+use crate::sniff::{MAX_SNIFF_BYTES, MAX_SNIFF_READS, Sniff, sniff};
 use crate::splice::{End, PipeSizes, splice_both};
 use crate::{Config, Intercept, Shared, sys};
 
@@ -239,17 +239,23 @@ async fn forward(
     report.outcome = Outcome::Spliced(o.end);
 }
 
-/// Reads the client's first bytes until sniffing can tell, the cap, the
-/// deadline, or EOF — whichever comes first. What was read is kept in `buf`.
+/// Reads the client's first bytes until sniffing can tell, the cap (in
+/// bytes, and [`MAX_SNIFF_READS`] reads: then it is opaque), the deadline,
+/// or EOF — whichever comes first. What was read is kept in `buf`.
 async fn read_first(client: &TcpStream, buf: &mut Vec<u8>, deadline: Duration) -> io::Result<Sniff> {
     let until = Instant::now() + deadline;
     let mut filled = buf.len();
     buf.resize(MAX_SNIFF_BYTES, 0); // zeroed once, read into in place
+    let mut reads = 0;
     let seen = loop {
         let seen = sniff(&buf[..filled]);
         if seen.is_final() || filled >= MAX_SNIFF_BYTES {
             break Ok(seen);
         }
+        if reads == MAX_SNIFF_READS {
+            break Ok(Sniff::Opaque);
+        }
+        reads += 1;
         match recv_by(client, until, &mut buf[filled..]).await {
             Ok(Some(0) | None) => break Ok(seen), // EOF, or the deadline
             Ok(Some(n)) => filled += n,

@@ -365,3 +365,39 @@ fn a_refused_request_with_a_body_still_gets_its_502() {
         assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::Refused502);
     }
 }
+
+/// A client that trickles its first bytes one at a time (a request head of
+/// 1,000 bytes, a byte a millisecond) is given up on after a few dozen
+/// reads and judged without a name — not parsed again in full at every
+/// byte until the sniff deadline, which cost the worker a parse of the
+/// whole buffer per byte (quadratic in the bytes). Its bytes all still
+/// arrive.
+#[test]
+fn a_client_trickling_its_first_bytes_is_not_parsed_at_every_byte() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let allow_any_with_http = entries(8600).replace("REGISTRY_ONLY", "ALLOW_ANY");
+        let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(7), 8600); // the ServiceEntry's HTTP port: sniffed
+        let (_accepted, server) = server(&ns, dst, b"");
+        let mut head = b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nX-Pad: ".to_vec();
+        head.resize(996, b'p');
+        head.extend_from_slice(b"\r\n\r\n");
+        let sent = head.clone();
+        ns.within(move || {
+            let mut c = TcpStream::connect(dst).unwrap();
+            c.set_nodelay(true).unwrap();
+            for b in &head {
+                c.write_all(&[*b]).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(400)); // the server reads until a pause
+        });
+        let r = &fwd.wait_reports(1)[0];
+        let v = r.verdict.as_ref().unwrap();
+        assert!(v.name.is_none() && !r.http, "{driver:?}: judged without sniffing the head: {v:?}");
+        drop(fwd);
+        assert_eq!(server.join().unwrap()[0], sent, "{driver:?}: every byte arrived");
+    }
+}
