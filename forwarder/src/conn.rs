@@ -344,6 +344,8 @@ async fn connect(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<Tc
         socket.set_mark(mark)?;
     }
     socket.set_tcp_nodelay(true)?;
+    // As on accepted sockets (`listener::bind`): urgent data in line.
+    socket.set_out_of_band_inline(true)?;
     match socket.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}

@@ -30,6 +30,9 @@ pub(crate) fn bind(listen: &Listen, addr: SocketAddr) -> io::Result<std::net::Tc
     // answer written in two pieces waited out the client's delayed ACK,
     // ~40 ms per exchange on a keep-alive connection.
     socket.set_tcp_nodelay(true)?;
+    // Inherited too: urgent data in line, so that the splice loop sees a lone
+    // urgent byte and can pass it on (`splice::Link::cross_urgent_mark`).
+    socket.set_out_of_band_inline(true)?;
     socket.bind(&addr.into()).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
     socket.listen(4096)?;
     Ok(socket.into())

@@ -241,25 +241,24 @@ impl Link<'_> {
                         return moved;
                     }
                 }
-                // splice(2) at an urgent mark says EAGAIN though the socket polled
-                // readable, or 0 when the end is queued behind the mark: either way
-                // past it may lie more bytes.
+                // splice(2) stops at TCP's urgent mark: it says EAGAIN though the
+                // socket polled readable, or 0 when the end is queued behind it.
                 let filled = held.fill(src, self.pipes);
-                let at_mark = match &filled {
+                let suspect = match &filled {
                     Ok(0) => true,
                     Err(e) => readied && e.kind() == io::ErrorKind::WouldBlock,
                     Ok(_) => false,
                 };
-                if at_mark && let Some(urgent) = sys::recv_urgent(src) {
+                if suspect && sys::at_urgent_mark(src) {
                     readied = false;
-                    match self.cross_urgent_mark(src, dst, from, urgent).await {
-                        Ok((n, ended)) => {
+                    match self.cross_urgent_mark(src, dst, from).await {
+                        Ok(Some(n)) => {
                             moved += n;
                             self.delivered(from, n);
-                            if ended {
-                                eof = true;
-                                held.release();
-                            }
+                        }
+                        Ok(None) => {
+                            eof = true;
+                            held.release();
                         }
                         Err(end) => {
                             self.fail(end);
@@ -323,37 +322,32 @@ impl Link<'_> {
     }
 
     /// Crosses TCP's urgent mark on `src`, which `splice(2)` never does: it
-    /// stops there and says `EAGAIN` while the socket polls readable, so
-    /// without this one urgent byte (telnet's interrupt, FTP's `ABOR`, Oracle
-    /// Net's break) would stall the direction for good, its worker polling
-    /// in a loop. `urgent` (read out of band) goes to `dst` out of band too,
-    /// after every byte before it (the pipe is empty here); then one ordinary
-    /// read moves `src` past the mark, and the byte it returns, if any,
-    /// follows. Returns the bytes delivered and whether `src` ended.
-    async fn cross_urgent_mark(
-        &self,
-        src: &TcpStream,
-        dst: &TcpStream,
-        from: Side,
-        urgent: u8,
-    ) -> Result<(u64, bool), End> {
-        self.send_byte(dst, urgent, true, from).await?;
+    /// stops there, so without this one urgent byte (telnet's interrupt and
+    /// Synch, FTP's `ABOR`, Oracle Net's break) would stall the direction for
+    /// good, its worker polling in a loop, or with the end queued behind it
+    /// read as the end, the bytes past it lost. The urgent byte is read in
+    /// line (both sockets have `SO_OOBINLINE`) and goes to `dst` out of band
+    /// as it came, after every byte before it (the pipe is empty here).
+    /// Returns the bytes delivered (0 when the read was interrupted by a
+    /// signal: the socket stays readable and this comes back), `None` at
+    /// the end.
+    async fn cross_urgent_mark(&self, src: &TcpStream, dst: &TcpStream, from: Side) -> Result<Option<u64>, End> {
         let mut byte = [0u8; 1];
         match sys::recv_now(src, &mut byte) {
-            Ok(0) => Ok((1, true)),
+            Ok(0) => Ok(None),
             Ok(_) => {
-                self.send_byte(dst, byte[0], false, from).await?;
-                Ok((2, false))
+                self.send_urgent(dst, byte[0], from).await?;
+                Ok(Some(1))
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok((1, false)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(Some(0)),
             Err(_) => Err(error_end(from)),
         }
     }
 
-    /// One byte to `dst`, waiting for room.
-    async fn send_byte(&self, dst: &TcpStream, byte: u8, urgent: bool, from: Side) -> Result<(), End> {
+    /// One byte to `dst` as urgent data, waiting for room.
+    async fn send_urgent(&self, dst: &TcpStream, byte: u8, from: Side) -> Result<(), End> {
         loop {
-            match sys::send_byte(dst, byte, urgent) {
+            match sys::send_urgent(dst, byte) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(dst, false, from).await?,
                 Err(_) => return Err(error_end(other(from))),

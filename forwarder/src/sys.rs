@@ -80,24 +80,52 @@ pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usi
     nix::sys::socket::recv(stream.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io_err)
 }
 
-/// The TCP urgent byte waiting on `stream` (`recv(MSG_OOB)`), if there is
-/// one not yet read.
-pub(crate) fn recv_urgent<S: AsRawFd>(stream: &S) -> Option<u8> {
-    use nix::sys::socket::MsgFlags;
-    let mut byte = [0u8; 1];
-    match nix::sys::socket::recv(stream.as_raw_fd(), &mut byte, MsgFlags::MSG_OOB | MsgFlags::MSG_DONTWAIT) {
-        Ok(1) => Some(byte[0]),
-        _ => None,
-    }
+/// `SIOCATMARK` (asm-generic's number; alpha, mips, sparc and parisc have
+/// their own, and there [`at_urgent_mark`] says no).
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64"
+))]
+const SIOCATMARK: nix::libc::Ioctl = 0x8905;
+
+/// Whether the next byte to read from `stream` is TCP urgent data
+/// (`SIOCATMARK`): `splice(2)` stops there.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64"
+))]
+pub(crate) fn at_urgent_mark<S: AsRawFd>(stream: &S) -> bool {
+    let mut at: nix::libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one c_int through the pointer, which outlives
+    // the call; the fd is owned by `stream`, alive for the call.
+    let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), SIOCATMARK, &mut at) };
+    r == 0 && at != 0
 }
 
-/// Sends one byte without waiting, as TCP urgent data when `urgent`.
-pub(crate) fn send_byte<S: AsRawFd>(stream: &S, byte: u8, urgent: bool) -> io::Result<usize> {
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "aarch64",
+    target_arch = "arm",
+    target_arch = "riscv64",
+    target_arch = "loongarch64"
+)))]
+pub(crate) fn at_urgent_mark<S: AsRawFd>(_stream: &S) -> bool {
+    false
+}
+
+/// Sends one byte as TCP urgent data, without waiting.
+pub(crate) fn send_urgent<S: AsRawFd>(stream: &S, byte: u8) -> io::Result<usize> {
     use nix::sys::socket::MsgFlags;
-    let mut flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-    if urgent {
-        flags |= MsgFlags::MSG_OOB;
-    }
+    let flags = MsgFlags::MSG_OOB | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
     nix::sys::socket::send(stream.as_raw_fd(), &[byte], flags).map_err(io_err)
 }
 

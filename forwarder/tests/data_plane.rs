@@ -511,6 +511,18 @@ fn urgent_data_passes_and_does_not_stall_a_connection() {
             to.read_exact(&mut got).map_err(|e| format!("{driver:?}: {e}")).unwrap();
             assert_eq!(&got, b"cd", "{driver:?}");
         }
+        // An urgent byte alone, nothing after it (telnet's Synch, sent last):
+        // the socket does not poll readable for it unless urgent data is inline.
+        for (from, to) in [(&c, &s), (&s, &c)] {
+            socket2::SockRef::from(from).send_out_of_band(b"#").unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(3);
+            let mut oob = [0u8; 1];
+            while recv(to.as_raw_fd(), &mut oob, MsgFlags::MSG_OOB | MsgFlags::MSG_DONTWAIT).is_err() {
+                assert!(std::time::Instant::now() < deadline, "{driver:?}: a lone urgent byte did not come");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(oob[0], b'#', "{driver:?}");
+        }
         // Urgent data with the end right behind it: splice(2) at the mark with
         // the FIN queued reads as the end; the bytes past the mark must still come.
         c.write_all(b"xy").unwrap();
