@@ -24,31 +24,19 @@ fn main() -> ExitCode {
     };
     let result = match cmd {
         cli::Command::Check(args) => check::run(&args),
-        // Bad configuration is a usage error (64); failing while starting or running is 1.
-        cli::Command::Run(overrides) => config::resolve(overrides).map(|config| {
-            run::run(config).unwrap_or_else(|e| {
-                eprintln!("sluice: {e:#}");
-                ExitCode::FAILURE
-            })
-        }),
-        cli::Command::Rules(action, rules) => match action {
+        // Bad configuration is a usage error (64); failing while starting or
+        // running — or nft missing or refusing the ruleset — is 1.
+        cli::Command::Run(overrides) => {
+            config::resolve(overrides).map(|config| run::run(config).unwrap_or_else(failed))
+        }
+        cli::Command::Rules(action, rules) => Ok(match action {
             cli::RulesAction::Print => {
                 print!("{}", rules.render());
-                Ok(ExitCode::SUCCESS)
+                ExitCode::SUCCESS
             }
-            // nft missing or refusing the ruleset: a failure (1), not bad usage.
-            cli::RulesAction::Apply | cli::RulesAction::Remove => {
-                let done =
-                    if matches!(action, cli::RulesAction::Apply) { rules::apply(&rules) } else { rules::remove() };
-                Ok(done.map_or_else(
-                    |e| {
-                        eprintln!("sluice: {e:#}");
-                        ExitCode::FAILURE
-                    },
-                    |()| ExitCode::SUCCESS,
-                ))
-            }
-        },
+            cli::RulesAction::Apply => rules::apply(&rules).map_or_else(failed, |()| ExitCode::SUCCESS),
+            cli::RulesAction::Remove => rules::remove().map_or_else(failed, |()| ExitCode::SUCCESS),
+        }),
     };
     match result {
         Ok(code) => code,
@@ -57,4 +45,10 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// A failure while doing the work (not bad usage): said, and exit 1.
+fn failed(e: anyhow::Error) -> ExitCode {
+    eprintln!("sluice: {e:#}");
+    ExitCode::FAILURE
 }

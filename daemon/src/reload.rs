@@ -279,7 +279,9 @@ pub(crate) async fn watch(
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     loop {
-        let why = tokio::select! {
+        // systemd hears of reloads asked for (a change, SIGHUP), not of the
+        // periodic re-read, which finds nothing new almost always.
+        let (why, told) = tokio::select! {
             _ = stop.changed() => return,
             Some(()) = changes.recv() => {
                 // Debounce: a ConfigMap swap or an editor's save is several
@@ -301,14 +303,11 @@ pub(crate) async fn watch(
                         break;
                     }
                 }
-                "file change"
+                ("file change", true)
             }
-            Some(()) = hup.recv() => "SIGHUP",
-            _ = tick.tick() => "periodic re-read",
+            Some(()) = hup.recv() => ("SIGHUP", true),
+            _ = tick.tick() => ("periodic re-read", false),
         };
-        // systemd hears of reloads asked for (a change, SIGHUP), not of the
-        // periodic re-read, which finds nothing new almost always.
-        let told = why != "periodic re-read";
         if told {
             on_reload(true);
         }

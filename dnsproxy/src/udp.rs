@@ -111,6 +111,14 @@ impl Pending {
     fn upstream(&self, n: usize) -> usize {
         (self.first + self.tries - 1) % n
     }
+
+    /// An upstream's answer (at least a header: it matched) with the
+    /// client's own ID.
+    fn with_client_id(&self, answer: &[u8]) -> Vec<u8> {
+        let mut bytes = answer.to_vec();
+        bytes[..2].copy_from_slice(&self.query[..2]);
+        bytes
+    }
 }
 
 /// What became of an upstream's datagram.
@@ -408,10 +416,9 @@ impl UdpProxy {
     fn on_answers(&self, index: usize, batch: &Batch, n: usize) {
         let mut replies = Vec::with_capacity(n);
         let mut again = Vec::new();
-        let pick = pick();
         for i in 0..n {
             if let Some((bytes, d)) = batch.get(i) {
-                self.on_answer(index, bytes, d.truncated, &mut replies, (pick, &mut again));
+                self.on_answer(index, bytes, d.truncated, &mut replies, &mut again);
             }
         }
         self.flush_replies(replies);
@@ -608,8 +615,7 @@ impl UdpProxy {
 
     /// An upstream's datagram: learned from, then readied for its client
     /// byte for byte but the client's ID. A SERVFAIL or REFUSED moves the
-    /// query on to an upstream it has not tried (readied in `again`, on that
-    /// upstream's socket number `pick`), as a stub resolver moves on to its
+    /// query on to an upstream it has not tried (readied in `again`), as a stub resolver moves on to its
     /// next nameserver: a broken cache or an ACL on one upstream must not
     /// fail the node's lookups while another answers.
     fn on_answer(
@@ -618,9 +624,9 @@ impl UdpProxy {
         bytes: &[u8],
         truncated: bool,
         replies: &mut Vec<Reply>,
-        (pick, again): (usize, &mut Vec<Outgoing>),
+        again: &mut Vec<Outgoing>,
     ) {
-        let (p, idx) = match self.take_pending(socket, bytes, (pick, again)) {
+        let (p, idx) = match self.take_pending(socket, bytes, again) {
             Taken::Answer(p, idx) => (p, idx),
             Taken::MovedOn => return,
             Taken::Stray => {
@@ -635,8 +641,7 @@ impl UdpProxy {
         if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
             self.preferred.store(idx, Ordering::Relaxed);
         }
-        let mut answer = bytes.to_vec();
-        answer[..2].copy_from_slice(&p.query[..2]);
+        let mut answer = p.with_client_id(bytes);
         let rcode = header_rcode(&answer);
         if truncated || answer.len() > p.max_udp {
             answer = truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp);
@@ -652,36 +657,36 @@ impl UdpProxy {
     /// answered: it is up, whatever the RCODE. A SERVFAIL or REFUSED with
     /// an upstream left to try is kept as the query's fallback and the query
     /// readied for that upstream.
-    fn take_pending(&self, socket: usize, bytes: &[u8], (pick, again): (usize, &mut Vec<Outgoing>)) -> Taken {
+    fn take_pending(&self, socket: usize, bytes: &[u8], again: &mut Vec<Outgoing>) -> Taken {
         let Some(id) = bytes.get(..2) else { return Taken::Stray };
         let mut key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
-        let mut table = self.table();
-        // An earlier attempt's answer, come after the query moved on: taken all the same.
-        let late = !table.pending.contains_key(&key);
-        if late {
-            let Some(&now) = table.earlier.get(&key) else { return Taken::Stray };
-            key = now;
-        }
-        let Some(p) = table.pending.get_mut(&key) else { return Taken::Stray };
-        if !crate::upstream::answers(id, &p.query[12..p.question_end], bytes) {
-            return Taken::Stray;
-        }
+        let answered = |p: &Pending| crate::upstream::answers(id, &p.query[12..p.question_end], bytes);
         let n = self.upstreams.len();
-        let idx = if late {
-            self.upstreams.iter().position(|u| u.sockets.contains(&socket)).unwrap_or(n)
-        } else {
-            p.upstream(n)
+        let mut table = self.table();
+        let (idx, late) = match table.pending.get(&key) {
+            Some(p) if answered(p) => (p.upstream(n), false),
+            Some(_) => return Taken::Stray,
+            None => {
+                // An earlier attempt's answer, come after the query moved on: taken all the same.
+                let Some(&now) = table.earlier.get(&key) else { return Taken::Stray };
+                key = now;
+                let Some(p) = table.pending.get_mut(&key) else { return Taken::Stray };
+                if !answered(p) {
+                    return Taken::Stray;
+                }
+                let idx = self.upstreams.iter().position(|u| u.sockets.contains(&socket)).unwrap_or(n);
+                if crate::upstream::rejection(bytes).is_some() {
+                    // The attempt in flight may do better; this is the fallback meanwhile.
+                    self.health.answered(idx);
+                    if p.fallback.is_none() {
+                        p.fallback = Some(p.with_client_id(bytes));
+                    }
+                    return Taken::MovedOn;
+                }
+                (idx, true)
+            }
         };
         self.health.answered(idx);
-        if late && crate::upstream::rejection(bytes).is_some() {
-            // The attempt in flight may do better; this is the fallback meanwhile.
-            if p.fallback.is_none() {
-                let mut answer = bytes.to_vec();
-                answer[..2].copy_from_slice(&p.query[..2]);
-                p.fallback = Some(answer);
-            }
-            return Taken::MovedOn;
-        }
         let Some(mut p) = table.pending.remove(&key) else { return Taken::Stray };
         if !late && let Some(up) = self.upstreams.get(idx) {
             up.latency.record(p.sent.elapsed().as_secs_f64());
@@ -693,11 +698,9 @@ impl UdpProxy {
                 tracing::debug!(upstream = %up.addr, reason, "upstream rejected the query: asking the next");
                 failure(up.addr, reason).increment(1);
             }
-            let mut answer = bytes.to_vec();
-            answer[..2].copy_from_slice(&p.query[..2]);
-            p.fallback = Some(answer);
+            p.fallback = Some(p.with_client_id(bytes));
             p.earlier.push(key);
-            if let Some(exhausted) = self.send_next(&mut table, p, pick, again) {
+            if let Some(exhausted) = self.send_next(&mut table, p, pick(), again) {
                 drop(table);
                 self.servfail(exhausted); // relays the fallback
             }

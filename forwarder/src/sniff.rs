@@ -10,9 +10,9 @@ pub const MAX_SNIFF_BYTES: usize = 16 * 1024;
 /// Reads sniffing may take before giving up on a name. A ClientHello or a
 /// request head comes in a segment or a few; each read parses everything
 /// read so far again, so a client trickling its bytes one at a time would
-/// cost a parse of the whole buffer per byte (quadratic: up to ~130 MB
-/// scanned for 16 KiB within the sniff deadline) — past this many reads the
-/// stream is judged opaque.
+/// cost a parse of the whole buffer per byte (quadratic in the bytes read
+/// within the sniff deadline) — past this many reads the stream is judged
+/// opaque.
 pub const MAX_SNIFF_READS: usize = 64;
 
 /// The protocol the first bytes belong to, as far as sniffing can tell.

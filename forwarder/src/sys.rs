@@ -80,46 +80,31 @@ pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usi
     nix::sys::socket::recv(stream.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io_err)
 }
 
-/// `SIOCATMARK` (asm-generic's number; alpha, mips, sparc and parisc have
-/// their own, and there [`at_urgent_mark`] says no).
-#[cfg(any(
+/// `SIOCATMARK`: asm-generic's number, which most architectures use;
+/// alpha, mips, sparc and parisc have their own, and there
+/// [`at_urgent_mark`] says no.
+const SIOCATMARK: Option<nix::libc::Ioctl> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
     target_arch = "arm",
     target_arch = "riscv64",
     target_arch = "loongarch64"
-))]
-const SIOCATMARK: nix::libc::Ioctl = 0x8905;
+)) {
+    Some(0x8905)
+} else {
+    None
+};
 
 /// Whether the next byte to read from `stream` is TCP urgent data
 /// (`SIOCATMARK`): `splice(2)` stops there.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64"
-))]
 pub(crate) fn at_urgent_mark<S: AsRawFd>(stream: &S) -> bool {
+    let Some(request) = SIOCATMARK else { return false };
     let mut at: nix::libc::c_int = 0;
     // SAFETY: SIOCATMARK writes one c_int through the pointer, which outlives
     // the call; the fd is owned by `stream`, alive for the call.
-    let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), SIOCATMARK, &mut at) };
+    let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), request, &mut at) };
     r == 0 && at != 0
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64",
-    target_arch = "loongarch64"
-)))]
-pub(crate) fn at_urgent_mark<S: AsRawFd>(_stream: &S) -> bool {
-    false
 }
 
 /// Sends one byte as TCP urgent data, without waiting.
