@@ -343,9 +343,7 @@ async fn connect(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<Tc
     if mark != 0 {
         socket.set_mark(mark)?;
     }
-    socket.set_tcp_nodelay(true)?;
-    // As on accepted sockets (`listener::bind`): urgent data in line.
-    socket.set_out_of_band_inline(true)?;
+    crate::listener::spliced_options(&socket)?;
     match socket.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
