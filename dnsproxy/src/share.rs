@@ -5,6 +5,7 @@
 //! address, and so one share.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 
 /// What each client address holds of a cap.
@@ -31,12 +32,13 @@ impl Shares {
         true
     }
 
-    /// `client` gave one back.
+    /// `client` gave one back (one hash of the address, not two: this runs
+    /// per query).
     pub(crate) fn release(&mut self, client: IpAddr) {
-        if let Some(held) = self.held.get_mut(&client) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                self.held.remove(&client);
+        if let Entry::Occupied(mut held) = self.held.entry(client) {
+            *held.get_mut() = held.get().saturating_sub(1);
+            if *held.get() == 0 {
+                held.remove();
             }
         }
     }

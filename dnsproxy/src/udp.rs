@@ -19,9 +19,21 @@
 //!   `sendmmsg` and their answers come back to one `recvmmsg`: measured
 //!   ~8% more queries/s and ~7% less CPU per query than a socket per query;
 
-//! - the answer goes back byte for byte (the client's ID restored), after
-//!   its A/AAAA records were learned: the name table is updated before the
-//!   reply leaves;
+//! - a query that asks what a query in flight asks (the same bytes but the
+//!   ID and the case of the name) joins it instead of going upstream again,
+//!   while that query is on its first attempt and has fewer than
+//!   [`JOIN_MAX`] askers: one upstream query, and each client answered
+//!   under its own ID and its own spelling of the name (see
+//!   [`Asker::own`]). Clients that all ask for one name at once (a
+//!   TTL expiring on every pod) cost the upstream one query; a client that
+//!   holds many copies of one question in flight, to make a forged answer
+//!   likelier to match one of them, gets no more upstream IDs to aim at than
+//!   one; and a client's retransmission of such a query is dropped, as its
+//!   answer is on the way;
+//! - the answer goes back byte for byte (the client's ID restored, and its
+//!   case of the name where the upstream kept the one sent), after its
+//!   A/AAAA records were learned: the name table is updated before the reply
+//!   leaves;
 //! - one table of queries in flight, bounded, half of it at most for any
 //!   one client address; a sweep every
 //!   [`SWEEP`] moves queries that timed out to the next upstream, and
@@ -35,6 +47,7 @@
 //! `handler`.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,26 +94,66 @@ struct Upstream {
     mismatch: Counter,
 }
 
-/// A query waiting for an upstream's answer.
+/// A client waiting for a query's answer.
 #[derive(Debug)]
-struct Pending {
+struct Asker {
     listener: usize,
     client: SocketAddr,
     arrival: Option<Arrival>,
-    /// The client's bytes, with the client's own ID.
+    /// The client's bytes: its own ID, its own case of the name.
     query: Box<[u8]>,
-    /// `query[12..question_end]` is the question.
+}
+
+impl Asker {
+    /// Whether `bytes`, received as `d` on `listener`, is this asker's query
+    /// again (the same ID from the same address, to the same address).
+    fn is_again(&self, listener: usize, d: &sys::Datagram, bytes: &[u8]) -> bool {
+        self.client == d.from && self.listener == listener && self.arrival == d.to && self.query[..2] == bytes[..2]
+    }
+
+    /// An upstream's answer to the query (matched: a header, and the
+    /// query's question if it has one) as this client's: its ID, and, when
+    /// the answer's name is spelled exactly as `sent` (the bytes that went
+    /// upstream, the first asker's) spelled it, the name spelled as this
+    /// client spelled it (the same length). An answer spelled otherwise
+    /// (an upstream that changes case, or a forgery that guessed the ID but
+    /// not the case) goes back as it came, so that a client checking its
+    /// 0x20 spelling still throws a forgery away.
+    fn own(&self, answer: &[u8], sent: &[u8], name_end: usize) -> Vec<u8> {
+        let mut bytes = answer.to_vec();
+        bytes[..2].copy_from_slice(&self.query[..2]);
+        if bytes[4..6] == [0, 1]
+            && bytes.get(12..name_end) == sent.get(12..name_end)
+            && let (Some(to), Some(from)) = (bytes.get_mut(12..name_end), self.query.get(12..name_end))
+        {
+            to.copy_from_slice(from);
+        }
+        bytes
+    }
+}
+
+/// A query waiting for an upstream's answer.
+#[derive(Debug)]
+struct Pending {
+    /// The client whose bytes went upstream.
+    asker: Asker,
+    /// Clients that asked the same while it was in flight ([`same_query`]).
+    joined: Vec<Asker>,
+    /// Its [`Shaper::shape`]: its entry in [`Table::questions`].
+    shape: u64,
+    /// `query[12..question_end]` is the question, for every asker.
     question_end: usize,
     qtype: RecordType,
-    /// The largest answer the client takes over UDP.
+    /// The largest answer the askers take over UDP (the same for all: the
+    /// OPT record is part of what they share).
     max_udp: usize,
     /// The upstream tried first, and how many have been tried.
     first: usize,
     tries: usize,
     sent: Instant,
     serial: u64,
-    /// An upstream's SERVFAIL or REFUSED, with the client's ID: relayed if
-    /// no other upstream gives a better answer.
+    /// An upstream's SERVFAIL or REFUSED: relayed if no other upstream
+    /// gives a better answer.
     fallback: Option<Vec<u8>>,
     /// The keys of its earlier attempts (timed out, failed, rejected): an
     /// answer that comes late under one of them still answers it.
@@ -112,24 +165,49 @@ impl Pending {
         (self.first + self.tries - 1) % n
     }
 
-    /// An upstream's answer (at least a header: it matched) with the
-    /// client's own ID.
-    fn with_client_id(&self, answer: &[u8]) -> Vec<u8> {
-        let mut bytes = answer.to_vec();
-        bytes[..2].copy_from_slice(&self.query[..2]);
-        bytes
+    fn askers(&self) -> impl Iterator<Item = &Asker> {
+        std::iter::once(&self.asker).chain(&self.joined)
+    }
+
+    /// The question's name ends here (type and class follow).
+    fn name_end(&self) -> usize {
+        self.question_end - 4
     }
 }
 
-/// What became of an upstream's datagram.
-enum Taken {
-    /// It answers no query in flight (late, duplicate or forged).
-    Stray,
-    /// A rejection with an upstream left to try: the query went on (or, none
-    /// usable, the rejection was relayed).
-    MovedOn,
-    /// The answer to this query, for its client, from this upstream.
-    Answer(Pending, usize),
+/// Askers of one query at most: past it, a query that asks the same goes
+/// upstream on its own (and later ones join it). Bounds the work under the
+/// table lock per query (the retransmission check walks the askers) and the
+/// replies one answer fans out to.
+const JOIN_MAX: usize = 64;
+
+/// Whether the question's name (from offset 12 to `name_end`) is labels
+/// only: a compression pointer there (which hickory follows, possibly into
+/// the header, whose ID then spells the name) makes "the same bytes but the
+/// ID" not the same question.
+fn plain_name(query: &[u8], name_end: usize) -> bool {
+    let mut i = 12;
+    while let Some(&len) = query.get(i).filter(|_| i < name_end) {
+        if len == 0 {
+            return i + 1 == name_end;
+        }
+        if len > 63 {
+            return false;
+        }
+        i += 1 + usize::from(len);
+    }
+    false
+}
+
+/// Whether two queries ask the same: the same bytes but the ID and the case
+/// of the name (the question, which ends 4 bytes after `name_end` in `a`,
+/// compared as an answer's is: [`crate::upstream::same_question`]).
+fn same_query(a: &[u8], b: &[u8], name_end: usize) -> bool {
+    let question_end = name_end + 4;
+    a.len() == b.len()
+        && a.get(2..12) == b.get(2..12)
+        && a.get(12..question_end).zip(b.get(12..)).is_some_and(|(q, s)| crate::upstream::same_question(q, s))
+        && a.get(question_end..) == b.get(question_end..)
 }
 
 /// A query readied for an upstream socket, under its ID on the wire.
@@ -149,34 +227,107 @@ struct Reply {
     bytes: Vec<u8>,
 }
 
+impl Reply {
+    fn to(a: &Asker, bytes: Vec<u8>) -> Reply {
+        Reply { listener: a.listener, client: a.client, arrival: a.arrival, bytes }
+    }
+}
+
+/// A map whose keys no client chooses (random IDs, or hashes keyed at
+/// random): the fast hash, not SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Queries in flight, by (upstream socket, ID on the wire), and when each
 /// attempt times out, oldest first (the timeout is the same for all).
 #[derive(Debug)]
 struct Table {
-    pending: HashMap<(u16, u16), Pending>,
+    pending: FastMap<(u16, u16), Pending>,
     deadlines: VecDeque<(Instant, (u16, u16), u64)>,
     serial: u64,
     /// Queries in flight per client address: at most half the cap each.
     by_client: Shares,
     /// The key of an earlier attempt → the key the query is in flight
     /// under now (see [`Pending::earlier`]).
-    earlier: HashMap<(u16, u16), (u16, u16)>,
+    earlier: FastMap<(u16, u16), (u16, u16)>,
+    /// Clients waiting, over every query in flight: the cap counts these.
+    askers: usize,
+    /// A query's [`shape`](Shaper::shape) → the key it is in flight under,
+    /// for a client that asks the same to join it.
+    questions: FastMap<u64, (u16, u16)>,
+}
+
+/// Hashes queries' shapes, seeded at random, so that no client can aim two
+/// questions at one shape (a collision would only keep them apart: a join
+/// also compares the bytes). Outside the table: hashed before its lock.
+#[derive(Debug, Default)]
+struct Shaper(foldhash::quality::RandomState);
+
+impl Shaper {
+    /// A hash of what [`same_query`] compares: the bytes after the ID, the
+    /// name without case.
+    fn shape(&self, query: &[u8], name_end: usize) -> u64 {
+        let mut h = self.0.build_hasher();
+        h.write(query.get(2..12).unwrap_or_default());
+        let name = query.get(12..name_end).unwrap_or_default();
+        let mut lower = [0u8; 256]; // a name is at most 255 bytes on the wire
+        match lower.get_mut(..name.len()) {
+            Some(lower) => {
+                lower.copy_from_slice(name);
+                lower.make_ascii_lowercase();
+                h.write(lower);
+            }
+            None => name.iter().for_each(|b| h.write_u8(b.to_ascii_lowercase())),
+        }
+        h.write(query.get(name_end..).unwrap_or_default());
+        h.finish()
+    }
 }
 
 impl Table {
     fn new(max_in_flight: usize) -> Table {
         Table {
-            pending: HashMap::new(),
+            pending: FastMap::default(),
             deadlines: VecDeque::new(),
             serial: 0,
             by_client: Shares::of(max_in_flight),
-            earlier: HashMap::new(),
+            earlier: FastMap::default(),
+            askers: 0,
+            questions: FastMap::default(),
         }
     }
 
-    /// `p` is done (answered, or every upstream tried): its earlier keys
+    /// The key of the query in flight that `query` (of `shape`) may join:
+    /// one that asks the same, on its first attempt (a query joining one on
+    /// its last would get less time and fewer upstreams than its own), with
+    /// room for one more asker.
+    fn asking(&self, shape: u64, query: &[u8], name_end: usize) -> Option<(u16, u16)> {
+        let key = *self.questions.get(&shape)?;
+        let p = self.pending.get(&key)?;
+        let open = p.tries == 1 && p.fallback.is_none() && p.joined.len() + 1 < JOIN_MAX;
+        (open && same_query(&p.asker.query, query, name_end) && plain_name(query, name_end)).then_some(key)
+    }
+
+    fn insert(&mut self, key: (u16, u16), p: Pending) {
+        self.questions.insert(p.shape, key);
+        self.pending.insert(key, p);
+    }
+
+    fn remove(&mut self, key: (u16, u16)) -> Option<Pending> {
+        let p = self.pending.remove(&key)?;
+        if self.questions.get(&p.shape) == Some(&key) {
+            self.questions.remove(&p.shape);
+        }
+        Some(p)
+    }
+
+    /// `p` is done (answered, or every upstream tried, and out of
+    /// `pending`): its askers give their shares back, and its earlier keys
     /// answer nothing any more.
-    fn forget_earlier(&mut self, p: &Pending) {
+    fn done(&mut self, p: &Pending) {
+        for a in p.askers() {
+            self.by_client.release(a.client.ip());
+            self.askers = self.askers.saturating_sub(1);
+        }
         for key in &p.earlier {
             self.earlier.remove(key);
         }
@@ -206,6 +357,8 @@ pub(crate) struct UdpProxy {
     timeout: Duration,
     max_in_flight: usize,
     unparsed: Counter,
+    joined: Counter,
+    shaper: Shaper,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
 }
@@ -315,6 +468,8 @@ impl UdpProxy {
             timeout: config.timeout,
             max_in_flight,
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "udp"),
+            joined: metrics::counter!(m::JOINED_QUERIES),
+            shaper: Shaper::default(),
             stop: AtomicBool::new(false),
         })
     }
@@ -445,8 +600,16 @@ impl UdpProxy {
             m::request(qtype, ResponseCode::ServFail, Action::Failed);
             self.reply(listener, d.from, d.to, &parsed.reply(ResponseCode::ServFail));
         };
+        let name_end = parsed.question_end - 4;
+        let shape = self.shaper.shape(bytes, name_end);
         let mut table = self.table();
-        if table.pending.len() >= self.max_in_flight {
+        let same = table.asking(shape, bytes, name_end);
+        if let Some(key) = same
+            && table.pending.get(&key).is_some_and(|p| p.askers().any(|a| a.is_again(listener, &d, bytes)))
+        {
+            return; // the client asked again (its retransmission): the answer is on its way
+        }
+        if table.askers >= self.max_in_flight {
             drop(table);
             tracing::debug!("in-flight cap reached: SERVFAIL");
             return servfail();
@@ -456,12 +619,18 @@ impl UdpProxy {
             tracing::debug!(client = %d.from.ip(), "the client's share of the in-flight cap reached: SERVFAIL");
             return servfail();
         }
+        table.askers += 1;
+        let asker = Asker { listener, client: d.from, arrival: d.to, query: bytes.into() };
+        if let Some(p) = same.and_then(|key| table.pending.get_mut(&key)) {
+            p.joined.push(asker);
+            self.joined.increment(1);
+            return;
+        }
         let n = self.upstreams.len();
         let pending = Pending {
-            listener,
-            client: d.from,
-            arrival: d.to,
-            query: bytes.into(),
+            asker,
+            joined: Vec::new(),
+            shape,
             question_end: parsed.question_end,
             qtype,
             max_udp: parsed.max_udp,
@@ -498,8 +667,7 @@ impl UdpProxy {
             }
         };
         let Some(up) = next else {
-            table.by_client.release(p.client.ip());
-            table.forget_earlier(&p);
+            table.done(&p);
             return Some(p);
         };
         let socket = up.sockets.start + pick % up.sockets.len().max(1);
@@ -511,7 +679,7 @@ impl UdpProxy {
                 break key;
             }
         };
-        let mut wire = p.query.to_vec();
+        let mut wire = p.asker.query.to_vec();
         wire[..2].copy_from_slice(&key.1.to_be_bytes());
         out.push(Outgoing { socket, key, wire });
         table.serial += 1;
@@ -521,7 +689,7 @@ impl UdpProxy {
         for &earlier in &p.earlier {
             table.earlier.insert(earlier, key);
         }
-        table.pending.insert(key, p);
+        table.insert(key, p);
         None
     }
 
@@ -536,7 +704,7 @@ impl UdpProxy {
         pick: usize,
         out: &mut Vec<Outgoing>,
     ) -> Option<Pending> {
-        let mut p = table.pending.remove(&key)?;
+        let mut p = table.remove(key)?;
         p.earlier.push(key);
         let idx = p.upstream(self.upstreams.len());
         if let Some(up) = self.upstreams.get(idx) {
@@ -596,21 +764,30 @@ impl UdpProxy {
     }
 
     /// Every upstream was tried: the SERVFAIL or REFUSED one of them gave,
-    /// or a SERVFAIL of the proxy's own.
+    /// or a SERVFAIL of the proxy's own, to every asker.
     fn servfail(&self, mut p: Pending) {
+        let mut replies = Vec::with_capacity(1 + p.joined.len());
         if let Some(answer) = p.fallback.take() {
-            m::request(p.qtype, header_rcode(&answer), Action::Forwarded);
             let answer = if answer.len() > p.max_udp {
-                truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp)
+                truncated_reply(&answer, &p.asker.query[12..p.question_end], p.max_udp)
             } else {
                 answer
             };
-            return self.reply(p.listener, p.client, p.arrival, &answer);
+            let rcode = header_rcode(&answer);
+            for a in p.askers() {
+                m::request(p.qtype, rcode, Action::Forwarded);
+                replies.push(Reply::to(a, a.own(&answer, &p.asker.query, p.name_end())));
+            }
+        } else if let Ok(parsed) = parse_query(&p.asker.query, false) {
+            tracing::debug!("every upstream failed: SERVFAIL");
+            // Made once, from the bytes that went upstream; each asker's ID and spelling put in.
+            let servfail = parsed.reply(ResponseCode::ServFail);
+            for a in p.askers() {
+                m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
+                replies.push(Reply::to(a, a.own(&servfail, &p.asker.query, p.name_end())));
+            }
         }
-        tracing::debug!("every upstream failed: SERVFAIL");
-        m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
-        let Ok(parsed) = parse_query(&p.query, false) else { return };
-        self.reply(p.listener, p.client, p.arrival, &parsed.reply(ResponseCode::ServFail));
+        self.flush_replies(replies);
     }
 
     /// An upstream's datagram: learned from, then readied for its client
@@ -626,68 +803,77 @@ impl UdpProxy {
         replies: &mut Vec<Reply>,
         again: &mut Vec<Outgoing>,
     ) {
-        let (p, idx) = match self.take_pending(socket, bytes, again) {
-            Taken::Answer(p, idx) => (p, idx),
-            Taken::MovedOn => return,
-            Taken::Stray => {
-                // A stray or forged datagram: a query it claims keeps waiting.
-                if let Some(up) = self.upstreams.iter().find(|up| up.sockets.contains(&socket)) {
-                    up.mismatch.increment(1);
-                }
-                return;
-            }
-        };
+        let Some((p, idx)) = self.take_pending(socket, bytes, again) else { return };
         let n = self.upstreams.len();
         if idx != self.preferred.load(Ordering::Relaxed) % n.max(1) {
             self.preferred.store(idx, Ordering::Relaxed);
         }
-        let mut answer = p.with_client_id(bytes);
-        let rcode = header_rcode(&answer);
-        if truncated || answer.len() > p.max_udp {
-            answer = truncated_reply(&answer, &p.query[12..p.question_end], p.max_udp);
+        let rcode = header_rcode(bytes);
+        let truncated_answer;
+        let answer = if truncated || bytes.len() > p.max_udp {
+            truncated_answer = truncated_reply(bytes, &p.asker.query[12..p.question_end], p.max_udp);
+            &truncated_answer[..]
         } else {
-            learn_from(&self.shared, &answer, &self.unparsed);
+            learn_from(&self.shared, bytes, &self.unparsed);
+            bytes
+        };
+        for a in p.askers() {
+            m::request(p.qtype, rcode, Action::Forwarded);
+            replies.push(Reply::to(a, a.own(answer, &p.asker.query, p.name_end())));
         }
-        m::request(p.qtype, rcode, Action::Forwarded);
-        replies.push(Reply { listener: p.listener, client: p.client, arrival: p.arrival, bytes: answer });
     }
 
-    /// Takes the query in flight that `bytes`, read on `socket`, answers:
-    /// its ID on that socket and exactly its question. The upstream
-    /// answered: it is up, whatever the RCODE. A SERVFAIL or REFUSED with
-    /// an upstream left to try is kept as the query's fallback and the query
-    /// readied for that upstream.
-    fn take_pending(&self, socket: usize, bytes: &[u8], again: &mut Vec<Outgoing>) -> Taken {
-        let Some(id) = bytes.get(..2) else { return Taken::Stray };
+    /// The upstream whose socket `socket` is.
+    fn upstream_of(&self, socket: usize) -> Option<usize> {
+        self.upstreams.iter().position(|up| up.sockets.contains(&socket))
+    }
+
+    /// A datagram on `socket` that answers no query in flight (late,
+    /// duplicate or forged) is counted; a query it claims keeps waiting.
+    fn stray(&self, socket: usize) -> Option<(Pending, usize)> {
+        if let Some(up) = self.upstream_of(socket).and_then(|i| self.upstreams.get(i)) {
+            up.mismatch.increment(1);
+        }
+        None
+    }
+
+    /// Takes the query in flight that `bytes`, read on `socket`, answers
+    /// (its ID on that socket and exactly its question), with the upstream
+    /// that answered. The upstream answered: it is up, whatever the RCODE.
+    /// A SERVFAIL or REFUSED with an upstream left to try is kept as the
+    /// query's fallback and the query readied for that upstream (or, none
+    /// usable, the rejection relayed): `None`, as for a stray datagram.
+    fn take_pending(&self, socket: usize, bytes: &[u8], again: &mut Vec<Outgoing>) -> Option<(Pending, usize)> {
+        let Some(id) = bytes.get(..2) else { return self.stray(socket) };
         let mut key = (socket as u16, u16::from_be_bytes([id[0], id[1]]));
-        let answered = |p: &Pending| crate::upstream::answers(id, &p.query[12..p.question_end], bytes);
+        let answered = |p: &Pending| crate::upstream::answers(id, &p.asker.query[12..p.question_end], bytes);
         let n = self.upstreams.len();
         let mut table = self.table();
         let (idx, late) = match table.pending.get(&key) {
             Some(p) if answered(p) => (p.upstream(n), false),
-            Some(_) => return Taken::Stray,
+            Some(_) => return self.stray(socket),
             None => {
                 // An earlier attempt's answer, come after the query moved on: taken all the same.
-                let Some(&now) = table.earlier.get(&key) else { return Taken::Stray };
+                let Some(&now) = table.earlier.get(&key) else { return self.stray(socket) };
                 key = now;
-                let Some(p) = table.pending.get_mut(&key) else { return Taken::Stray };
+                let Some(p) = table.pending.get_mut(&key) else { return self.stray(socket) };
                 if !answered(p) {
-                    return Taken::Stray;
+                    return self.stray(socket);
                 }
-                let idx = self.upstreams.iter().position(|u| u.sockets.contains(&socket)).unwrap_or(n);
+                let idx = self.upstream_of(socket).unwrap_or(n);
                 if crate::upstream::rejection(bytes).is_some() {
                     // The attempt in flight may do better; this is the fallback meanwhile.
                     self.health.answered(idx);
                     if p.fallback.is_none() {
-                        p.fallback = Some(p.with_client_id(bytes));
+                        p.fallback = Some(bytes.to_vec());
                     }
-                    return Taken::MovedOn;
+                    return None;
                 }
                 (idx, true)
             }
         };
         self.health.answered(idx);
-        let Some(mut p) = table.pending.remove(&key) else { return Taken::Stray };
+        let Some(mut p) = table.remove(key) else { return self.stray(socket) };
         if !late && let Some(up) = self.upstreams.get(idx) {
             up.latency.record(p.sent.elapsed().as_secs_f64());
         }
@@ -695,20 +881,18 @@ impl UdpProxy {
             && p.tries < n
         {
             if let Some(up) = self.upstreams.get(idx) {
-                tracing::debug!(upstream = %up.addr, reason, "upstream rejected the query: asking the next");
-                failure(up.addr, reason).increment(1);
+                crate::upstream::rejected(up.addr, reason);
             }
-            p.fallback = Some(p.with_client_id(bytes));
+            p.fallback = Some(bytes.to_vec());
             p.earlier.push(key);
             if let Some(exhausted) = self.send_next(&mut table, p, pick(), again) {
                 drop(table);
                 self.servfail(exhausted); // relays the fallback
             }
-            return Taken::MovedOn;
+            return None;
         }
-        table.by_client.release(p.client.ip());
-        table.forget_earlier(&p);
-        Taken::Answer(p, idx)
+        table.done(&p);
+        Some((p, idx))
     }
 
     /// The upstream behind `socket` refused: its queries go to the next one.
@@ -826,6 +1010,59 @@ mod tests {
             let t = truncated_reply(&bytes, question, 512);
             assert!(t.len() >= 12 && t[2] & 0x02 != 0, "TC set: {bytes:?}");
         }
+    }
+
+    #[test]
+    fn an_asker_gets_its_id_and_its_spelling_only_where_the_answer_kept_the_one_sent() {
+        let sent = query(0x0101, "Join.Example.", None);
+        let name_end = parse_query(&sent, false).unwrap().question_end - 4;
+        let asker = |id: u16, name: &str| Asker {
+            listener: 0,
+            client: "127.0.0.1:1".parse().unwrap(),
+            arrival: None,
+            query: query(id, name, None).into(),
+        };
+        let joined = asker(0x0202, "jOIN.example.");
+        // An answer spelled as sent: the joiner's ID and spelling.
+        let mut answer = sent.clone();
+        answer[2] |= 0x80;
+        let own = joined.own(&answer, &sent, name_end);
+        assert_eq!((&own[..2], &own[12..name_end]), (&[2u8, 2][..], &joined.query[12..name_end]));
+        assert_eq!(own[name_end..], answer[name_end..]);
+        // Spelled otherwise (an upstream that lowercases, or a forgery): as it came, but the ID.
+        let mut lowered = answer.clone();
+        lowered[12..name_end].make_ascii_lowercase();
+        let own = joined.own(&lowered, &sent, name_end);
+        assert_eq!((&own[..2], &own[2..]), (&[2u8, 2][..], &lowered[2..]));
+        // The proxy's own SERVFAIL, made once from the first asker's query (hickory keeps its spelling).
+        let servfail = parse_query(&sent, false).unwrap().reply(ResponseCode::ServFail);
+        let own = joined.own(&servfail, &sent, name_end);
+        assert_eq!((&own[..2], &own[12..name_end]), (&[2u8, 2][..], &joined.query[12..name_end]));
+        // No question (a rejection may come without it): the ID only.
+        let mut bare = answer[..12].to_vec();
+        bare[4..6].fill(0);
+        assert_eq!(joined.own(&bare, &sent, name_end)[2..], bare[2..]);
+    }
+
+    #[test]
+    fn only_plain_names_of_the_same_query_join() {
+        let q = query(1, "Join.Example.", None);
+        let name_end = parse_query(&q, false).unwrap().question_end - 4;
+        assert!(plain_name(&q, name_end));
+        let other_case = query(2, "jOIN.example.", None);
+        assert!(same_query(&q, &other_case, name_end));
+        let shaper = Shaper::default();
+        assert_eq!(shaper.shape(&q, name_end), shaper.shape(&other_case, name_end));
+        assert!(!same_query(&q, &query(3, "join.example.", Some(1_232)), name_end), "other options");
+        assert!(!same_query(&q, &query(4, "joim.example.", None), name_end));
+        // A name that is a compression pointer (here into the header): its
+        // meaning depends on the ID.
+        let mut pointer = q[..12].to_vec();
+        pointer.extend_from_slice(&[0xc0, 0x00, 0, 1, 0, 1]);
+        assert!(!plain_name(&pointer, pointer.len() - 4));
+        let mut long_label = q[..12].to_vec();
+        long_label.extend_from_slice(&[64, 0, 0, 1, 0, 1]);
+        assert!(!plain_name(&long_label, long_label.len() - 4));
     }
 
     #[test]

@@ -201,8 +201,7 @@ impl Upstreams {
                     if let Some(reason) = rejection(&answer)
                         && i + 1 < n
                     {
-                        tracing::debug!(upstream = %up.addr, reason, "upstream rejected the query: asking the next");
-                        failure(up.addr, reason).increment(1);
+                        rejected(up.addr, reason);
                         fallback = Some(answer);
                         continue;
                     }
@@ -225,6 +224,13 @@ impl Upstreams {
 
 /// The failure counter of `addr` for `reason` (`timeout`, `io`, `mismatch`,
 /// `refused`), for both transports.
+/// `addr` rejected a query (`reason`: [`rejection`]'s label) that now goes
+/// to the next upstream: logged and counted, on either transport.
+pub(crate) fn rejected(addr: SocketAddr, reason: &'static str) {
+    tracing::debug!(upstream = %addr, reason, "upstream rejected the query: asking the next");
+    failure(addr, reason).increment(1);
+}
+
 pub(crate) fn failure(addr: SocketAddr, reason: &'static str) -> Counter {
     // Failures are the slow path: the labelled macro is fine here.
     metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => reason)
@@ -506,7 +512,7 @@ pub(crate) fn answers(id: &[u8], question: &[u8], answer: &[u8]) -> bool {
 /// Whether `section` starts with `question` (name, type, class), the name
 /// without regard to ASCII case. Label lengths are below `A`, so comparing
 /// the name's bytes without case compares its labels and nothing else.
-fn same_question(question: &[u8], section: &[u8]) -> bool {
+pub(crate) fn same_question(question: &[u8], section: &[u8]) -> bool {
     let Some(split) = question.len().checked_sub(4) else { return false };
     let Some(got) = section.get(..question.len()) else { return false };
     got[..split].eq_ignore_ascii_case(&question[..split]) && got[split..] == question[split..]

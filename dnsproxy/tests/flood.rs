@@ -22,7 +22,7 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn a_flood_against_a_dead_upstream_stays_bounded() {
-    let (_hold, quiet) = silent();
+    let (hold, quiet) = silent();
     let config = Config { timeout: Duration::from_secs(1), max_in_flight: 64, ..config(vec![quiet]) };
     let proxy = Proxy::start(config, shared(None));
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -33,6 +33,15 @@ fn a_flood_against_a_dead_upstream_stays_bounded() {
     std::thread::sleep(Duration::from_millis(1_500));
     let grown = rss_kib().saturating_sub(before);
     assert!(grown < 64 * 1024, "memory grew {grown} KiB under the flood");
+    // What reached the upstream: the queries the cap let in (this client's
+    // share, half of 64), each tried twice (a lone upstream), not the flood.
+    hold.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    let mut upstream = 0;
+    while hold.recv(&mut buf).is_ok() {
+        upstream += 1;
+    }
+    assert!((1..=64).contains(&upstream), "{upstream} queries reached the upstream");
     let answer = udp_exchange(proxy.addr, &query(1, "after.flood.test.", RecordType::A, None), Duration::from_secs(3));
     assert_eq!(rcode(&answer.unwrap()), ResponseCode::ServFail);
 }

@@ -9,6 +9,7 @@ mod common;
 use std::sync::OnceLock;
 
 use common::{Background, Proxy, Upstream, config, dig, shared};
+use hickory_proto::rr::RecordType;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sluice_dnsproxy::metrics as m;
 
@@ -86,6 +87,18 @@ fn requests_latency_failures_and_table_size_are_exported() {
     assert_eq!(series(m::UPSTREAM_UP, &[("upstream", &upstream), ("transport", "udp")]), 1.0);
     dig(failing.addr, &["api.sluice.test", "A"]);
     assert_eq!(series(m::UPSTREAM_UP, &dead_udp), 0.0);
+
+    // Queries that asked what a query in flight asked, answered with its answer.
+    let (_hold, quiet) = common::silent();
+    let waiting = Proxy::start(config(vec![quiet]), shared(None));
+    let _clients: Vec<std::net::UdpSocket> = (0..3)
+        .map(|id| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.send_to(&common::query(id, "api.sluice.test.", RecordType::A, None), waiting.addr).unwrap();
+            s
+        })
+        .collect();
+    common::wait_for("two queries joined the first", || series(m::JOINED_QUERIES, &[]) == 2.0);
 
     let dir = tempfile::tempdir().unwrap();
     let names = proxy.shared.names.clone();
