@@ -377,18 +377,44 @@ mod tests {
     }
 
     /// A link-local address binds only with its scope: is_local keeps it.
-    /// (Needs an interface with one — eth0 here; skipped where none.)
+    /// In a network namespace of the test thread's own, with a veth pair
+    /// holding fe80::1 (needs root, as the suite does; this kernel has no
+    /// dummy interfaces).
     #[test]
     fn a_link_local_address_of_this_host_is_local() {
-        let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
-        let Some((ip, scope)) = table.lines().find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let ip = Ipv6Addr::from(u128::from_str_radix(f.first()?, 16).ok()?);
-            let scope = u32::from_str_radix(f.get(1)?, 16).ok()?;
-            (ip.segments()[0] & 0xffc0 == 0xfe80).then_some((ip, scope))
-        }) else {
-            return;
-        };
-        assert!(is_local(SocketAddr::V6(SocketAddrV6::new(ip, 15001, 0, scope))), "{ip}%{scope}");
+        let found = std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            // Children of this thread start in its namespace.
+            let ip = |args: &str| {
+                let ok = std::process::Command::new("ip").args(args.split(' ')).status().unwrap().success();
+                assert!(ok, "ip {args}");
+            };
+            ip("link add d0 type veth peer name d1");
+            ip("link set d0 up");
+            ip("-6 addr add fe80::1/64 dev d0 nodad");
+            let table = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap();
+            let (ip, scope) = table
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let ip = Ipv6Addr::from(u128::from_str_radix(f.first()?, 16).ok()?);
+                    let scope = u32::from_str_radix(f.get(1)?, 16).ok()?;
+                    (ip.segments()[0] & 0xffc0 == 0xfe80).then_some((ip, scope))
+                })
+                .expect("fe80::1 on d0");
+            let other = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+            (
+                ip,
+                scope,
+                is_local(SocketAddr::V6(SocketAddrV6::new(ip, 15001, 0, scope))),
+                // Not this host's, on the same link: not local (with the scope
+                // dropped, the bind fails otherwise and would read as local).
+                is_local(SocketAddr::V6(SocketAddrV6::new(other, 15001, 0, scope))),
+            )
+        })
+        .join()
+        .unwrap();
+        assert!(found.2, "{}%{}", found.0, found.1);
+        assert!(!found.3, "fe80::2%{} is not this host's", found.1);
     }
 }

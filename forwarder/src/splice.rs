@@ -249,24 +249,23 @@ impl Link<'_> {
                     Err(e) => readied && e.kind() == io::ErrorKind::WouldBlock,
                     Ok(_) => false,
                 };
-                if suspect && sys::at_urgent_mark(src) {
+                let filled = if suspect && sys::at_urgent_mark(src) {
                     readied = false;
                     match self.cross_urgent_mark(src, dst, from).await {
                         Ok(Some(n)) => {
                             moved += n;
                             self.delivered(from, n);
+                            continue;
                         }
-                        Ok(None) => {
-                            eof = true;
-                            held.release();
-                        }
+                        Ok(None) => Ok(0), // the end, right after the mark: as a fill that read it
                         Err(end) => {
                             self.fail(end);
                             return moved;
                         }
                     }
-                    continue;
-                }
+                } else {
+                    filled
+                };
                 match filled {
                     Ok(0) => {
                         eof = true;

@@ -92,66 +92,125 @@ pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
     }
     tracing::info!(accept = if one_socket { "shared" } else { "per-worker" }, "forwarder listeners bound");
     warn_if_few_descriptors(workers, config.max_connections_per_worker);
-    let mut threads = Vec::new();
-    let mut stop = Vec::new();
-    let mut drivers = Vec::new();
     let heartbeats: Vec<Arc<AtomicU64>> = (0..workers).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    // Filled as the workers start; on a failure, what started is stopped.
+    let mut h = Handle { local_addrs, drivers: Vec::new(), heartbeats, stop: Vec::new(), threads: Vec::new() };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     for (id, socks) in per_worker.into_iter().enumerate() {
-        let (ours, theirs) = StdUnixStream::pair()?;
-        theirs.set_nonblocking(true)?;
-        stop.push(ours);
-        let (config, shared, ready) = (config.clone(), shared.clone(), ready_tx.clone());
-        let beat = heartbeats[id].clone();
-        let listens: Vec<_> = config.listen.clone();
-        let t = std::thread::Builder::new().name(format!("sluice-fwd-{id}")).spawn(move || {
-            let run = |driver: &'static str| {
-                let _ = ready.send(Ok(driver));
-                tracing::info!(worker = id, driver, "forwarder worker started");
-            };
-            // A ring that cannot be set up in this worker (locked memory, a
-            // ring limit): with `auto`, this worker runs on epoll instead.
-            let ring = match uring.then(|| uring_runtime(id)) {
-                Some(Err(error)) if config.driver == Driver::Auto => {
-                    tracing::warn!(worker = id, %error, "cannot set up an io_uring ring: this worker uses epoll");
-                    None
-                }
-                ring => ring,
-            };
-            let res = if let Some(ring) = ring {
-                ring.map(|mut rt| {
-                    rt.block_on(async {
-                        run("io_uring");
-                        worker(id, socks, listens, theirs, config, shared, beat).await
-                    })
-                })
-            } else {
-                monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().map(|mut rt| {
-                    rt.block_on(async {
-                        run("epoll");
-                        worker(id, socks, listens, theirs, config, shared, beat).await
-                    })
-                })
-            };
-            if let Err(e) = res {
-                let _ = ready.send(Err(e));
+        let beat = h.heartbeats[id].clone();
+        match spawn_worker(id, socks, uring, &config, &shared, ready_tx.clone(), beat) {
+            Ok((ours, t)) => {
+                h.stop.push(ours);
+                h.threads.push(t);
             }
-        })?;
-        threads.push(t);
+            Err(e) => {
+                // Out of descriptors or threads: the workers already started stop too.
+                h.shutdown(Duration::ZERO);
+                return Err(e);
+            }
+        }
     }
-    drop(ready_tx);
+    drop(ready_tx); // the workers hold the only senders now
     for _ in 0..workers {
         match ready_rx.recv() {
-            Ok(Ok(d)) => drivers.push(d),
+            Ok(Ok(d)) => h.drivers.push(d),
             Ok(Err(e)) => {
-                let h = Handle { local_addrs, drivers, heartbeats, stop, threads };
                 h.shutdown(Duration::ZERO);
                 return Err(io::Error::new(e.kind(), format!("forwarder runtime: {e}")));
             }
-            Err(_) => return Err(io::Error::other("a forwarder worker died while starting")),
+            Err(_) => {
+                h.shutdown(Duration::ZERO);
+                return Err(io::Error::other("a forwarder worker died while starting (see the panic logged above)"));
+            }
         }
     }
-    Ok(Handle { local_addrs, drivers, heartbeats, stop, threads })
+    Ok(h)
+}
+
+/// What a worker sends once, when its listeners are registered (its
+/// driver) or when it cannot serve.
+type Ready = std::sync::mpsc::Sender<io::Result<&'static str>>;
+
+/// Starts worker `id` on its listening sockets; returns the stop socket's
+/// other end and the thread.
+fn spawn_worker(
+    id: usize,
+    socks: Vec<std::net::TcpListener>,
+    uring: bool,
+    config: &Config,
+    shared: &Shared,
+    ready: Ready,
+    beat: Arc<AtomicU64>,
+) -> io::Result<(StdUnixStream, JoinHandle<()>)> {
+    let (ours, theirs) = StdUnixStream::pair()?;
+    theirs.set_nonblocking(true)?;
+    let (config, shared) = (config.clone(), shared.clone());
+    // Sent once, then dropped: a worker that dies before it is ready (its
+    // sender dropped as it unwinds) leaves start() no sender to wait on once
+    // the others have reported.
+    let ready = Cell::new(Some(ready));
+    let t = std::thread::Builder::new().name(format!("sluice-fwd-{id}")).spawn(move || {
+        #[cfg(test)]
+        tests::maybe_die_before_ready(id);
+        let auto = config.driver == Driver::Auto;
+        let ready = &ready;
+        // In the worker's runtime: its listeners registered with its driver,
+        // then ready reported and connections served; or the error reported.
+        let serve = move |driver: &'static str| async move {
+            let ctx = Rc::new(conn::Ctx::new(config.clone(), shared, &socks));
+            match register(config.listen, socks) {
+                Ok(listeners) => {
+                    report(ready, Ok(driver));
+                    tracing::info!(worker = id, driver, "forwarder worker started");
+                    worker(id, ctx, listeners, theirs, beat).await;
+                }
+                Err(e) => {
+                    tracing::error!(worker = id, error = %e, "cannot register a listener with this worker's driver");
+                    report(ready, Err(e));
+                }
+            }
+        };
+        // A ring that cannot be set up in this worker (locked memory, a
+        // ring limit): with `auto`, this worker runs on epoll instead.
+        let ring = match uring.then(|| uring_runtime(id)) {
+            Some(Err(error)) if auto => {
+                tracing::warn!(worker = id, %error, "cannot set up an io_uring ring: this worker uses epoll");
+                None
+            }
+            ring => ring,
+        };
+        let res = if let Some(ring) = ring {
+            ring.map(|mut rt| rt.block_on(serve("io_uring")))
+        } else {
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .map(|mut rt| rt.block_on(serve("epoll")))
+        };
+        if let Err(e) = res {
+            report(ready, Err(e));
+        }
+    })?;
+    Ok((ours, t))
+}
+
+/// Sends a worker's readiness (its driver) or why it cannot serve, the
+/// first time only.
+fn report(ready: &Cell<Option<Ready>>, how: io::Result<&'static str>) {
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(how);
+    }
+}
+
+/// A worker's listening sockets registered with its runtime's driver (in
+/// that runtime). All of them, or the worker does not serve and start()
+/// fails: a worker that shares a listening socket it cannot accept on would
+/// strand the connections the kernel hands it.
+fn register(
+    listens: Vec<crate::Listen>,
+    socks: Vec<std::net::TcpListener>,
+) -> io::Result<Vec<(crate::Listen, TcpListener)>> {
+    listens.into_iter().zip(socks).map(|(listen, sock)| Ok((listen, TcpListener::from_std(sock)?))).collect()
 }
 
 /// A worker's io_uring runtime. The ring is set up with `SINGLE_ISSUER` and
@@ -181,28 +240,20 @@ fn uring_runtime(id: usize) -> io::Result<monoio::Runtime<monoio::time::TimeDriv
 
 async fn worker(
     id: usize,
-    socks: Vec<std::net::TcpListener>,
-    listens: Vec<crate::Listen>,
+    ctx: Rc<conn::Ctx>,
+    listeners: Vec<(crate::Listen, TcpListener)>,
     stop: StdUnixStream,
-    config: Config,
-    shared: Shared,
     beat: Arc<AtomicU64>,
 ) {
-    let ctx = Rc::new(conn::Ctx::new(config, shared, &socks));
     let active = Rc::new(Cell::new(0usize));
     // Stopping cancels the waiting accepts. Not a timeout: an io_uring accept
     // dropped by a timer can lose a connection the kernel has just accepted
     // (its fd is never seen, the client left hanging); a cancelled one still
     // returns that connection.
     let accepts = monoio::io::Canceller::new();
-    for (listen, sock) in listens.into_iter().zip(socks) {
-        match TcpListener::from_std(sock) {
-            Ok(l) => {
-                let (ctx, active, cancel) = (ctx.clone(), active.clone(), accepts.handle());
-                monoio::spawn(accept_loop(id, l, listen, ctx, active, cancel));
-            }
-            Err(e) => tracing::error!(worker = id, error = %e, "cannot register listener"),
-        }
+    for (listen, l) in listeners {
+        let (ctx, active, cancel) = (ctx.clone(), active.clone(), accepts.handle());
+        monoio::spawn(accept_loop(id, l, listen, ctx, active, cancel));
     }
     let heart = ctx.clone();
     monoio::spawn(async move {
@@ -301,5 +352,52 @@ fn warn_if_few_descriptors(workers: usize, per_worker: usize) {
             "RLIMIT_NOFILE is below what the connection cap may need (6 per connection): past it, accepting \
              backs off and connections wait for pipes; raise LimitNOFILE or lower maxConnectionsPerWorker"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::AtomicUsize;
+
+    use arc_swap::ArcSwap;
+    use sluice_policy::{NameTable, Snapshot};
+
+    use super::*;
+    use crate::{Intercept, Listen};
+
+    /// 1 + the id of a worker that is to panic before it reports ready (0: none).
+    static DIE_BEFORE_READY: AtomicUsize = AtomicUsize::new(0);
+
+    pub(super) fn maybe_die_before_ready(id: usize) {
+        if DIE_BEFORE_READY.load(Ordering::SeqCst) == id + 1 {
+            panic!("test: worker {id} dies before it is ready");
+        }
+    }
+
+    /// A worker that panics before it is ready makes start() fail, with the
+    /// other workers stopped, instead of waiting for ever.
+    #[test]
+    fn a_worker_that_dies_while_starting_fails_the_start() {
+        DIE_BEFORE_READY.store(2, Ordering::SeqCst); // worker 1 of 3
+        let config = Config {
+            listen: vec![Listen { addr: "127.0.0.1:0".parse().unwrap(), intercept: Intercept::Redirect }],
+            workers: 3,
+            driver: Driver::Epoll,
+            ..Config::default()
+        };
+        let shared = Shared {
+            policy: Arc::new(ArcSwap::from_pointee(Snapshot::empty())),
+            names: Arc::new(NameTable::new(16)),
+            report: Arc::new(|_: &crate::ConnReport| {}),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(start(config, shared).map(|h| h.local_addrs));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("start() returned");
+        DIE_BEFORE_READY.store(0, Ordering::SeqCst);
+        let error = got.expect_err("start() failed");
+        assert!(error.to_string().contains("died while starting"), "{error}");
     }
 }

@@ -57,8 +57,7 @@ fn both_ways_intact(driver: Driver, v6: bool) {
     let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
     ns.redirect_to(&fwd);
     let dst = SocketAddr::new(if v6 { ns.v6(2) } else { ns.v4(2) }, 9000);
-    let server = ns.spawn(move || {
-        let l = TcpListener::bind(dst).unwrap();
+    let server = ns.serve(dst, move |l| {
         let (mut s, _) = l.accept().unwrap();
         timeouts(&s);
         let mut r = s.try_clone().unwrap();
@@ -67,7 +66,6 @@ fn both_ways_intact(driver: Driver, v6: bool) {
         s.shutdown(Shutdown::Write).unwrap();
         (sent, reader.join().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(100));
     let client = ns.within(move || {
         let mut c = TcpStream::connect(dst).unwrap();
         timeouts(&c);
@@ -112,8 +110,7 @@ fn half_close_propagates_each_way() {
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(3), 7000);
-        let server = ns.spawn(move || {
-            let l = TcpListener::bind(dst).unwrap();
+        let server = ns.serve(dst, move |l| {
             // 1: read to EOF, then answer.
             let (mut s, _) = l.accept().unwrap();
             timeouts(&s);
@@ -130,7 +127,6 @@ fn half_close_propagates_each_way() {
             s.read_to_end(&mut rest).unwrap();
             rest.len()
         });
-        std::thread::sleep(Duration::from_millis(100));
         let answer = ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
             timeouts(&c);
@@ -163,8 +159,7 @@ fn resets_propagate() {
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(4), 7001);
-        let server = ns.spawn(move || {
-            let l = TcpListener::bind(dst).unwrap();
+        let server = ns.serve(dst, move |l| {
             let (s, _) = l.accept().unwrap();
             let mut first = [0u8; 5];
             (&s).read_exact(&mut first).unwrap();
@@ -182,7 +177,6 @@ fn resets_propagate() {
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(100));
         let client_saw = ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
             timeouts(&c);
@@ -219,8 +213,7 @@ fn a_slow_reader_gets_backpressure() {
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |_| {});
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(5), 7002);
-        let server = ns.spawn(move || {
-            let l = TcpListener::bind(dst).unwrap();
+        let server = ns.serve(dst, move |l| {
             let (s, _) = l.accept().unwrap();
             s.set_nonblocking(true).unwrap();
             let chunk = vec![9u8; 64 * 1024];
@@ -242,7 +235,6 @@ fn a_slow_reader_gets_backpressure() {
             }
             written
         });
-        std::thread::sleep(Duration::from_millis(100));
         let c = ns.within(move || TcpStream::connect(dst).unwrap());
         let written = server.join().unwrap();
         // Four socket buffers of at most 256 KiB on the way, and the forwarder's pipe (≤ 1 MiB grown).
@@ -269,15 +261,13 @@ fn server_first_protocols_are_not_delayed() {
         let fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.sniff_timeout = Duration::from_secs(30));
         ns.redirect_to(&fwd);
         let dst = SocketAddr::new(ns.v4(6), 25);
-        let server = ns.spawn(move || {
-            let l = TcpListener::bind(dst).unwrap();
+        let server = ns.serve(dst, move |l| {
             let (mut s, _) = l.accept().unwrap();
             s.write_all(b"220 mail.test ESMTP\r\n").unwrap();
             let mut buf = [0u8; 64];
             let n = s.read(&mut buf).unwrap();
             buf[..n].to_vec()
         });
-        std::thread::sleep(Duration::from_millis(100));
         let banner = ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -369,24 +359,31 @@ fn accepting_pauses_at_the_connection_cap() {
         let l = ns.within(move || TcpListener::bind(dst).unwrap());
         l.set_nonblocking(true).unwrap();
         let clients: Vec<TcpStream> = (0..3).map(|_| ns.within(move || TcpStream::connect(dst).unwrap())).collect();
-        let accept_all = |l: &TcpListener, wait: Duration| {
+        // Accepts until `want` came (at most 5 s), then for 500 ms more: any beyond `want` shows.
+        let accept_all = |l: &TcpListener, want: usize| {
             let mut got = Vec::new();
-            let until = std::time::Instant::now() + wait;
-            while std::time::Instant::now() < until {
+            let start = std::time::Instant::now();
+            let mut quiet_from = None;
+            while quiet_from.is_none_or(|t: std::time::Instant| t.elapsed() < Duration::from_millis(500))
+                && start.elapsed() < Duration::from_secs(5)
+            {
                 if let Ok((s, _)) = l.accept() {
                     got.push(s);
+                }
+                if got.len() >= want && quiet_from.is_none() {
+                    quiet_from = Some(std::time::Instant::now());
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
             got
         };
-        let first = accept_all(&l, Duration::from_millis(500));
+        let first = accept_all(&l, 2);
         assert_eq!(first.len(), 2, "{driver:?}: only two connections forwarded at the cap");
         // One connection ends (both sides close; a half-closed one still holds its slot)...
         let mut clients = clients.into_iter();
         drop(clients.next());
         drop(first);
-        let more = accept_all(&l, Duration::from_millis(1500));
+        let more = accept_all(&l, 1);
         assert_eq!(more.len(), 1, "{driver:?}: ...and the waiting one is served");
     }
 }
@@ -423,8 +420,7 @@ fn both_accept_modes_serve_connections() {
             let expect = if accept == Accept::Shared { 1 } else { 2 };
             assert_eq!(listening, expect, "{driver:?} {accept:?}: listening sockets on :{port}");
             let dst = SocketAddr::new(ns.v4(7), 7);
-            let server = ns.spawn(move || {
-                let l = TcpListener::bind(dst).unwrap();
+            let server = ns.serve(dst, move |l| {
                 for _ in 0..CONNS {
                     let (mut s, _) = l.accept().unwrap();
                     let mut buf = [0u8; 5];
@@ -432,7 +428,6 @@ fn both_accept_modes_serve_connections() {
                     s.write_all(&buf).unwrap();
                 }
             });
-            std::thread::sleep(Duration::from_millis(100));
             let echoed = ns.within(move || {
                 (0..CONNS)
                     .filter(|_| {
@@ -574,6 +569,6 @@ fn answers_in_two_pieces_are_not_held_back() {
         let took = started.elapsed();
         server.join().unwrap();
         // Each exchange takes ~2 ms; held back, each would take ~40 ms more.
-        assert!(took < Duration::from_millis(EXCHANGES as u64 * 15), "{driver:?}: {EXCHANGES} exchanges took {took:?}");
+        assert!(took < Duration::from_millis(EXCHANGES as u64 * 25), "{driver:?}: {EXCHANGES} exchanges took {took:?}");
     }
 }

@@ -22,6 +22,27 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 const STUCK: usize = 8 << 20;
 const REPLY: usize = 256 << 10;
 
+/// RLIMIT_NOFILE lowered while held; the old limit comes back when it is
+/// dropped (a failed assertion included).
+struct Limit {
+    soft: u64,
+    hard: u64,
+}
+
+impl Limit {
+    fn to(soft: u64) -> Limit {
+        let (old, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        Limit { soft: old, hard }
+    }
+}
+
+impl Drop for Limit {
+    fn drop(&mut self) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, self.soft, self.hard);
+    }
+}
+
 #[test]
 fn a_connection_waits_for_a_pipe_while_descriptors_run_out() {
     let prometheus = PrometheusBuilder::new().install_recorder().unwrap();
@@ -57,14 +78,17 @@ fn a_connection_waits_for_a_pipe_while_descriptors_run_out() {
         let before = shortages();
 
         // No descriptor left for the process: the lowest free one is the limit.
-        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         let lowest = std::fs::File::open("/dev/null").unwrap().as_raw_fd();
-        setrlimit(Resource::RLIMIT_NOFILE, lowest as u64, hard).unwrap();
-        // The first server answers: that direction needs a pipe it cannot make now.
         let (c, s, _) = &conns[0];
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let limited = Limit::to(lowest as u64);
+        // The first server answers: that direction needs a pipe it cannot make now.
         (&*s).write_all(&vec![9u8; REPLY]).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
-        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        let t = std::time::Instant::now();
+        while shortages() <= before && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(limited);
         assert!(shortages() > before, "{driver:?}: the forwarder did run out of pipes");
 
         // Everything arrives: the reply, and what each client sent.

@@ -10,12 +10,12 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{DRIVERS, Fwd, Netns, policy};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use sluice_forwarder::ConnOutcome;
+use sluice_forwarder::{ConnOutcome, Driver};
 use sluice_policy::{Hostname, Retention, Timestamp};
 
 const CLIENT_HELLO: &[u8] = include_bytes!("../src/sniff/client_hello_sni.bin"); // SNI api.stripe.example
@@ -79,20 +79,41 @@ spec:
     )
 }
 
+/// A server thread; [`join`](Self::join) ends it once no connection waits
+/// to be accepted, and returns what each connection sent (dropping it ends
+/// it too).
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<Vec<u8>>>>,
+}
+
+impl Server {
+    fn join(mut self) -> std::thread::Result<Vec<Vec<u8>>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().map_or(Ok(Vec::new()), |t| t.join())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A server on `dst` that records what each connection sent (until EOF or
-/// a pause) and answers `reply`. Counts accepted connections.
-fn server(
-    ns: &Netns,
-    dst: SocketAddr,
-    reply: &'static [u8],
-) -> (Arc<AtomicUsize>, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+/// a pause) and answers `reply`. Counts accepted connections. It serves
+/// until joined (at most 60 s).
+fn server(ns: &Netns, dst: SocketAddr, reply: &'static [u8]) -> (Arc<AtomicUsize>, Server) {
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     let l = ns.within(move || TcpListener::bind(dst).unwrap());
     l.set_nonblocking(true).unwrap();
-    let h = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let mut got = Vec::new();
-        for _ in 0..300 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
             match l.accept() {
                 Ok((mut s, _)) => {
                     count.fetch_add(1, Ordering::SeqCst);
@@ -109,13 +130,14 @@ fn server(
                     let _ = s.write_all(reply);
                     got.push(buf);
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock && stopped.load(Ordering::SeqCst) => break,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
                 Err(e) => panic!("{e}"),
             }
         }
         got
     });
-    (accepted, h)
+    (accepted, Server { stop, thread: Some(thread) })
 }
 
 /// Connects to `dst` inside `ns`, sends `bytes`, returns the reply (or the error kind).
@@ -300,6 +322,18 @@ fn bytes_are_counted_while_the_connection_is_open() {
     }
 }
 
+/// ALLOW_ANY with an HTTP ServiceEntry on `port`, so connections to it are
+/// sniffed (for up to 5 s), and the forwarder redirected to: the namespace,
+/// the forwarder, and a destination on that port.
+fn sniffing(driver: Driver, port: u16) -> (Netns, Fwd, SocketAddr) {
+    let ns = Netns::new();
+    let allow_any_with_http = entries(port).replace("REGISTRY_ONLY", "ALLOW_ANY");
+    let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
+    ns.redirect_to(&fwd);
+    let dst = SocketAddr::new(ns.v4(7), port);
+    (ns, fwd, dst)
+}
+
 /// A client that resets while its first bytes are being sniffed is reset in
 /// turn: its partial request never reaches the upstream as if it were whole
 /// (after a reset, reads return EOF; a FIN to the upstream would look like a
@@ -307,11 +341,7 @@ fn bytes_are_counted_while_the_connection_is_open() {
 #[test]
 fn a_client_reset_while_sniffed_reaches_no_upstream() {
     for driver in DRIVERS {
-        let ns = Netns::new();
-        let allow_any_with_http = entries(8500).replace("REGISTRY_ONLY", "ALLOW_ANY");
-        let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
-        ns.redirect_to(&fwd);
-        let dst = SocketAddr::new(ns.v4(7), 8500); // the ServiceEntry's HTTP port: sniffed
+        let (ns, fwd, dst) = sniffing(driver, 8500);
         let (accepted, server) = server(&ns, dst, b"");
         ns.within(move || {
             let mut c = TcpStream::connect(dst).unwrap();
@@ -375,11 +405,7 @@ fn a_refused_request_with_a_body_still_gets_its_502() {
 #[test]
 fn a_client_trickling_its_first_bytes_is_not_parsed_at_every_byte() {
     for driver in DRIVERS {
-        let ns = Netns::new();
-        let allow_any_with_http = entries(8600).replace("REGISTRY_ONLY", "ALLOW_ANY");
-        let fwd = Fwd::start(&ns, driver, &allow_any_with_http, |c| c.sniff_timeout = Duration::from_secs(5));
-        ns.redirect_to(&fwd);
-        let dst = SocketAddr::new(ns.v4(7), 8600); // the ServiceEntry's HTTP port: sniffed
+        let (ns, fwd, dst) = sniffing(driver, 8600);
         let (_accepted, server) = server(&ns, dst, b"");
         let mut head = b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nX-Pad: ".to_vec();
         head.resize(996, b'p');

@@ -94,6 +94,17 @@ impl Netns {
         (c, s)
     }
 
+    /// A server on `dst` (bound in the namespace before this returns, so a
+    /// client can connect at once) running `f` on its listener in a thread.
+    pub fn serve<T: Send + 'static>(
+        &self,
+        dst: SocketAddr,
+        f: impl FnOnce(std::net::TcpListener) -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let l = self.within(move || std::net::TcpListener::bind(dst).unwrap());
+        std::thread::spawn(move || f(l))
+    }
+
     /// REDIRECT every TCP connection to the test hosts (any port) to the
     /// forwarder on `port`, except the forwarder's own (marked) ones.
     pub fn redirect_to(&self, fwd: &Fwd) {
