@@ -65,11 +65,8 @@ pub(crate) fn router(admin: Admin) -> Router {
 /// answer clients on the node itself only, also when the admin address is a
 /// wildcard so that a Prometheus elsewhere can scrape `/metrics`.
 async fn loopback_only(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request, next: Next) -> Response {
-    let ip = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
+    // An IPv4 client of a dual-stack socket comes as ::ffff:a.b.c.d.
+    if peer.ip().to_canonical().is_loopback() {
         next.run(request).await
     } else {
         (StatusCode::FORBIDDEN, "sluice: the /debug endpoints answer loopback clients only\n").into_response()

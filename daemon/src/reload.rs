@@ -58,17 +58,9 @@ impl PolicyState {
         paths: Vec<PathBuf>,
         keep: Option<PathBuf>,
     ) -> Result<(PolicyState, PolicySet), sluice_policy::LoadErrors> {
-        let (files, mut problems) = read_paths(&paths);
+        let (files, problems) = read_paths(&paths);
         let hash = hash_files(&files);
-        let loaded = match load_sources(&files) {
-            Ok(set) if problems.is_empty() => Ok(set),
-            Ok(_) => Err(sluice_policy::LoadErrors(problems)),
-            Err(e) => {
-                problems.extend(e.0);
-                Err(sluice_policy::LoadErrors(problems))
-            }
-        };
-        let (set, last_error) = match loaded {
+        let (set, last_error) = match load(&files, problems) {
             Ok(set) => {
                 if let Some(keep) = &keep {
                     save_last_good(keep, &files);
@@ -76,17 +68,16 @@ impl PolicyState {
                 (set, None)
             }
             Err(errors) => {
-                let Some(set) = keep.as_deref().and_then(load_last_good) else { return Err(errors) };
-                for p in &errors.0 {
-                    tracing::error!("{p}");
-                }
+                let Some((saved, set)) = keep.as_deref().and_then(|k| Some((k, load_last_good(k)?))) else {
+                    return Err(errors);
+                };
+                let text = rejected(&errors);
                 tracing::error!(
                     errors = errors.0.len(),
-                    saved = %keep.as_deref().unwrap_or(Path::new("")).display(),
+                    saved = %saved.display(),
                     "the policy files are invalid: starting with the last good policy, saved when it was last in force"
                 );
-                metrics::counter!(RELOADS, "result" => "error").increment(1);
-                (set, Some(errors.to_string()))
+                (set, Some(text))
             }
         };
         let state = PolicyState {
@@ -105,15 +96,14 @@ impl PolicyState {
 
     /// Re-reads every policy path and swaps the snapshot if it changed and is valid.
     pub(crate) fn reload(&self, why: &str) -> Outcome {
-        let (files, mut problems) = read_paths(&self.paths);
+        let (files, problems) = read_paths(&self.paths);
         let hash = hash_files(&files);
         if problems.is_empty() && hash == self.hash.load(Ordering::Relaxed) {
             metrics::counter!(RELOADS, "result" => "unchanged").increment(1);
             return Outcome::Unchanged;
         }
-        let loaded = load_sources(&files);
-        match loaded {
-            Ok(set) if problems.is_empty() => {
+        match load(&files, problems) {
+            Ok(set) => {
                 for w in &set.warnings {
                     tracing::warn!("{w}");
                 }
@@ -135,17 +125,11 @@ impl PolicyState {
                 tracing::info!(why, generation, entries = set.entries.len(), mode = ?set.settings.mode, "policy reloaded");
                 Outcome::Applied
             }
-            other => {
-                if let Err(e) = other {
-                    problems.extend(e.0);
-                }
-                let text = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-                for p in &problems {
-                    tracing::error!("{p}");
-                }
+            Err(errors) => {
+                let text = rejected(&errors);
                 tracing::error!(
                     why,
-                    errors = problems.len(),
+                    errors = errors.0.len(),
                     "policy reload rejected: the last good policy stays in force"
                 );
                 if let Ok(mut e) = self.last_error.lock() {
@@ -153,7 +137,6 @@ impl PolicyState {
                 }
                 // Remember the bad hash too: the same bad files are not re-reported every minute.
                 self.hash.store(hash, Ordering::Relaxed);
-                metrics::counter!(RELOADS, "result" => "error").increment(1);
                 Outcome::Rejected
             }
         }
@@ -211,6 +194,32 @@ fn load_last_good(keep: &Path) -> Option<PolicySet> {
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The policy in `files`, or every problem: the files that could not be
+/// read (`problems`), then what loading found.
+fn load(
+    files: &[sluice_policy::SourceFile],
+    mut problems: Vec<sluice_policy::Diagnostic>,
+) -> Result<PolicySet, sluice_policy::LoadErrors> {
+    match load_sources(files) {
+        Ok(set) if problems.is_empty() => Ok(set),
+        Ok(_) => Err(sluice_policy::LoadErrors(problems)),
+        Err(e) => {
+            problems.extend(e.0);
+            Err(sluice_policy::LoadErrors(problems))
+        }
+    }
+}
+
+/// Files that were not put in force: each problem logged, counted as a
+/// failed reload; the text shown as `lastReloadError`.
+fn rejected(errors: &sluice_policy::LoadErrors) -> String {
+    for p in &errors.0 {
+        tracing::error!("{p}");
+    }
+    metrics::counter!(RELOADS, "result" => "error").increment(1);
+    errors.to_string()
 }
 
 fn hash_files(files: &[sluice_policy::SourceFile]) -> u64 {

@@ -61,7 +61,11 @@ impl Sluice {
         let (mut admin, mut forwarder, mut dns) = (None, Vec::new(), None);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) else { continue };
+            let line = match lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break, // it exited
+            };
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             let fields = &v["fields"];
             match fields["message"].as_str() {
@@ -72,9 +76,10 @@ impl Sluice {
                     forwarder.extend(fields["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()))
                 }
                 Some("DNS proxy listening (UDP and TCP)") => dns = fields["addr"].as_str().and_then(|a| a.parse().ok()),
-                Some("sluice is ready") => {
+                Some("sluice is ready") if admin.is_some() => {
                     return Sluice { child, admin: admin.unwrap(), forwarder, dns, lines };
                 }
+                Some("sluice is ready") => break,
                 _ => {}
             }
         }
@@ -212,15 +217,24 @@ fn sighup_rereads_and_sigterm_stops_cleanly() {
     assert!(logged.iter().any(|l| l.contains("stopping: draining connections")), "{logged:#?}");
 }
 
+/// `sluice run …` expected to exit on its own: killed after 20 s (exit 124)
+/// if it does not, and then on ports of its own, so that a regression fails
+/// the test instead of hanging it.
+fn sluice_run(args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .arg("20")
+        .arg(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--dns-listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn bad_config_or_policy_exits_64_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bad.yaml"), "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nspec:\n  hosts: [a.example]\n  ports: [{number: 0, name: x}]\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--policy"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = sluice_run(&["--policy", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bad.yaml:5:20: port number 0 must be in the range 1..65535"),
@@ -230,10 +244,10 @@ fn bad_config_or_policy_exits_64_with_a_clear_message() {
 
     let cfg = dir.path().join("sluice.yaml");
     std::fs::write(&cfg, "forwarder:\n  lisen: []\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = sluice_run(&["--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `lisen`"));
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", "--io-driver", "kqueue"]).output().unwrap();
+    let out = sluice_run(&["--io-driver", "kqueue"]);
     assert_eq!(out.status.code(), Some(64));
 }
 
@@ -242,25 +256,49 @@ fn bad_config_or_policy_exits_64_with_a_clear_message() {
 #[test]
 fn a_closed_log_pipe_does_not_stop_sluice() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--workers", "1"])
-        .args(["--dns-listen", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9", "--policy"])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("sluice is ready"));
-    assert!(ready);
-    drop(lines); // the reader is gone
-    for _ in 0..3 {
-        Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap(); // each re-read logs
-        std::thread::sleep(Duration::from_millis(200));
+    let mut child = common::Proc(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["run", "--log-json", "--admin-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
+            .args(["--workers", "1", "--dns-listen", "127.0.0.1:0", "--dns-upstream", "127.0.0.1:9", "--policy"])
+            .arg(dir.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.0.stderr.take().unwrap();
+    // The reader takes lines until sluice is ready, then goes away (and the pipe with it).
+    std::thread::spawn(move || {
+        let mut admin = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            match v["fields"]["message"].as_str() {
+                Some(m) if m.starts_with("admin API listening") => {
+                    admin = v["fields"]["addr"].as_str().map(str::to_owned)
+                }
+                Some("sluice is ready") => break,
+                _ => {}
+            }
+        }
+        let _ = tx.send(admin);
+    });
+    let admin: SocketAddr =
+        rx.recv_timeout(Duration::from_secs(20)).unwrap().expect("the admin address, then ready").parse().unwrap();
+    let reloads = || {
+        let (_, text) = http_get(admin, "/metrics");
+        let series = "sluice_policy_reloads_total{result=\"unchanged\"} ";
+        text.lines().find_map(|l| l.strip_prefix(series)?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    for n in 1..=3 {
+        // Each re-read logs a line into the closed pipe.
+        Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap();
+        let reread = (0..250).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            reloads() >= f64::from(n)
+        });
+        assert!(reread, "re-read {n} did not happen");
     }
-    let alive = child.try_wait().unwrap().is_none();
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(alive, "sluice died when its log pipe closed");
+    assert!(child.0.try_wait().unwrap().is_none(), "sluice died when its log pipe closed");
 }
 
 /// Without CAP_NET_ADMIN (and CAP_NET_RAW), upstream sockets cannot carry the mark: sluice
@@ -294,24 +332,29 @@ fn rss_kib(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
 }
 
-/// Sends `count` A queries for `name` to `server`, 100 at a time, each
-/// window waiting (≤ 1 s) for its answers; returns how many were answered
-/// NOERROR with a record (an answer from the upstream, not a SERVFAIL).
-fn query_load(server: SocketAddr, name: &str, count: usize) -> usize {
+/// Sends `count` A queries to `server`, each for a name of its own under
+/// `domain` (so that none joins another in flight: each is an upstream
+/// query), 100 at a time, each window waiting (≤ 1 s) for its answers;
+/// returns how many were answered NOERROR with a record (an answer from the
+/// upstream, not a SERVFAIL).
+fn query_load(server: SocketAddr, domain: &str, count: usize) -> usize {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    let mut query = vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        query.push(label.len() as u8);
-        query.extend_from_slice(label.as_bytes());
-    }
-    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let query = |n: usize| {
+        let mut query = (n as u16).to_be_bytes().to_vec();
+        query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in format!("q{n}.{domain}").split('.') {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        query
+    };
     let (mut answered, mut buf) = (0, [0u8; 512]);
     let until = Instant::now() + Duration::from_secs(60);
     for window in 0..count / 100 {
-        for i in 0..100u16 {
-            query[..2].copy_from_slice(&((window as u16).wrapping_mul(100).wrapping_add(i)).to_be_bytes());
-            socket.send_to(&query, server).unwrap();
+        for i in 0..100 {
+            socket.send_to(&query(window * 100 + i), server).unwrap();
         }
         for _ in 0..100 {
             match socket.recv(&mut buf) {
@@ -346,12 +389,13 @@ fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
     // one (~18 B each: ~900 KiB per 50,000 answers, in every stretch). The
     // allocator may still step up now and then, so one flat stretch of four
     // is what is asked.
-    query_load(dns, "load.test", 200_000);
+    let mut total = query_load(dns, "load.test", 200_000);
     std::thread::sleep(Duration::from_millis(1500));
     let (mut before, mut growths) = (rss_kib(sluice.child.id()), Vec::new());
     for _ in 0..4 {
         let answered = query_load(dns, "load.test", 50_000);
         assert!(answered > 47_500, "only {answered} of 50,000 answered");
+        total += answered;
         std::thread::sleep(Duration::from_millis(1500));
         let after = rss_kib(sluice.child.id());
         growths.push(after.saturating_sub(before));
@@ -359,23 +403,36 @@ fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
     }
     eprintln!("resident memory growth over four stretches of 50,000 answers: {growths:?} KiB");
     assert!(growths.iter().any(|g| *g < 300), "sluice grew in every stretch: {growths:?} KiB");
+    // The samples were there to fold: one per answer, none spared.
+    let samples = format!("sluice_dns_upstream_duration_seconds_count{{upstream=\"{upstream}\",transport=\"udp\"}}");
+    let samples = sluice.metric(&samples).unwrap_or(0.0);
+    assert!(samples >= total as f64, "{samples} latency samples for {total} answers");
 }
 
-/// dnsmasq on a free loopback port, authoritative for `name` → `ip`.
-fn dnsmasq(name: &str, ip: &str) -> (common::Proc, String) {
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
-    let proc = common::Proc(
-        Command::new("dnsmasq")
-            .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
-            .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
-            .args([format!("--local=/{name}/"), format!("--host-record={name},{ip}")])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    (proc, format!("127.0.0.1:{port}"))
+/// dnsmasq on a free loopback port, answering `ip` for `domain` and every
+/// name under it. The port is found free, then freed for dnsmasq: another
+/// test may take it in between, and dnsmasq then exits at once; it is
+/// started again on another.
+fn dnsmasq(domain: &str, ip: &str) -> (common::Proc, String) {
+    for _ in 0..5 {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let mut proc = common::Proc(
+            Command::new("dnsmasq")
+                .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
+                .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
+                .arg(format!("--address=/{domain}/{ip}"))
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        if proc.0.try_wait().unwrap().is_none() {
+            return (proc, format!("127.0.0.1:{port}"));
+        }
+    }
+    panic!("dnsmasq did not start (five ports taken in turn?)");
 }
 
 #[test]

@@ -68,14 +68,23 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
             .output()
             .unwrap()
     };
+    // Bytes have arrived: the download's connection is spliced.
+    let flowing = |out: &str| {
+        let flowing = (0..250).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::metadata(out).is_ok_and(|m| m.len() > 0)
+        });
+        assert!(flowing, "the download did not start");
+    };
     let first_out = site.path().join("during-reload").display().to_string();
     let during_reload = std::thread::scope(|scope| {
         let job = scope.spawn(|| download(node, &first_out));
-        std::thread::sleep(Duration::from_millis(500));
+        flowing(&first_out);
 
         // 2. REGISTRY_ONLY without a ServiceEntry: 502, BlackHoleCluster, with source and destination.
         std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
         wait_generation(node, 2);
+        assert!(!job.is_finished(), "the download was still under way when the reload took effect");
         for ns in [node, pod] {
             let out = curl(ns, "httpbin.org");
             assert!(out.ends_with("\n502") && out.contains("httpbin.org"), "{}: {out}", ns.0);
@@ -117,7 +126,7 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     let last_out = site.path().join("during-drain").display().to_string();
     let (drained, status) = std::thread::scope(|scope| {
         let job = scope.spawn(|| download(pod, &last_out));
-        std::thread::sleep(Duration::from_millis(500));
+        flowing(&last_out);
         assert!(sh(&format!("kill -TERM {}", sluice.0.id())).0);
         let released = (0..50).any(|_| {
             std::thread::sleep(Duration::from_millis(20));

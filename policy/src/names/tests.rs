@@ -119,10 +119,13 @@ fn readers_see_stable_names_while_a_writer_inserts() {
     let t = Arc::new(NameTable::new(50_000));
     t.record(ip(1), &host("stable.example"), Duration::from_secs(3600), T0, KEEP);
     let stop = Arc::new(AtomicBool::new(false));
+    // The writer starts once every reader runs, so their reads overlap its inserts.
+    let started = Arc::new(std::sync::Barrier::new(4));
     let readers: Vec<_> = (0..3)
         .map(|_| {
-            let (t, stop) = (t.clone(), stop.clone());
+            let (t, stop, started) = (t.clone(), stop.clone(), started.clone());
             std::thread::spawn(move || {
+                started.wait();
                 let mut reads = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) && reads < 5_000_000 {
                     let seen = t.with_names(ip(1), T0, |mut it| it.any(|n| n.as_str() == "stable.example"));
@@ -133,6 +136,7 @@ fn readers_see_stable_names_while_a_writer_inserts() {
             })
         })
         .collect();
+    started.wait();
     for i in 0..100_000u32 {
         let now = T0.plus(Duration::from_millis(u64::from(i)));
         let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
@@ -143,7 +147,7 @@ fn readers_see_stable_names_while_a_writer_inserts() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
-        assert!(r.join().unwrap_or(0) > 0);
+        assert!(r.join().expect("a reader panicked") > 0);
     }
     assert!(t.len() <= 50_000);
     assert_eq!(t.names(ip(1), T0), vec![host("stable.example")], "the stable IP, being used, survives eviction");
