@@ -118,7 +118,8 @@ fn server(ns: &Netns, dst: SocketAddr, reply: &'static [u8]) -> (Arc<AtomicUsize
                 Ok((mut s, _)) => {
                     count.fetch_add(1, Ordering::SeqCst);
                     s.set_nonblocking(false).unwrap();
-                    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                    // Clients half-close once they have sent everything: the reply follows the whole request.
+                    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
                     while let Ok(n) = s.read(&mut chunk) {
@@ -140,12 +141,14 @@ fn server(ns: &Netns, dst: SocketAddr, reply: &'static [u8]) -> (Arc<AtomicUsize
     (accepted, Server { stop, thread: Some(thread) })
 }
 
-/// Connects to `dst` inside `ns`, sends `bytes`, returns the reply (or the error kind).
+/// Connects to `dst` inside `ns`, sends `bytes` and half-closes, returns the reply (or the error kind).
 fn exchange(ns: &Netns, dst: SocketAddr, bytes: &'static [u8]) -> Result<Vec<u8>, ErrorKind> {
     ns.within(move || {
         let mut c = TcpStream::connect(dst).map_err(|e| e.kind())?;
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.write_all(bytes).map_err(|e| e.kind())?;
+        // A refused connection may be reset already: what it does shows in the read.
+        let _ = c.shutdown(std::net::Shutdown::Write);
         let mut reply = Vec::new();
         c.read_to_end(&mut reply).map_err(|e| e.kind())?;
         Ok(reply)
@@ -418,7 +421,7 @@ fn a_client_trickling_its_first_bytes_is_not_parsed_at_every_byte() {
                 c.write_all(&[*b]).unwrap();
                 std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(400)); // the server reads until a pause
+            c.shutdown(std::net::Shutdown::Write).unwrap(); // the server reads to the end
         });
         let r = &fwd.wait_reports(1)[0];
         let v = r.verdict.as_ref().unwrap();
