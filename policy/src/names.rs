@@ -2,16 +2,19 @@
 //!
 //! Written by the DNS proxy (before the answer reaches the app), read by
 //! every forwarder core on every connection. Reads are lock-free (papaya);
-//! each IP's names are an immutable list replaced on write, with one atomic
-//! "used until" that connections renew.
+//! each IP's names are an immutable list replaced on write, each name with an
+//! atomic "used until" that connections renew.
 //!
 //! Lifetimes: a name lives until `learned + max(ttl, minTtl) + grace`; every
-//! use pushes the IP's names to at least `now + grace`, so established
-//! traffic patterns never lose their names to a short TTL.
+//! use pushes the IP's names that are alive then to at least `now + grace`,
+//! so established traffic patterns never lose their names to a short TTL. A
+//! name that has died stays dead (until DNS gives it again): a use of its IP
+//! under another name does not bring it back.
 //!
 //! Memory is bounded: at most `capacity` IPs, [`MAX_NAMES_PER_IP`] names
 //! each and [`NAMES_PER_IP_BUDGET`] names per IP over the whole table
-//! (a full 1M-IP table with a name each: 124 MiB; 32 names on every IP
+//! (a full 1M-IP table with a name each: 124 MiB, measured before each name
+//! had its own use time, which adds 8 bytes per IP; 32 names on every IP
 //! peak at 210 MiB with the budget; ~1.1 KB per IP without, measured on
 //! 100k IPs). Past either cap, expired IPs go first, then the least
 //! recently used.
@@ -72,29 +75,37 @@ pub struct NameTable {
 struct IpNames {
     /// Inline for the common one or two names: no extra pointer to chase.
     leases: Leases,
-    /// Last use + grace (ms); names stay alive at least until then.
-    used_until: AtomicU64,
     /// Last record or use (ms), for least-recently-used eviction.
     last_touch: AtomicU64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Lease {
     name: Hostname,
     expires: u64,
+    /// Last use while alive + grace (ms): the name stays alive at least until then.
+    used_until: AtomicU64,
+}
+
+impl Clone for Lease {
+    fn clone(&self) -> Self {
+        Lease { name: self.name.clone(), expires: self.expires, used_until: AtomicU64::new(self.used_until()) }
+    }
+}
+
+impl Lease {
+    fn used_until(&self) -> u64 {
+        self.used_until.load(Ordering::Relaxed)
+    }
+
+    fn alive_until(&self) -> u64 {
+        self.expires.max(self.used_until())
+    }
 }
 
 impl IpNames {
-    fn alive_until(&self, lease: &Lease) -> u64 {
-        lease.expires.max(self.used_until.load(Ordering::Relaxed))
-    }
-
     fn alive(&self, now: Timestamp) -> AliveNames<'_> {
-        AliveNames {
-            leases: self.leases.iter(),
-            used_until: self.used_until.load(Ordering::Relaxed),
-            now: now.unix_millis(),
-        }
+        AliveNames { leases: self.leases.iter(), now: now.unix_millis() }
     }
 
     fn any_alive(&self, now: Timestamp) -> bool {
@@ -106,7 +117,6 @@ impl IpNames {
 #[derive(Debug, Clone)]
 pub struct AliveNames<'a> {
     leases: std::slice::Iter<'a, Lease>,
-    used_until: u64,
     now: u64,
 }
 
@@ -114,22 +124,29 @@ impl<'a> Iterator for AliveNames<'a> {
     type Item = &'a Hostname;
 
     fn next(&mut self) -> Option<&'a Hostname> {
-        let (used_until, now) = (self.used_until, self.now);
-        self.leases.find(|l| l.expires.max(used_until) > now).map(|l| &l.name)
+        let now = self.now;
+        self.leases.find(|l| l.alive_until() > now).map(|l| &l.name)
     }
 }
 
 impl AliveNames<'_> {
     fn empty() -> Self {
-        AliveNames { leases: [].iter(), used_until: 0, now: u64::MAX }
+        AliveNames { leases: [].iter(), now: u64::MAX }
     }
 }
 
+/// A connection used the IP at `now`: its names alive then stay alive until
+/// at least `now + grace`; names already dead stay dead.
 fn renew(entry: &IpNames, now: Timestamp, grace: Duration) {
-    let until = now.plus(grace).unix_millis();
-    if entry.used_until.load(Ordering::Relaxed).saturating_add(TOUCH_SLACK_MS) < until {
-        entry.used_until.fetch_max(until, Ordering::Relaxed);
-        entry.last_touch.fetch_max(now.unix_millis(), Ordering::Relaxed);
+    let (now_ms, until) = (now.unix_millis(), now.plus(grace).unix_millis());
+    for lease in &entry.leases {
+        let used = lease.used_until();
+        if lease.expires.max(used) > now_ms && used.saturating_add(TOUCH_SLACK_MS) < until {
+            lease.used_until.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+    if entry.last_touch.load(Ordering::Relaxed).saturating_add(TOUCH_SLACK_MS) < now_ms {
+        entry.last_touch.fetch_max(now_ms, Ordering::Relaxed);
     }
 }
 
@@ -223,46 +240,46 @@ impl NameTable {
         // move the expiry by less than the slack, skip the copy-on-write.
         let old = map.get(&ip);
         if let Some(old) = old {
-            let fresh =
-                old.leases.iter().any(|l| &l.name == name && l.expires.saturating_add(TOUCH_SLACK_MS) >= expires);
-            if fresh && old.used_until.load(Ordering::Relaxed) >= used_until {
+            let fresh = old.leases.iter().any(|l| {
+                &l.name == name && l.expires.saturating_add(TOUCH_SLACK_MS) >= expires && l.used_until() >= used_until
+            });
+            if fresh {
                 old.last_touch.fetch_max(now_ms, Ordering::Relaxed);
                 return;
             }
         }
         let held = old.map(|old| old.leases.len());
+        let new_lease = || Lease { name: name.clone(), expires, used_until: AtomicU64::new(used_until) };
         let now_held = map.update_or_insert_with(
             ip,
             |old| {
-                let mut leases = old.leases.clone();
+                // The names that have died go: nothing brings them back but DNS.
+                let mut leases: Leases =
+                    old.leases.iter().filter(|l| &l.name == name || l.alive_until() > now_ms).cloned().collect();
                 if let Some(l) = leases.iter_mut().find(|l| &l.name == name) {
                     l.expires = l.expires.max(expires);
+                    *l.used_until.get_mut() = l.used_until().max(used_until);
                 } else if leases.len() < MAX_NAMES_PER_IP {
-                    leases.push(Lease { name: name.clone(), expires });
-                } else if let Some(soonest) = leases.iter_mut().min_by_key(|l| l.expires) {
-                    *soonest = Lease { name: name.clone(), expires };
+                    leases.push(new_lease());
+                } else if let Some(soonest) = leases.iter_mut().min_by_key(|l| l.alive_until()) {
+                    *soonest = new_lease();
                 }
-                IpNames {
-                    leases,
-                    used_until: AtomicU64::new(old.used_until.load(Ordering::Relaxed).max(used_until)),
-                    last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))),
-                }
+                IpNames { leases, last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))) }
             },
-            || IpNames {
-                leases: smallvec::smallvec![Lease { name: name.clone(), expires }],
-                used_until: AtomicU64::new(used_until),
-                last_touch: AtomicU64::new(now_ms),
-            },
+            || IpNames { leases: smallvec::smallvec![new_lease()], last_touch: AtomicU64::new(now_ms) },
         );
-        let added = now_held.leases.len().saturating_sub(held.unwrap_or(0));
+        let (before, after) = (held.unwrap_or(0), now_held.leases.len());
         drop(map);
         // A name renewed (the common case) adds nothing: no shared write.
         // A new IP adds one at least, so the capacity is checked then.
-        if added > 0 {
+        if after > before {
+            let added = after - before;
             let leases = self.leases.fetch_add(added, Ordering::Relaxed) + added;
             if (held.is_none() && self.map.len() > self.capacity) || leases > self.lease_budget {
                 self.evict(Timestamp::from_unix_millis(now_ms));
             }
+        } else if after < before {
+            self.forget(before - after);
         }
     }
 
@@ -383,7 +400,12 @@ impl NameTable {
         for (_, ip, _) in ages.iter().take(excess) {
             removed += map.remove(ip).map_or(0, |v| v.leases.len());
         }
-        let _ = self.leases.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(removed)));
+        self.forget(removed);
+    }
+
+    /// `n` (IP, name) pairs left the table.
+    fn forget(&self, n: usize) {
+        let _ = self.leases.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| Some(held.saturating_sub(n)));
     }
 
     /// Writes every alive name to `path` (JSON lines), atomically: a temp
@@ -395,9 +417,9 @@ impl NameTable {
         let mut stats = PersistStats::default();
         let map = self.map.pin();
         for (ip, v) in map.iter() {
-            let used_until = v.used_until.load(Ordering::Relaxed);
-            for lease in v.leases.iter().filter(|l| v.alive_until(l) > now.unix_millis()) {
-                let rec = Record { ip: *ip, name: lease.name.to_string(), expires: lease.expires, used_until };
+            for lease in v.leases.iter().filter(|l| l.alive_until() > now.unix_millis()) {
+                let (name, expires, used_until) = (lease.name.to_string(), lease.expires, lease.used_until());
+                let rec = Record { ip: *ip, name, expires, used_until };
                 serde_json::to_writer(&mut out, &rec)?;
                 out.write_all(b"\n")?;
                 stats.entries += 1;

@@ -44,6 +44,30 @@ fn use_renews_grace_past_ttl() {
     assert!(t.names(ip(1), at(561)).is_empty());
 }
 
+/// A use renews the names alive at that moment only: a name that had died
+/// is not brought back by a use of its IP under another name (it would then
+/// match its ServiceEntry again, long after DNS stopped giving it).
+#[test]
+fn a_use_does_not_bring_a_dead_name_back() {
+    let t = NameTable::new(100);
+    // Recorded together: old.example dies at 65 s, new.example lives to 360 s.
+    t.record(ip(1), &host("old.example"), Duration::from_secs(5), T0, KEEP);
+    t.record(ip(1), &host("new.example"), Duration::from_secs(300), T0, KEEP);
+    t.touch(ip(1), at(100), KEEP.grace);
+    assert_eq!(t.names(ip(1), at(101)), vec![host("new.example")]);
+    // Dead when DNS gives the IP another name: the use after that renews that one only.
+    t.record(ip(2), &host("old.example"), Duration::from_secs(5), T0, KEEP);
+    t.record(ip(2), &host("other.example"), Duration::from_secs(5), at(100), KEEP);
+    t.touch(ip(2), at(101), KEEP.grace);
+    assert_eq!(t.names(ip(2), at(102)), vec![host("other.example")]);
+    assert_eq!(t.pair_count(), 3, "the dead name went when its IP's names were copied");
+    // While alive, both are renewed by a use.
+    t.record(ip(3), &host("a.example"), Duration::from_secs(5), T0, KEEP);
+    t.record(ip(3), &host("b.example"), Duration::from_secs(5), T0, KEEP);
+    t.touch(ip(3), at(60), KEEP.grace);
+    assert_eq!(t.names(ip(3), at(119)).len(), 2);
+}
+
 #[test]
 fn an_ip_carries_many_names_and_each_expires_on_its_own() {
     let t = NameTable::new(100);
