@@ -184,7 +184,15 @@ async fn forward(
         seen = read_first(&client, &mut first, ctx.config.sniff_timeout).await.unwrap_or(Sniff::NeedMore);
         if let Some(s) = seen.sniffed() {
             conn.sniffed = Some(s);
-            verdict = decide(&snapshot, names, &conn, Timestamp::now());
+            // Only to say why, and to whom: no HTTP or TLS ServiceEntry serves
+            // this port, so a name the client sends vouches for nothing (opaque
+            // TCP is judged by what DNS said) and the refusal stands.
+            let named = decide(&snapshot, names, &conn, Timestamp::now());
+            if named.allow {
+                verdict.name = named.name;
+            } else {
+                verdict = named;
+            }
         }
     }
     report.http = seen.is_http();

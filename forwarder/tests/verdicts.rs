@@ -399,6 +399,33 @@ fn a_refused_request_with_a_body_still_gets_its_502() {
     }
 }
 
+/// On a port no HTTP or TLS ServiceEntry serves, a connection is judged by
+/// what DNS said of its destination alone (opaque TCP): a Host the client
+/// sends to an address DNS never named, read only to choose between a 502
+/// and a reset, does not turn the refusal into a pass — though a TCP
+/// ServiceEntry on that port names that host.
+#[test]
+fn a_name_sent_on_an_opaque_port_vouches_for_nothing() {
+    for (i, driver) in DRIVERS.into_iter().enumerate() {
+        let base = 8700 + 10 * i as u16;
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, &entries(base), |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(9), base + 2); // search.vendor.test's TCP port; no DNS name for the address
+        let (accepted, server) = server(&ns, dst, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        let reply = exchange(&ns, dst, b"GET / HTTP/1.1\r\nHost: search.vendor.test\r\n\r\n").unwrap();
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{driver:?}: {text}");
+        assert!(text.contains("search.vendor.test"), "{driver:?}: the 502 names the host asked for: {text}");
+        let r = &fwd.wait_reports(1)[0];
+        assert_eq!(r.outcome, ConnOutcome::Refused502, "{driver:?}");
+        assert!(!r.verdict.as_ref().unwrap().allow, "{driver:?}");
+        drop(fwd);
+        assert!(server.join().unwrap().is_empty(), "{driver:?}: nothing reached the destination");
+        assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    }
+}
+
 /// A client that trickles its first bytes one at a time (a request head of
 /// 1,000 bytes, a byte a millisecond) is given up on after a few dozen
 /// reads and judged without a name — not parsed again in full at every
