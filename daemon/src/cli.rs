@@ -134,11 +134,18 @@ fn rules() -> OptionParser<Command> {
     let exclude =
         long("exclude").help("Destination CIDR never intercepted (repeatable)").argument::<ipnet::IpNet>("CIDR").many();
     let exclude_ports =
-        long("exclude-port").help("Destination TCP port never intercepted (repeatable)").argument::<u16>("PORT").many();
-    let drop_udp =
-        long("drop-udp").help("Drop other outbound UDP (QUIC), for REGISTRY_ONLY nodes; DNS still passes").switch();
+        long("exclude-port").help("Destination port never intercepted, nor dropped by --drop-udp (repeatable)");
+    let exclude_ports = exclude_ports.argument::<u16>("PORT").many();
+    let drop_udp = long("drop-udp")
+        .help("Drop other new outbound UDP flows (QUIC), for REGISTRY_ONLY nodes; DNS and replies still pass")
+        .switch();
     let rules =
-        construct!(crate::rules::Rules { forwarder_port, dns_port, mark, uid, exclude, exclude_ports, drop_udp });
+        construct!(crate::rules::Rules { forwarder_port, dns_port, mark, uid, exclude, exclude_ports, drop_udp })
+            .guard(
+                |r| r.mark != 0 || r.uid.is_some(),
+                "--mark 0 needs --uid: nothing else keeps sluice's own connections and lookups out of the rules \
+                 (they would come straight back to it)",
+            );
     let action = positional::<String>("ACTION").help("print, apply or remove").parse(|a| match a.as_str() {
         "print" => Ok(RulesAction::Print),
         "apply" => Ok(RulesAction::Apply),

@@ -5,13 +5,19 @@
 //! - `prerouting` (nat): routed containers/pods. `redirect` lands on the
 //!   address of the interface the packet came in on, so the forwarder must
 //!   listen on the wildcard address (`--listen 0.0.0.0:15001 --listen [::]:15001`).
+//!   Traffic to the node's own addresses is not redirected, DNS included:
+//!   the node answers no DNS it does not serve itself (no open resolver on
+//!   its public address), and a resolver on the node (NodeLocal DNSCache)
+//!   still gets its pods' queries (its own upstream queries go out through
+//!   `output`: intercepted there, unless their destination is excluded).
 //! - `input` (filter): the forwarder port accepts only redirected
 //!   connections (`ct status dnat`) and loopback; nobody reaches it directly
 //!   from another host. (The admin API is not touched: its listen address
 //!   decides who can scrape it.)
 //! - DNS (UDP and TCP 53) goes to the DNS proxy, in both chains, when it runs.
-//! - Optional `drop_udp`: other outbound UDP is dropped (QUIC would bypass a
-//!   TCP proxy); DNS (53) still passes.
+//! - Optional `drop_udp`: other new outbound UDP flows are dropped (QUIC
+//!   would bypass a TCP proxy); DNS (53, and what was redirected to the
+//!   proxy), replies, excluded destinations and excluded ports still pass.
 //!
 //! Excluded from interception: loopback, sluice's own traffic (its `SO_MARK`
 //! and its uid), traffic to the node itself, and configured CIDRs and ports.
@@ -62,15 +68,20 @@ impl Rules {
         let _ = writeln!(r, "  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;");
         self.common_returns(&mut r);
         self.excluded_destinations(&mut r, "return");
-        self.dns_redirect(&mut r);
         let _ = writeln!(r, "    fib daddr type local return");
+        self.dns_redirect(&mut r);
         self.excludes(&mut r);
         let _ = writeln!(r, "    meta l4proto tcp redirect to :{}\n  }}", self.forwarder_port);
         self.input_chain(&mut r);
         if self.drop_udp {
             for (chain, hook) in [("udp_output", "output"), ("udp_forward", "forward")] {
                 let _ = writeln!(r, "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;");
+                // After the nat hooks: a redirected lookup's port is the proxy's by now (`ct status dnat`).
                 let _ = writeln!(r, "    meta l4proto != udp accept\n    udp dport 53 accept");
+                let _ = writeln!(r, "    ct state established,related accept\n    ct status dnat accept");
+                if !self.exclude_ports.is_empty() {
+                    let _ = writeln!(r, "    udp dport {{ {} }} accept", self.port_list());
+                }
                 if hook == "output" {
                     let _ = writeln!(r, "    oifname \"lo\" accept");
                     if self.mark != 0 {
@@ -123,9 +134,12 @@ impl Rules {
     fn excludes(&self, r: &mut String) {
         let _ = writeln!(r, "    ip daddr 127.0.0.0/8 return\n    ip6 daddr ::1 return");
         if !self.exclude_ports.is_empty() {
-            let ports = self.exclude_ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-            let _ = writeln!(r, "    tcp dport {{ {ports} }} return");
+            let _ = writeln!(r, "    tcp dport {{ {} }} return", self.port_list());
         }
+    }
+
+    fn port_list(&self) -> String {
+        self.exclude_ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -251,6 +265,11 @@ mod tests {
         assert!(at("ip daddr { 10.96.0.0/12 } return") < at("udp dport 53 redirect"), "excluded: DNS too");
         assert!(at("udp dport 53 redirect") < at("tcp dport { 22 } return"), "port excludes are TCP's");
         assert!(text.contains("meta mark 0x51ce accept"), "sluice's marked UDP passes the UDP drop");
+        assert_eq!(text.matches("ct state established,related accept\n    ct status dnat accept").count(), 2);
+        assert_eq!(text.matches("udp dport { 22 } accept").count(), 2, "excluded ports pass the UDP drop");
+        let prerouting = &text[text.find("chain prerouting").unwrap_or(0)..];
+        let at = |what: &str| prerouting.find(what).unwrap_or_else(|| panic!("{what} in {prerouting}"));
+        assert!(at("fib daddr type local return") < at("udp dport 53 redirect"), "the node's own DNS is left alone");
     }
 
     #[test]

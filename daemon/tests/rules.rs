@@ -127,3 +127,137 @@ fn dns_is_redirected_except_from_sluices_own_user_and_to_excluded_destinations()
     assert_eq!(dns_lands(&ns, 990, "127.0.0.1"), "upstream", "sluice's own lookup goes out");
     assert_eq!(dns_lands(&ns, 991, "198.18.0.53"), "upstream", "an excluded destination is not intercepted");
 }
+
+/// `--mark 0` without `--uid` leaves nothing to keep sluice's own traffic
+/// out of its rules: refused as bad usage, nothing applied.
+#[test]
+fn apply_without_a_mark_or_a_user_is_refused() {
+    let ns = Netns::new("guard");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_sluice"), "rules", "apply", "--mark", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mark 0 needs --uid"));
+    assert_eq!(ns.run("nft", &["list", "ruleset"]).1.trim(), "", "nothing applied");
+}
+
+/// A python3 script running in `ns`, its output read line by line.
+struct Script(std::process::Child, std::io::BufReader<std::process::ChildStdout>);
+
+impl Script {
+    fn start(ns: &Netns, script: &str) -> Script {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "python3", "-u", "-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Script(child, out)
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.1, &mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node (the rules, with the UDP drop) and a pod routed through it, each
+/// in a namespace of the test's:
+/// - the pod's lookup of a resolver elsewhere goes to the DNS proxy, and the
+///   proxy's answer comes back to the pod through the UDP drop (a reply);
+/// - the pod's lookup of the node's own address is the node's: sluice is no
+///   resolver for whoever reaches the node's addresses (an open resolver on
+///   a public interface), and a DNS server on the node keeps its clients;
+/// - the node's own lookup, redirected to the proxy, passes the UDP drop
+///   (by then its port is the proxy's), and is answered;
+/// - the node's other UDP is dropped, but to an excluded port.
+#[test]
+fn dns_crosses_the_udp_drop_and_the_nodes_own_addresses_are_left_alone() {
+    let (node, pod) = (Netns::new("node"), Netns::new("pod"));
+    let (vn, vp) = (format!("sn{}", std::process::id()), format!("sp{}", std::process::id()));
+    let link = ["link", "add", &vn, "netns", &node.0, "type", "veth", "peer", "name", &vp, "netns", &pod.0];
+    assert!(Command::new("ip").args(link).status().unwrap().success());
+    for (ns, dev, addr, via) in
+        [(&node, &vn, "198.18.1.1/24", "198.18.1.2"), (&pod, &vp, "198.18.1.2/24", "198.18.1.1")]
+    {
+        for args in [
+            vec!["link", "set", "lo", "up"],
+            vec!["addr", "add", addr, "dev", dev],
+            vec!["link", "set", dev, "up"],
+            vec!["route", "add", "default", "via", via],
+        ] {
+            let (ok, err) = ns.run("ip", &args);
+            assert!(ok, "ip {args:?}: {err}");
+        }
+    }
+    let apply = ["rules", "apply", "--uid", "990", "--drop-udp", "--exclude-port", "9998"];
+    let (ok, err) = node.sluice(&apply);
+    assert!(ok, "{err}");
+
+    // The node: the DNS proxy's port (answers what it gets) and a DNS server of its own.
+    let mut servers = Script::start(
+        &node,
+        r#"
+import select, socket
+proxy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); proxy.bind(("0.0.0.0", 15053))
+own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); own.bind(("0.0.0.0", 53))
+print("ready")
+while True:
+    ready, _, _ = select.select([proxy, own], [], [], 10)
+    if not ready: break
+    for s in ready:
+        data, peer = s.recvfrom(512)
+        print(("proxy " if s is proxy else "own ") + data.decode())
+        s.sendto(b"answer", peer)
+"#,
+    );
+    assert_eq!(servers.line(), "ready");
+    let ask = |ns: &Netns, uid: u32, what: &str, dst: &str, port: u16| {
+        let script = format!(
+            r#"
+import os, socket
+os.setgid({uid}); os.setuid({uid})
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+try:
+    s.sendto(b"{what}", ("{dst}", {port})); print(s.recv(512).decode())
+except socket.timeout: print("no answer")
+except PermissionError: print("dropped")
+"#
+        );
+        let (ok, out) = ns.run("python3", &["-c", &script]);
+        assert!(ok, "{out}");
+        out.trim().to_owned()
+    };
+    assert_eq!(ask(&pod, 0, "pod-elsewhere", "198.18.9.9", 53), "answer", "the pod's lookup is answered");
+    assert_eq!(servers.line(), "proxy pod-elsewhere", "by the proxy");
+    assert_eq!(ask(&pod, 0, "pod-node", "198.18.1.1", 53), "answer");
+    assert_eq!(servers.line(), "own pod-node", "the node's own address: its own DNS server answers");
+    assert_eq!(ask(&node, 991, "node", "198.18.9.9", 53), "answer", "the node's lookup passes the UDP drop");
+    assert_eq!(servers.line(), "proxy node");
+
+    let mut pod_server = Script::start(
+        &pod,
+        r#"
+import select, socket
+ports = {}
+for port in (9998, 9999):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port)); ports[s] = port
+print("ready")
+ready, _, _ = select.select(list(ports), [], [], 2)
+print(" ".join(sorted(str(ports[s]) for s in ready)) or "nothing")
+"#,
+    );
+    assert_eq!(pod_server.line(), "ready");
+    assert_eq!(ask(&node, 991, "udp", "198.18.1.2", 9999), "dropped");
+    ask(&node, 991, "udp", "198.18.1.2", 9998); // no answer: nobody answers there
+    assert_eq!(pod_server.line(), "9998", "other UDP is dropped, but to an excluded port");
+}
