@@ -380,8 +380,20 @@ impl Acc {
     }
 
     /// A namespace-wide Istio Sidecar may carry the mode; sluice's own
-    /// EgressPolicy, when present, wins.
+    /// EgressPolicy wins when it sets one. Then says when `blockUnregistered`
+    /// has no effect, the mode being known.
     fn apply_sidecar_modes(&mut self, settings: &mut EgressSettings) {
+        self.sidecar_mode(settings);
+        let useless = settings.dns.block_unregistered && settings.mode == Mode::AllowAny;
+        if let Some(own) = settings.origin.as_ref().filter(|_| useless) {
+            let msg = "dns.blockUnregistered has no effect with mode ALLOW_ANY (spec.dns.blockUnregistered)";
+            let mut d = file_problem(&own.file, own.line, 1, msg);
+            d.severity = Severity::Warning;
+            self.problems.push(d);
+        }
+    }
+
+    fn sidecar_mode(&mut self, settings: &mut EgressSettings) {
         let Some((first_mode, first_origin)) = self.sidecar_modes.first().cloned() else {
             return;
         };
@@ -393,8 +405,7 @@ impl Acc {
             }
         }
         match &settings.origin {
-            None => settings.mode = first_mode,
-            Some(own) if settings.mode != first_mode => {
+            Some(own) if settings.mode_set && settings.mode != first_mode => {
                 let msg = format!(
                     "Sidecar mode {first_mode:?} is overridden by the EgressPolicy at {own} ({:?})",
                     settings.mode
@@ -403,7 +414,8 @@ impl Acc {
                 d.severity = Severity::Warning;
                 self.problems.push(d);
             }
-            Some(_) => {}
+            Some(_) if settings.mode_set => {}
+            _ => settings.mode = first_mode,
         }
     }
 }

@@ -118,6 +118,8 @@ impl Protocol {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EgressSettings {
     pub mode: Mode,
+    /// Whether the EgressPolicy set the mode itself (else a Sidecar's applies, or ALLOW_ANY).
+    pub mode_set: bool,
     pub enforcement: Enforcement,
     pub deny_ranges: Vec<IpNet>,
     pub dns: DnsSettings,
@@ -131,6 +133,7 @@ impl Default for EgressSettings {
     fn default() -> Self {
         EgressSettings {
             mode: Mode::AllowAny,
+            mode_set: false,
             enforcement: Enforcement::Enforce,
             deny_ranges: Vec::new(),
             dns: DnsSettings::default(),

@@ -12,7 +12,7 @@ use serde_saphyr::{Location as Loc, Spanned};
 use crate::diag::{Diagnostic, DocPlace};
 use crate::host::{HostPattern, Hostname};
 use crate::model::{DnsSettings, EgressSettings, Endpoint, Origin, Port, Protocol, Resolution, ServiceEntry, Workload};
-use crate::raw::{self, EgressPolicySpec, Location, Mode, ServiceEntrySpec};
+use crate::raw::{self, EgressPolicySpec, Location, ServiceEntrySpec};
 
 /// Collects problems for one document.
 pub(crate) struct Checker<'a> {
@@ -381,6 +381,7 @@ pub(crate) fn egress_policy(
     let spec = spec.value;
     if let Some(mode) = spec.outbound_traffic_policy.and_then(|o| o.mode) {
         out.mode = mode.value;
+        out.mode_set = true;
     }
     if let Some(e) = spec.enforcement {
         out.enforcement = e.value;
@@ -392,7 +393,7 @@ pub(crate) fn egress_policy(
         }
     }
     if let Some(dns) = spec.dns {
-        out.dns = dns_settings(ck, dns, out.mode);
+        out.dns = dns_settings(ck, dns);
     }
     let mut names = BTreeSet::new();
     for (i, w) in spec.workloads.iter().enumerate() {
@@ -418,17 +419,12 @@ pub(crate) fn egress_policy(
     out
 }
 
-fn dns_settings(ck: &mut Checker<'_>, dns: raw::DnsSpec, mode: Mode) -> DnsSettings {
+/// (Whether `blockUnregistered` has any effect depends on the mode, which a
+/// Sidecar may give: the loader warns once the policy set's mode is known.)
+fn dns_settings(ck: &mut Checker<'_>, dns: raw::DnsSpec) -> DnsSettings {
     let mut out = DnsSettings::default();
     if let Some(b) = dns.block_unregistered {
         out.block_unregistered = b;
-        if b && mode == Mode::AllowAny {
-            ck.warn(
-                Loc::UNKNOWN,
-                "dns.blockUnregistered has no effect with mode ALLOW_ANY",
-                "spec.dns.blockUnregistered",
-            );
-        }
     }
     for (raw, slot, field) in
         [(dns.min_ttl, &mut out.min_ttl, "spec.dns.minTtl"), (dns.grace, &mut out.grace, "spec.dns.grace")]

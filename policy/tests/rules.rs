@@ -188,6 +188,16 @@ fn a_namespace_wide_sidecar_sets_the_mode_unless_an_egress_policy_does() {
     assert_eq!(both.settings.mode, Mode::AllowAny);
     assert_eq!(both.warnings.len(), 1);
     assert_eq!(both.warnings[0].severity, Severity::Warning);
+    // An EgressPolicy that does not say the mode leaves the Sidecar's: a deny
+    // range added to a REGISTRY_ONLY node must not open it to everything.
+    let silent = "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nspec:\n  denyRanges: [169.254.169.254/32]\n  dns: {blockUnregistered: true}\n";
+    let both = accepts(&format!("{sidecar}---\n{silent}"));
+    assert_eq!(both.settings.mode, Mode::RegistryOnly);
+    assert!(both.warnings.is_empty(), "blockUnregistered works in the Sidecar's mode: {:?}", both.warnings);
+    assert_eq!(accepts(silent).settings.mode, Mode::AllowAny, "nothing says the mode: ALLOW_ANY");
+    let warned = &accepts(silent).warnings;
+    assert_eq!(warned.len(), 1, "blockUnregistered does nothing in ALLOW_ANY: {warned:?}");
+    assert!(warned[0].message.contains("blockUnregistered has no effect"), "{:?}", warned[0]);
 }
 
 #[test]
