@@ -129,24 +129,34 @@ pub struct DocChunk<'a> {
 pub fn split_documents(text: &str) -> Vec<DocChunk<'_>> {
     let mut out = Vec::new();
     let (mut start, mut start_line, mut has_content) = (0usize, 0u64, false);
+    // Whether the chunk has a `---` already: a second one with nothing between
+    // them ends an empty document, which is dropped (the parser would read it
+    // as a null, not a mapping).
+    let mut has_marker = false;
     let mut offset = 0usize;
     for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let line_no = line_no as u64;
         let bare = line.trim_end_matches(['\n', '\r']);
-        if is_marker(bare, "---") && has_content {
-            out.push(DocChunk { line_offset: start_line, text: &text[start..offset] });
-            (start, start_line, has_content) = (offset, line_no, false);
+        if is_marker(bare, "---") {
+            if has_content {
+                out.push(DocChunk { line_offset: start_line, text: &text[start..offset] });
+            }
+            if has_content || has_marker {
+                (start, start_line, has_content) = (offset, line_no, false);
+            }
+            has_marker = true;
         }
         offset += line.len();
         if is_marker(bare, "...") {
             if has_content {
                 out.push(DocChunk { line_offset: start_line, text: &text[start..offset] });
             }
-            (start, start_line, has_content) = (offset, line_no + 1, false);
+            (start, start_line, has_content, has_marker) = (offset, line_no + 1, false, false);
             continue;
         }
         let t = bare.trim_start();
-        let marker_only = is_marker(bare, "---") && bare[3..].trim().is_empty();
+        // `---` alone, or with a comment after it (`--- # payments`).
+        let marker_only = is_marker(bare, "---") && bare[3..].split('#').next().is_some_and(|r| r.trim().is_empty());
         if !(t.is_empty() || t.starts_with('#') || bare.starts_with('%') || marker_only) {
             has_content = true;
         }

@@ -218,6 +218,10 @@ fn every_document_of_a_file_is_checked_and_located() {
 fn empty_files_and_json_are_fine() {
     assert_eq!(accepts("").entries.len(), 0);
     assert_eq!(accepts("# nothing yet\n---\n").entries.len(), 0);
+    // A marker with a comment after it starts a document, and holds nothing itself.
+    let commented =
+        format!("--- # payments\n---\n{}\n--- # end\n", se("  hosts: [c.example]\n  ports: [{number: 1, name: a}]"));
+    assert_eq!(accepts(&commented).entries.len(), 1);
     let json = r#"{"apiVersion":"networking.istio.io/v1","kind":"ServiceEntry","metadata":{"name":"j"},"spec":{"hosts":["j.example"],"ports":[{"number":443,"name":"tls","protocol":"TLS"}]}}"#;
     assert_eq!(accepts(json).entries[0].name, "j");
 }
@@ -227,7 +231,7 @@ fn document_splitting_follows_yaml_markers() {
     let text = "%YAML 1.2\n---\na: 1\n...\n# comment\n--- \nb: |\n  --- not a marker, indented\n---\n---\nc: 3\n";
     let docs = split_documents(text);
     let starts: Vec<u64> = docs.iter().map(|d| d.line_offset).collect();
-    assert_eq!(starts, [0, 4, 8]);
+    assert_eq!(starts, [0, 4, 9], "the empty document between two markers is dropped");
     assert!(docs[1].text.contains("not a marker"));
     assert!(docs[2].text.ends_with("c: 3\n"));
     assert!(split_documents("# only a comment\n").is_empty());
