@@ -31,6 +31,10 @@ pub enum HostError {
     BareWildcard,
     #[error("wildcard {0:?} is only allowed as the whole leftmost label (\"*.example.com\")")]
     MisplacedWildcard(String),
+    #[error("{0:?} is an IP address, not a host name: list it in spec.addresses")]
+    IpAddress(String),
+    #[error("host name {0:?} ends in an all-numeric label: no DNS name does")]
+    NumericTld(String),
 }
 
 impl Hostname {
@@ -113,15 +117,29 @@ pub enum HostPattern {
 }
 
 impl HostPattern {
+    /// A ServiceEntry host: a name, or `*.` and a name. As Istio, an IP
+    /// address is refused (it would match nothing: connections are matched
+    /// to names), and so is a name whose last label is all digits.
     pub fn parse(input: &str) -> Result<Self, HostError> {
         let trimmed = input.trim();
         if trimmed == "*" {
             return Err(HostError::BareWildcard);
         }
-        match trimmed.strip_prefix("*.") {
-            Some(suffix) => Ok(HostPattern::Wildcard(Hostname::parse(suffix)?)),
-            None => Ok(HostPattern::Exact(Hostname::parse(trimmed)?)),
+        let literal = trimmed.trim_start_matches('[').trim_end_matches(']');
+        if literal.parse::<std::net::IpAddr>().is_ok() {
+            return Err(HostError::IpAddress(trimmed.to_owned()));
         }
+        let pattern = match trimmed.strip_prefix("*.") {
+            Some(suffix) => HostPattern::Wildcard(Hostname::parse(suffix)?),
+            None => HostPattern::Exact(Hostname::parse(trimmed)?),
+        };
+        let name = match &pattern {
+            HostPattern::Exact(h) | HostPattern::Wildcard(h) => h.as_str(),
+        };
+        if name.rsplit('.').next().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(HostError::NumericTld(trimmed.to_owned()));
+        }
+        Ok(pattern)
     }
 
     pub fn is_wildcard(&self) -> bool {

@@ -71,23 +71,23 @@ pub(crate) fn service_entry(
 
     let hosts = check_hosts(ck, at, spec.hosts.as_deref().unwrap_or_default(), resolution, spec.endpoints.is_empty());
     let addresses = check_addresses(ck, &spec.addresses, resolution, resolution_loc);
-    let ports = check_ports(ck, &spec.ports);
+    let checked = check_ports(ck, &spec.ports);
     if spec.ports.is_empty() {
         ck.warn(at, "service entry has no ports: it matches no connection", "spec.ports");
     }
 
     if resolution != Resolution::None && hosts.len() > 1 {
-        for (i, p) in ports.iter().enumerate() {
+        for (i, p) in &checked {
             if !p.protocol.is_http() && !p.protocol.is_tls() {
-                let loc = spec.ports[i].referenced;
+                let loc = spec.ports[*i].referenced;
                 ck.error(loc, "multiple hosts provided with non-HTTP, non-TLS ports", format!("spec.ports[{i}]"));
             }
         }
     }
     if resolution == Resolution::DynamicDns {
-        for (i, p) in ports.iter().enumerate() {
+        for (i, p) in &checked {
             if !matches!(p.protocol, Protocol::Http | Protocol::Tls | Protocol::Grpc | Protocol::Http2) {
-                let loc = spec.ports[i].referenced;
+                let loc = spec.ports[*i].referenced;
                 ck.error(
                     loc,
                     "only HTTP, TLS, GRPC and HTTP2 ports are supported with resolution DYNAMIC_DNS",
@@ -96,6 +96,7 @@ pub(crate) fn service_entry(
             }
         }
     }
+    let ports: Vec<Port> = checked.into_iter().map(|(_, p)| p).collect();
     let endpoints = check_endpoints(ck, &spec.endpoints, resolution, &ports);
     let workload_selector = check_selector(ck, &spec, resolution);
     let export_to = check_export_to(ck, &spec.export_to);
@@ -175,7 +176,8 @@ fn check_addresses(ck: &mut Checker<'_>, raw: &[Spanned<String>], resolution: Re
     out
 }
 
-fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<Port> {
+/// The ports with a valid number, each with its index in `spec.ports`.
+fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<(usize, Port)> {
     let mut out = Vec::with_capacity(raw.len());
     let mut names = BTreeSet::new();
     let mut numbers = BTreeSet::new();
@@ -233,7 +235,7 @@ fn check_ports(ck: &mut Checker<'_>, raw: &[Spanned<raw::RawPort>]) -> Vec<Port>
             }),
         };
         if let Some(number) = number {
-            out.push(Port { number, name, protocol, target_port });
+            out.push((i, Port { number, name, protocol, target_port }));
         }
     }
     out

@@ -38,6 +38,14 @@ fn hosts_are_required_and_normalised() {
     let hosts: Vec<String> = set.entries[0].hosts.iter().map(ToString::to_string).collect();
     assert_eq!(hosts, ["api.example.com", "xn--bcher-kva.example"]);
     rejects(&se(&format!("  hosts: [a.*.example]\n{TLS443}")), "p.yaml:6:11: invalid host");
+    // An address is not a host (it would match nothing): Istio refuses it too.
+    rejects(
+        &se(&format!("  hosts: [10.1.2.3]\n{TLS443}")),
+        "is an IP address, not a host name: list it in spec.addresses",
+    );
+    rejects(&se(&format!("  hosts: ['2001:db8::1']\n{TLS443}")), "is an IP address");
+    rejects(&se(&format!("  hosts: [db.internal.42]\n{TLS443}")), "ends in an all-numeric label");
+    accepts(&se(&format!("  hosts: [db.42.example, 1.2.3.4.in-addr.arpa]\n{TLS443}")));
 }
 
 #[test]
@@ -56,6 +64,15 @@ fn dns_resolution_rules() {
         &se("  hosts: [a.example, b.example]\n  ports: [{number: 5432, name: pg, protocol: TCP}]\n  resolution: DNS\n"),
         "multiple hosts provided with non-HTTP, non-TLS ports (spec.ports[0])",
     );
+    // After a port with a bad number, the error still names the port it is about.
+    let errors = load(&se(
+        "  hosts: [a.example, b.example]\n  ports:\n  - {number: 0, name: x}\n  - {number: 443, name: tls, protocol: TLS}\n  - {number: 5432, name: pg, protocol: TCP}\n  resolution: DNS\n",
+    ))
+    .err()
+    .unwrap_or_default();
+    let multiple: Vec<_> = errors.iter().filter(|e| e.contains("multiple hosts")).collect();
+    assert_eq!(multiple.len(), 1, "{errors:#?}");
+    assert!(multiple[0].starts_with("p.yaml:10:5: ") && multiple[0].ends_with("(spec.ports[2])"), "{errors:#?}");
     rejects(
         &se(&format!("  hosts: [a.example]\n{TLS443}  resolution: DNS\n  endpoints: [{{address: 'bad name'}}]\n")),
         "not a valid FQDN or an IP address",
