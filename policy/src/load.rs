@@ -32,14 +32,17 @@ pub struct SourceFile {
 /// Reads every path: a file as is, a directory's `*.yaml`, `*.yml` and
 /// `*.json` files (recursively, sorted, skipping names that start with `.`,
 /// such as Kubernetes ConfigMap `..data` folders, whose files are reached
-/// through the top-level symlinks).
+/// through the top-level symlinks). A file or directory reached twice (a
+/// symlink to it, or to a directory above it) is read once.
 pub fn read_paths<P: AsRef<Path>>(paths: &[P]) -> (Vec<SourceFile>, Vec<Diagnostic>) {
     let mut files = Vec::new();
     let mut problems = Vec::new();
+    let mut seen = Seen::new();
     for path in paths {
         let path = path.as_ref();
         match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => walk_dir(path, 0, &mut files, &mut problems),
+            Ok(meta) if !first_visit(&mut seen, &meta) => {}
+            Ok(meta) if meta.is_dir() => walk_dir(path, 0, &mut seen, &mut files, &mut problems),
             Ok(_) => read_one(path, &mut files, &mut problems),
             Err(e) => problems.push(file_problem(&path_arc(path), 0, 0, format!("cannot read: {e}"))),
         }
@@ -57,7 +60,15 @@ pub fn read_paths<P: AsRef<Path>>(paths: &[P]) -> (Vec<SourceFile>, Vec<Diagnost
     (files, problems)
 }
 
-fn walk_dir(dir: &Path, depth: usize, files: &mut Vec<SourceFile>, problems: &mut Vec<Diagnostic>) {
+/// The files and directories read so far, by device and inode.
+type Seen = std::collections::HashSet<(u64, u64)>;
+
+fn first_visit(seen: &mut Seen, meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    seen.insert((meta.dev(), meta.ino()))
+}
+
+fn walk_dir(dir: &Path, depth: usize, seen: &mut Seen, files: &mut Vec<SourceFile>, problems: &mut Vec<Diagnostic>) {
     let entries = match std::fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<PathBuf>>(),
         Err(e) => {
@@ -72,8 +83,10 @@ fn walk_dir(dir: &Path, depth: usize, files: &mut Vec<SourceFile>, problems: &mu
             continue;
         }
         match std::fs::metadata(&path) {
-            Ok(m) if m.is_dir() && depth < MAX_DEPTH => walk_dir(&path, depth + 1, files, problems),
-            Ok(m) if m.is_file() && is_policy_file(&path) => read_one(&path, files, problems),
+            Ok(m) if m.is_dir() && depth < MAX_DEPTH && first_visit(seen, &m) => {
+                walk_dir(&path, depth + 1, seen, files, problems);
+            }
+            Ok(m) if m.is_file() && is_policy_file(&path) && first_visit(seen, &m) => read_one(&path, files, problems),
             Ok(_) => {}
             // A dangling symlink in the middle of a ConfigMap swap: skip it, the next read sees the new one.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -88,3 +88,22 @@ fn a_bad_file_beside_good_ones_fails_the_whole_set() {
     };
     assert_eq!(errors.0.len(), 1, "{errors}");
 }
+
+/// Symlinks back up the tree (`again -> .`) and a second link to a file are
+/// read once: not the one EgressPolicy read again as "a second EgressPolicy"
+/// (the set refused), nor directories walked link after link.
+#[test]
+fn a_directory_reached_twice_through_symlinks_is_read_once() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let copy = |name: &str| {
+        let from = fixtures("sluice").join(name);
+        std::fs::copy(&from, dir.path().join(name)).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    };
+    copy("registry-only.yaml");
+    for (link, to) in [("again", "."), ("again2", "."), ("same.yaml", "registry-only.yaml")] {
+        std::os::unix::fs::symlink(to, dir.path().join(link)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let set = load_paths(&[dir.path()]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.files.len(), 1, "{:?}", set.files);
+    assert_eq!(set.settings.mode, Mode::RegistryOnly);
+}
