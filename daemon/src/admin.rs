@@ -123,13 +123,26 @@ struct NamesQuery {
     limit: Option<usize>,
 }
 
+/// `?ip=` is one lookup; anything else walks the whole table (up to a
+/// million IPs), off the control thread, which also serves DNS over TCP.
 async fn debug_names(State(a): State<Admin>, Query(q): Query<NamesQuery>) -> Json<serde_json::Value> {
     let now = Timestamp::now();
     let limit = q.limit.unwrap_or(1000).min(100_000);
     let name = q.name.map(|n| n.trim_end_matches('.').to_ascii_lowercase());
-    let rows = a.names.dump(now, limit, |ip, names| {
-        q.ip.is_none_or(|want| want == ip) && name.as_ref().is_none_or(|n| names.iter().any(|h| h.as_str() == n))
-    });
+    let wanted =
+        move |names: &[sluice_policy::Hostname]| name.as_ref().is_none_or(|n| names.iter().any(|h| h.as_str() == n));
+    let rows = match q.ip {
+        Some(ip) => {
+            let names = a.names.names(ip, now);
+            (!names.is_empty() && wanted(&names) && limit > 0).then_some((ip, names)).into_iter().collect()
+        }
+        None => {
+            let table = a.names.clone();
+            tokio::task::spawn_blocking(move || table.dump(now, limit, |_, names| wanted(names)))
+                .await
+                .unwrap_or_default()
+        }
+    };
     let rows: Vec<_> = rows
         .into_iter()
         .map(|(ip, names)| json!({"ip": ip.to_string(), "names": names.iter().map(ToString::to_string).collect::<Vec<_>>()}))

@@ -171,6 +171,33 @@ fn duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<D
     Ok(d)
 }
 
+/// A count for which 0 would mean nothing works (not "no limit").
+fn at_least_one(field: &str, n: usize) -> anyhow::Result<usize> {
+    if n == 0 {
+        bail!("{field}: must be at least 1 (0 would refuse everything; it does not mean unlimited)");
+    }
+    Ok(n)
+}
+
+/// `log.level`: a level, or a filter of `target=level` directives. A bare
+/// word that is no level would be read as a target name and silence every
+/// log line (`warning` for `warn`).
+fn log_level(s: &str) -> anyhow::Result<String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |w: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w.trim()));
+    for directive in s.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !is_level(level) {
+            bail!(
+                "log.level: {s:?}: {:?} is not a level (trace, debug, info, warn, error, off), as in \
+                 `info` or `info,sluice_forwarder=debug`",
+                level.trim()
+            );
+        }
+    }
+    Ok(s.to_owned())
+}
+
 /// A duration for which 0 means nothing sensible (every connection or query
 /// would fail at once; a re-read interval of 0 would stop the watcher).
 fn positive_duration(field: &str, v: Option<&str>, default: Duration) -> anyhow::Result<Duration> {
@@ -234,8 +261,12 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
             defaults.connect_timeout,
         )?,
         idle_timeout: positive_duration("forwarder.idleTimeout", f.idle_timeout.as_deref(), defaults.idle_timeout)?,
-        sniff_timeout: duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
-        max_connections_per_worker: f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
+        // 0 would sniff nothing: under REGISTRY_ONLY, TLS and HTTP to registered hosts DNS never named refused.
+        sniff_timeout: positive_duration("forwarder.sniffTimeout", f.sniff_timeout.as_deref(), defaults.sniff_timeout)?,
+        max_connections_per_worker: at_least_one(
+            "forwarder.maxConnectionsPerWorker",
+            f.max_connections_per_worker.unwrap_or(defaults.max_connections_per_worker),
+        )?,
         pipe_size: f.pipe_size.unwrap_or(defaults.pipe_size).clamp(4096, 16 << 20),
         pipe_max_size: f.pipe_max_size.unwrap_or(defaults.pipe_max_size).clamp(4096, 16 << 20),
     };
@@ -269,7 +300,10 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         listen: dns_listen.clone(),
         mark: forwarder.mark,
         timeout: positive_duration("dns.timeout", file.dns.timeout.as_deref(), dns_defaults.timeout)?,
-        max_tcp_connections: file.dns.max_tcp_connections.unwrap_or(dns_defaults.max_tcp_connections).max(1),
+        max_tcp_connections: at_least_one(
+            "dns.maxTcpConnections",
+            file.dns.max_tcp_connections.unwrap_or(dns_defaults.max_tcp_connections),
+        )?,
         ..dns_defaults
     };
     let mut policy = if o.policy.is_empty() { file.policy.clone() } else { o.policy.clone() };
@@ -284,7 +318,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         admin_listen: o.admin_listen.or(file.admin.listen).unwrap_or("127.0.0.1:15090".parse()?),
         state_dir: o.state_dir.clone().or(file.state_dir.clone()),
         log_format: if o.log_json { LogFormat::Json } else { file.log.format.unwrap_or_default() },
-        log_level: file.log.level.clone().unwrap_or_else(|| "info".into()),
+        log_level: log_level(file.log.level.as_deref().unwrap_or("info"))?,
         drain_timeout: duration("drainTimeout", file.drain_timeout.as_deref(), Duration::from_secs(30))?,
         reload_interval: positive_duration("reloadInterval", file.reload_interval.as_deref(), Duration::from_secs(60))?,
         name_table_capacity: file.name_table_capacity.unwrap_or(1_000_000).max(1024),
@@ -413,10 +447,29 @@ mod tests {
         } else {
             assert!(e.is_none(), "sluice's user is excluded instead");
         }
-        for zero in ["reloadInterval: 0s", "dns: {timeout: 0ms}", "forwarder: {connectTimeout: 0s}"] {
+        for zero in [
+            "reloadInterval: 0s",
+            "dns: {timeout: 0ms}",
+            "forwarder: {connectTimeout: 0s}",
+            "forwarder: {sniffTimeout: 0s}",
+        ] {
             let (_d, p) = write(&format!("{zero}\n"));
             let e = resolve(Overrides { config: Some(p), ..Overrides::default() }).err().map(|e| e.to_string());
             assert!(e.as_deref().is_some_and(|e| e.contains("must be longer than 0")), "{zero}: {e:?}");
+        }
+        for (bad, says) in [
+            ("forwarder: {maxConnectionsPerWorker: 0}", "must be at least 1"),
+            ("dns: {maxTcpConnections: 0}", "must be at least 1"),
+            ("log: {level: warning}", "\"warning\" is not a level"),
+            ("log: {level: 'info,sluice=verbose'}", "\"verbose\" is not a level"),
+        ] {
+            let (_d, p) = write(&format!("{bad}\n"));
+            let e = resolve(Overrides { config: Some(p), ..Overrides::default() }).err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains(says)), "{bad}: {e:?}");
+        }
+        for good in ["WARN", "info,hyper=warn", "sluice_forwarder=debug,info"] {
+            let (_d, p) = write(&format!("log: {{level: '{good}'}}\n"));
+            assert!(resolve(Overrides { config: Some(p), ..Overrides::default() }).is_ok(), "{good}");
         }
         let (_d2, p2) = write("drainTimeout: soon\n");
         let e = resolve(Overrides { config: Some(p2), ..Overrides::default() }).err().map(|e| e.to_string());

@@ -151,6 +151,18 @@ async fn control(
     for addr in &bound {
         tracing::info!(%addr, ?upstreams, "DNS proxy listening (UDP and TCP)");
     }
+    if config.intercept.is_some() {
+        for upstream in upstreams.iter().filter(|u| u.ip().is_loopback()) {
+            // Its own lookups are not sluice's: the rules send them back here, and here sends them to it.
+            tracing::warn!(
+                %upstream,
+                "DNS upstream on this node's loopback with --intercept: the resolver there sends its own lookups \
+                 out, and the rules bring them back to sluice (a loop: every lookup times out) unless \
+                 intercept.exclude covers where it sends them; better give sluice that resolver's upstreams \
+                 (--dns-upstream / dns.upstreams)"
+            );
+        }
+    }
     let dns_shared = sluice_dnsproxy::Shared { policy: state.snapshot.clone(), names: names.clone() };
     let dns = sluice_dnsproxy::start(config.dns.clone(), dns_shared.clone(), udp, tcp).context("DNS proxy")?;
     // The DNS proxy and the admin API stop last, after the drain.
@@ -166,6 +178,11 @@ async fn control(
         };
         tokio::spawn(sluice_dnsproxy::keep_saved(names.clone(), path, SAVE_EVERY, last))
     });
+    // Before the rules go in: a SIGTERM from then on drains and removes them, rather than killing sluice
+    // with the table left in place.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     if let Some(rules) = &config.intercept {
         crate::rules::apply(rules).context("--intercept: cannot install the nftables rules")?;
         RULES_INSTALLED.store(true, Ordering::Relaxed);
@@ -196,9 +213,6 @@ async fn control(
     let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
     watchdog.tick().await;
     let mut last_beats = forwarder.beats();
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     ready.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!("sluice is ready");
