@@ -271,20 +271,17 @@ pub(crate) async fn watch(
             let _ = tx.send(());
         }
     });
-    let _watcher = match watcher {
-        Ok(mut w) => {
-            for (dir, mode) in watch_dirs(&state.paths) {
-                if let Err(e) = w.watch(&dir, mode) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
-                }
-            }
-            Some(w)
-        }
+    let mut watcher = match watcher {
+        Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "no file watcher; relying on SIGHUP and the periodic re-read");
             None
         }
     };
+    let mut watched = Vec::new();
+    if let Some(w) = &mut watcher {
+        watched = arm(w, &[], &state.paths, true);
+    }
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     loop {
@@ -324,7 +321,39 @@ pub(crate) async fn watch(
         if told {
             on_reload(false);
         }
+        // A watch follows the directory it was set on, not its path: after a
+        // rename-swap, or a removal and a new one, it would watch nothing for ever.
+        if let Some(w) = &mut watcher {
+            watched = arm(w, &watched, &state.paths, false);
+        }
     }
+}
+
+/// Watches the directories of `paths` afresh (those of `before` dropped
+/// first), and returns them. A failure is a warning the first time, and
+/// while a directory is missing (the watch is then on its parent) a debug
+/// line at each re-arm.
+fn arm(
+    w: &mut notify::RecommendedWatcher,
+    before: &[(PathBuf, RecursiveMode)],
+    paths: &[PathBuf],
+    first: bool,
+) -> Vec<(PathBuf, RecursiveMode)> {
+    for (dir, _) in before {
+        let _ = w.unwatch(dir);
+    }
+    let dirs = watch_dirs(paths);
+    for (dir, mode) in &dirs {
+        if let Err(e) = w.watch(dir, *mode) {
+            let dir = dir.display();
+            if first {
+                tracing::warn!(%dir, error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
+            } else {
+                tracing::debug!(%dir, error = %e, "cannot watch policy directory again");
+            }
+        }
+    }
+    dirs
 }
 
 #[cfg(test)]

@@ -196,6 +196,51 @@ fn hot_reload_applies_good_policy_and_keeps_it_through_a_broken_file() {
     assert_eq!(p["entries"].as_array().map(Vec::len), Some(2));
 }
 
+/// The watch follows the policy directory at its path: swapped for another
+/// by renames (a rename-swap deploy, git-sync), or removed and made again,
+/// later edits in the directory now there still apply at once (the periodic
+/// re-read is a minute away). And watching afresh after each reload
+/// raises no reload of its own.
+#[test]
+fn the_watch_follows_a_policy_directory_swapped_or_made_again() {
+    let root = tempfile::tempdir().unwrap();
+    let pol = root.path().join("pol");
+    // A directory made whole elsewhere, then renamed to `pol`.
+    let make = |name: &str, registry_only: bool| {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("httpbin.yaml"), HTTPBIN).unwrap();
+        if registry_only {
+            std::fs::write(dir.join("node.yaml"), REGISTRY_ONLY).unwrap();
+        }
+        dir
+    };
+    std::fs::rename(make("first", false), &pol).unwrap();
+    let sluice = Sluice::start(&pol, &[]);
+    std::fs::rename(&pol, root.path().join("old")).unwrap();
+    std::fs::rename(make("second", true), &pol).unwrap();
+    sluice.wait_policy("the swapped-in directory", |p| p["mode"] == "REGISTRY_ONLY");
+    std::fs::remove_file(pol.join("node.yaml")).unwrap();
+    sluice.wait_policy("an edit in the swapped-in directory", |p| p["mode"] == "ALLOW_ANY");
+    std::fs::remove_dir_all(&pol).unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // seen gone: the last good policy stays
+    std::fs::rename(make("third", true), &pol).unwrap();
+    sluice.wait_policy("the directory made again", |p| p["mode"] == "REGISTRY_ONLY");
+    std::fs::remove_file(pol.join("node.yaml")).unwrap();
+    let p = sluice.wait_policy("an edit in the directory made again", |p| p["mode"] == "ALLOW_ANY");
+    let generation = p["generation"].as_u64();
+    let reloads = |s: &Sluice| {
+        ["ok", "error", "unchanged"]
+            .map(|r| s.metric(&format!("sluice_policy_reloads_total{{result=\"{r}\"}}")).unwrap_or(0.0))
+            .iter()
+            .sum::<f64>()
+    };
+    let before = reloads(&sluice);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reloads(&sluice), before, "nothing changed, nothing re-read");
+    assert_eq!(sluice.policy()["generation"].as_u64(), generation);
+}
+
 #[test]
 fn sighup_rereads_and_sigterm_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
