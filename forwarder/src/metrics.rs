@@ -11,7 +11,11 @@
 //! - other names (from DNS, SNI, Host): the first [`MAX_DESTINATIONS`] per
 //!   process, addresses (no name known): the first [`MAX_ADDRESSES`], other
 //!   ports: the first [`MAX_PORTS`]; past each cap, new values fold into
-//!   `other`.
+//!   `other`;
+//! - and their pairs (`destination_service` past the policy's hosts, with
+//!   `destination_port`): the first [`MAX_PAIRS`]; past it both fold into
+//!   `other`, or a client sending made-up Host values to many ports would
+//!   make every name-port product a series.
 //!
 //! Bytes are counted as they move (per spliced chunk), so a long-lived
 //! connection shows its traffic while it is open; they carry
@@ -50,6 +54,10 @@ pub const MAX_DESTINATIONS: usize = 2_000;
 pub const MAX_ADDRESSES: usize = 256;
 /// Distinct ports outside every ServiceEntry kept as `destination_port`.
 pub const MAX_PORTS: usize = 64;
+/// Distinct (`destination_service`, `destination_port`) pairs kept, where the
+/// service is not a ServiceEntry host: room for every kept name and address
+/// on a few ports each.
+pub const MAX_PAIRS: usize = 8_192;
 
 /// One connection's label set.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -95,6 +103,8 @@ thread_local! {
 enum Value {
     Text(Arc<str>),
     Port(u16),
+    /// A service and a port (`None`: `other`).
+    Pair(Arc<str>, Option<u16>),
 }
 
 /// One label's values past the policy's own: admitted up to a cap per process.
@@ -106,6 +116,7 @@ struct Bounded {
 static NAMES: Bounded = Bounded::new(MAX_DESTINATIONS);
 static ADDRESSES: Bounded = Bounded::new(MAX_ADDRESSES);
 static PORTS: Bounded = Bounded::new(MAX_PORTS);
+static PAIRS: Bounded = Bounded::new(MAX_PAIRS);
 
 impl Bounded {
     const fn new(cap: usize) -> Bounded {
@@ -186,18 +197,17 @@ fn labels(
         Cluster::Passthrough => (fixed(&PASSTHROUGH_NAME), None),
         Cluster::BlackHole => (fixed(&BLACKHOLE_NAME), None),
     };
-    let service = match &verdict.name {
+    let mut port = (snapshot.serves_port(dst_port) || PORTS.admits(&Value::Port(dst_port))).then_some(dst_port);
+    let mut service = match &verdict.name {
         Some(name) if Some(name) == entry_host => name.shared(),
         Some(name) => NAMES.text(name.shared()),
         None => ADDRESSES.text(Arc::from(dst_ip.to_string())),
     };
-    Labels {
-        workload: verdict.workload.clone().unwrap_or_else(|| fixed(&UNKNOWN)),
-        service,
-        service_name,
-        port: (snapshot.serves_port(dst_port) || PORTS.admits(&Value::Port(dst_port))).then_some(dst_port),
-        flags,
+    let policy_named = verdict.name.is_some() && verdict.name.as_ref() == entry_host;
+    if !policy_named && !Arc::ptr_eq(&service, &OTHER) && !PAIRS.admits(&Value::Pair(service.clone(), port)) {
+        (service, port) = (fixed(&OTHER), None);
     }
+    Labels { workload: verdict.workload.clone().unwrap_or_else(|| fixed(&UNKNOWN)), service, service_name, port, flags }
 }
 
 fn label_list(l: &Labels, protocol: &'static str) -> Vec<Label> {
@@ -279,6 +289,19 @@ mod tests {
         // A value this worker saw admitted to one label is not thereby admitted to another.
         static FULL: Bounded = Bounded::new(0);
         assert_eq!(&*FULL.text(Arc::from("n7.example")), "other", "each label has its own cap");
+    }
+
+    #[test]
+    fn pairs_past_the_cap_fold_into_other() {
+        static TEST_PAIRS: Bounded = Bounded::new(4);
+        let pair = |name: &str, port| Value::Pair(Arc::from(name), port);
+        for (name, port) in
+            [("a.example", Some(80)), ("a.example", Some(443)), ("b.example", Some(80)), ("b.example", None)]
+        {
+            assert!(TEST_PAIRS.admits(&pair(name, port)));
+        }
+        assert!(!TEST_PAIRS.admits(&pair("a.example", None)), "a kept name on a fifth pair");
+        assert!(TEST_PAIRS.admits(&pair("b.example", Some(80))), "admitted pairs keep their series");
     }
 
     #[test]
