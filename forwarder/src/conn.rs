@@ -207,11 +207,32 @@ async fn forward(
         report.outcome = Outcome::ClientFailed;
         return;
     }
+    // The waits before the splice race the worker's drain time too: past it,
+    // both sides are reset and the connection reported, not dropped with the
+    // worker (a close after part of the first bytes would look complete).
     if !verdict.allow {
-        report.outcome = refuse(&mut client, &verdict, &seen, dst).await;
+        let refused = monoio::select! {
+            biased;
+            o = refuse(&mut client, &verdict, &seen, dst) => Some(o),
+            () = ctx.abort.fired() => None,
+        };
+        report.outcome = refused.unwrap_or_else(|| {
+            sys::reset_on_close(&client);
+            Outcome::RefusedReset
+        });
         return;
     }
-    let mut upstream = match connect(dst, ctx.config.mark, ctx.config.connect_timeout).await {
+    let connected = monoio::select! {
+        biased;
+        c = connect(dst, ctx.config.mark, ctx.config.connect_timeout) => Some(c),
+        () = ctx.abort.fired() => None,
+    };
+    let Some(connected) = connected else {
+        sys::reset_on_close(&client);
+        report.outcome = Outcome::Spliced(End::Shutdown);
+        return;
+    };
+    let mut upstream = match connected {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(%dst, error = %e, "upstream connect failed: resetting client");
@@ -228,13 +249,17 @@ async fn forward(
     } else {
         let n = first.len() as u64;
         // Bounded like any other wait: an upstream that never opens its window.
-        let written = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)).await;
-        if !matches!(written, Ok((Ok(_), _))) {
+        let written = monoio::select! {
+            biased;
+            w = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)) => Some(w),
+            () = ctx.abort.fired() => None,
+        };
+        if !matches!(written, Some(Ok((Ok(_), _)))) {
             // Both reset: an upstream that got part of the first bytes must
             // not see a clean close after them, as if they were whole.
             sys::reset_on_close(&client);
             sys::reset_on_close(&upstream);
-            report.outcome = Outcome::Spliced(End::UpstreamError);
+            report.outcome = Outcome::Spliced(if written.is_some() { End::UpstreamError } else { End::Shutdown });
             return;
         }
         report.sent = n;

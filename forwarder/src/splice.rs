@@ -64,12 +64,46 @@ pub(crate) struct Abort {
 }
 
 impl Abort {
-    /// Ends every connection that is splicing (they end as their tasks run).
+    /// Ends every connection that is splicing (they end as their tasks run),
+    /// and every wait on [`fired`](Self::fired).
     pub(crate) fn fire(&self) {
         self.fired.set(true);
         for (_, task) in self.tasks.borrow_mut().drain() {
             task.wake();
         }
+    }
+
+    /// Resolves once the drain time is over: for a connection that is not
+    /// splicing yet, or no longer (connecting upstream, writing its first
+    /// bytes, refusing), to race its wait against.
+    pub(crate) fn fired(&self) -> Fired<'_> {
+        let slot = self.next.get();
+        self.next.set(slot + 1);
+        Fired { abort: self, slot }
+    }
+}
+
+/// [`Abort::fired`]'s future; its task leaves the registry when dropped.
+pub(crate) struct Fired<'a> {
+    abort: &'a Abort,
+    slot: u64,
+}
+
+impl std::future::Future for Fired<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.abort.fired.get() {
+            return Poll::Ready(());
+        }
+        self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for Fired<'_> {
+    fn drop(&mut self) {
+        self.abort.tasks.borrow_mut().remove(&self.slot);
     }
 }
 

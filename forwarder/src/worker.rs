@@ -280,8 +280,9 @@ async fn worker(
     if active.get() > 0 {
         tracing::info!(worker = id, open = active.get(), "drain time over: resetting the remaining connections");
         ctx.abort.fire();
-        // Their tasks end them and report them; one still connecting or
-        // sniffing (bounded by its own timeout) is dropped when the worker ends.
+        // Their tasks end them and report them (connecting, writing the first
+        // bytes, refusing or splicing); one still sniffing (bounded by the sniff
+        // deadline) is dropped when the worker ends.
         until_none_open(&active, Duration::from_secs(1)).await;
     }
 }

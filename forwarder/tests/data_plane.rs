@@ -471,6 +471,31 @@ fn connections_left_when_the_drain_ends_are_reset_and_reported() {
     }
 }
 
+/// A connection the drain time ends before its splice began — still
+/// connecting to an upstream that does not answer (its SYNs dropped) — is
+/// reset and reported too, not dropped with the worker unreported.
+#[test]
+fn a_connection_still_connecting_when_the_drain_ends_is_reset_and_reported() {
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let mut fwd = Fwd::start(&ns, driver, ALLOW_ANY, |c| c.connect_timeout = Duration::from_secs(30));
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(5), 7003);
+        // The forwarder's own SYNs to it vanish (the client's are redirected before this hook).
+        let drop_syns = format!("ip daddr {} tcp dport 7003 drop", dst.ip());
+        ns.nft(&format!("table inet blackhole {{\n  chain out {{\n    type filter hook output priority 0;\n    {drop_syns}\n  }}\n}}"));
+        let c = ns.within(move || TcpStream::connect(dst).unwrap());
+        std::thread::sleep(Duration::from_millis(200)); // accepted, and connecting upstream
+        let started = std::time::Instant::now();
+        fwd.handle.take().unwrap().shutdown(Duration::from_millis(100));
+        assert!(started.elapsed() < Duration::from_secs(5), "{driver:?}: the drain did not wait for the connect");
+        timeouts(&c);
+        let mut b = [0u8; 1];
+        assert_eq!((&c).read(&mut b).map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset), "{driver:?}");
+        assert_eq!(fwd.wait_reports(1)[0].outcome, ConnOutcome::Spliced(End::Shutdown), "{driver:?}");
+    }
+}
+
 /// TCP urgent data (`MSG_OOB`: telnet's interrupt, FTP's ABOR, Oracle Net's
 /// break) stops `splice(2)` at the urgent mark: the bytes around it must
 /// still all arrive, each way, the urgent byte out of band as it came, and
