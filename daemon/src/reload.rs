@@ -90,7 +90,10 @@ impl PolicyState {
             keep,
         };
         metrics::gauge!(GENERATION).set(1.0);
-        metrics::gauge!(LAST_SUCCESS).set(unix_now());
+        if state.last_error.lock().is_ok_and(|e| e.is_none()) {
+            // Not when the files were refused and the saved policy stands in: that is no success.
+            metrics::gauge!(LAST_SUCCESS).set(unix_now());
+        }
         Ok((state, set))
     }
 

@@ -152,6 +152,14 @@ async fn control(
         tracing::info!(%addr, ?upstreams, "DNS proxy listening (UDP and TCP)");
     }
     if config.intercept.is_some() {
+        // The rules (one inet table) redirect both families to the same ports.
+        let forwarder_v6 = config.forwarder.listen.iter().any(|l| l.addr.is_ipv6());
+        if !forwarder_v6 || !config.dns_listen.iter().any(SocketAddr::is_ipv6) {
+            tracing::warn!(
+                "--intercept without an IPv6 listener for the forwarder or the DNS proxy: the rules redirect the \
+                 node's IPv6 connections and lookups too, to a port nothing listens on (refused); add [::]:PORT"
+            );
+        }
         for upstream in upstreams.iter().filter(|u| u.ip().is_loopback()) {
             // Its own lookups are not sluice's: the rules send them back here, and here sends them to it.
             tracing::warn!(
