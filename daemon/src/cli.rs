@@ -140,12 +140,7 @@ fn rules() -> OptionParser<Command> {
         .help("Drop other new outbound UDP flows (QUIC), for REGISTRY_ONLY nodes; DNS and replies still pass")
         .switch();
     let rules =
-        construct!(crate::rules::Rules { forwarder_port, dns_port, mark, uid, exclude, exclude_ports, drop_udp })
-            .guard(
-                |r| r.mark != 0 || r.uid.is_some(),
-                "--mark 0 needs --uid: nothing else keeps sluice's own connections and lookups out of the rules \
-                 (they would come straight back to it)",
-            );
+        construct!(crate::rules::Rules { forwarder_port, dns_port, mark, uid, exclude, exclude_ports, drop_udp });
     let action = positional::<String>("ACTION").help("print, apply or remove").parse(|a| match a.as_str() {
         "print" => Ok(RulesAction::Print),
         "apply" => Ok(RulesAction::Apply),
@@ -153,6 +148,12 @@ fn rules() -> OptionParser<Command> {
         _ => Err("expected print, apply or remove"),
     });
     construct!(rules, action)
+        .guard(
+            // `remove` takes what `apply` took, and must still remove.
+            |(r, action)| matches!(action, RulesAction::Remove) || r.mark != 0 || r.uid.is_some(),
+            "--mark 0 needs --uid: nothing else keeps sluice's own connections and lookups out of the rules \
+             (they would come straight back to it)",
+        )
         .map(|(rules, action)| Command::Rules(action, rules))
         .to_options()
         .descr("The nftables ruleset (table inet sluice) that sends the node's outbound TCP to the forwarder")

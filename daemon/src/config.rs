@@ -183,14 +183,20 @@ fn at_least_one(field: &str, n: usize) -> anyhow::Result<usize> {
 /// word that is no level would be read as a target name and silence every
 /// log line (`warning` for `warn`).
 fn log_level(s: &str) -> anyhow::Result<String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    const LEVELS: [&str; 12] = ["trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5"];
     let is_level = |w: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w.trim()));
-    for directive in s.split(',') {
-        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+    // Empty directives (a trailing comma) are skipped, as tracing skips them.
+    for directive in s.split(',').filter(|d| !d.trim().is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            // A span filter alone (`[conn]`): its level is implied, as for a `target=trace`.
+            None if directive.trim_start().starts_with('[') => continue,
+            None => directive,
+        };
         if !is_level(level) {
             bail!(
                 "log.level: {s:?}: {:?} is not a level (trace, debug, info, warn, error, off), as in \
-                 `info` or `info,sluice_forwarder=debug`",
+                 `info` or `info,sluice_forwarder=debug` (a whole target: `sluice_forwarder=trace`)",
                 level.trim()
             );
         }
@@ -467,7 +473,9 @@ mod tests {
             let e = resolve(Overrides { config: Some(p), ..Overrides::default() }).err().map(|e| e.to_string());
             assert!(e.as_deref().is_some_and(|e| e.contains(says)), "{bad}: {e:?}");
         }
-        for good in ["WARN", "info,hyper=warn", "sluice_forwarder=debug,info"] {
+        for good in
+            ["WARN", "info,hyper=warn", "sluice_forwarder=debug,info", "info,", "sluice=4", "[conn]", "x[s]=off"]
+        {
             let (_d, p) = write(&format!("log: {{level: '{good}'}}\n"));
             assert!(resolve(Overrides { config: Some(p), ..Overrides::default() }).is_ok(), "{good}");
         }

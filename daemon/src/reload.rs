@@ -283,7 +283,7 @@ pub(crate) async fn watch(
     };
     let mut watched = Vec::new();
     if let Some(w) = &mut watcher {
-        watched = arm(w, &[], &state.paths, true);
+        watched = arm(w, watched, &state.paths);
     }
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
@@ -327,36 +327,41 @@ pub(crate) async fn watch(
         // A watch follows the directory it was set on, not its path: after a
         // rename-swap, or a removal and a new one, it would watch nothing for ever.
         if let Some(w) = &mut watcher {
-            watched = arm(w, &watched, &state.paths, false);
+            watched = arm(w, std::mem::take(&mut watched), &state.paths);
         }
     }
 }
 
-/// Watches the directories of `paths` afresh (those of `before` dropped
-/// first), and returns them. A failure is a warning the first time, and
-/// while a directory is missing (the watch is then on its parent) a debug
-/// line at each re-arm.
-fn arm(
-    w: &mut notify::RecommendedWatcher,
-    before: &[(PathBuf, RecursiveMode)],
-    paths: &[PathBuf],
-    first: bool,
-) -> Vec<(PathBuf, RecursiveMode)> {
-    for (dir, _) in before {
+/// A watched directory: its path, how, and which directory it was then
+/// (device, inode).
+type Watched = (PathBuf, RecursiveMode, Option<(u64, u64)>);
+
+/// Watches the directories of `paths`, unless they are the very ones of
+/// `before` (same paths, same directories): a rename-swap or a new
+/// directory at a path is watched afresh, and an unchanged one keeps its
+/// watch (no gap, no walk of the tree at every re-read).
+fn arm(w: &mut notify::RecommendedWatcher, before: Vec<Watched>, paths: &[PathBuf]) -> Vec<Watched> {
+    use std::os::unix::fs::MetadataExt;
+    let now: Vec<Watched> = watch_dirs(paths)
+        .into_iter()
+        .map(|(dir, mode)| {
+            let id = std::fs::metadata(&dir).ok().map(|m| (m.dev(), m.ino()));
+            (dir, mode, id)
+        })
+        .collect();
+    if now == before {
+        return before;
+    }
+    for (dir, _, _) in &before {
         let _ = w.unwatch(dir);
     }
-    let dirs = watch_dirs(paths);
-    for (dir, mode) in &dirs {
+    for (dir, mode, _) in &now {
         if let Err(e) = w.watch(dir, *mode) {
             let dir = dir.display();
-            if first {
-                tracing::warn!(%dir, error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
-            } else {
-                tracing::debug!(%dir, error = %e, "cannot watch policy directory again");
-            }
+            tracing::warn!(%dir, error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
         }
     }
-    dirs
+    now
 }
 
 #[cfg(test)]

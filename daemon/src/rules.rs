@@ -76,9 +76,13 @@ impl Rules {
         if self.drop_udp {
             for (chain, hook) in [("udp_output", "output"), ("udp_forward", "forward")] {
                 let _ = writeln!(r, "  chain {chain} {{\n    type filter hook {hook} priority filter; policy accept;");
-                // After the nat hooks: a redirected lookup's port is the proxy's by now (`ct status dnat`).
                 let _ = writeln!(r, "    meta l4proto != udp accept\n    udp dport 53 accept");
-                let _ = writeln!(r, "    ct state established,related accept\n    ct status dnat accept");
+                let _ = writeln!(r, "    ct state established,related accept");
+                if let Some(dns) = self.dns_port.filter(|_| hook == "output") {
+                    // After the nat hook: a redirected lookup's port is the proxy's by now. (Pods'
+                    // redirected lookups are local: they never cross `forward`.)
+                    let _ = writeln!(r, "    udp dport {dns} ct status dnat accept");
+                }
                 if !self.exclude_ports.is_empty() {
                     let _ = writeln!(r, "    udp dport {{ {} }} accept", self.port_list());
                 }
@@ -265,7 +269,8 @@ mod tests {
         assert!(at("ip daddr { 10.96.0.0/12 } return") < at("udp dport 53 redirect"), "excluded: DNS too");
         assert!(at("udp dport 53 redirect") < at("tcp dport { 22 } return"), "port excludes are TCP's");
         assert!(text.contains("meta mark 0x51ce accept"), "sluice's marked UDP passes the UDP drop");
-        assert_eq!(text.matches("ct state established,related accept\n    ct status dnat accept").count(), 2);
+        assert_eq!(text.matches("ct state established,related accept").count(), 2);
+        assert_eq!(text.matches("udp dport 15053 ct status dnat accept").count(), 1, "output only");
         assert_eq!(text.matches("udp dport { 22 } accept").count(), 2, "excluded ports pass the UDP drop");
         let prerouting = &text[text.find("chain prerouting").unwrap_or(0)..];
         let at = |what: &str| prerouting.find(what).unwrap_or_else(|| panic!("{what} in {prerouting}"));

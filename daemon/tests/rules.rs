@@ -140,6 +140,7 @@ fn apply_without_a_mark_or_a_user_is_refused() {
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--mark 0 needs --uid"));
     assert_eq!(ns.run("nft", &["list", "ruleset"]).1.trim(), "", "nothing applied");
+    assert!(ns.sluice(&["rules", "remove", "--mark", "0"]).0, "remove, given what apply was given, still removes");
 }
 
 /// A python3 script running in `ns`, its output read line by line.

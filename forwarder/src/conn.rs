@@ -11,7 +11,7 @@ use monoio::net::TcpStream;
 use sluice_policy::{Connection, Snapshot, Timestamp, Verdict, decide};
 
 use crate::sniff::{MAX_SNIFF_BYTES, MAX_SNIFF_READS, Sniff, sniff};
-use crate::splice::{End, PipeSizes, splice_both};
+use crate::splice::{Abort, End, PipeSizes, splice_both};
 use crate::{Config, Intercept, Shared, sys};
 
 /// Per-worker state every connection reads.
@@ -184,13 +184,14 @@ async fn forward(
         seen = read_first(&client, &mut first, ctx.config.sniff_timeout).await.unwrap_or(Sniff::NeedMore);
         if let Some(s) = seen.sniffed() {
             conn.sniffed = Some(s);
-            // Only to say why, and to whom: no HTTP or TLS ServiceEntry serves
-            // this port, so a name the client sends vouches for nothing (opaque
-            // TCP is judged by what DNS said) and the refusal stands.
             let named = decide(&snapshot, names, &conn, Timestamp::now());
-            if named.allow {
+            if named.allow && !snapshot.sniff_useful(dst) {
+                // No HTTP or TLS ServiceEntry serves this port: a name the
+                // client sends vouches for nothing (opaque TCP is judged by
+                // what DNS said), so it only says to whom the refusal was.
                 verdict.name = named.name;
             } else {
+                // Or a name that came late, on a port where names count.
                 verdict = named;
             }
         }
@@ -211,15 +212,7 @@ async fn forward(
     // both sides are reset and the connection reported, not dropped with the
     // worker (a close after part of the first bytes would look complete).
     if !verdict.allow {
-        let refused = monoio::select! {
-            biased;
-            o = refuse(&mut client, &verdict, &seen, dst) => Some(o),
-            () = ctx.abort.fired() => None,
-        };
-        report.outcome = refused.unwrap_or_else(|| {
-            sys::reset_on_close(&client);
-            Outcome::RefusedReset
-        });
+        report.outcome = refuse(&mut client, &verdict, &seen, dst, &ctx.abort).await;
         return;
     }
     let connected = monoio::select! {
@@ -320,7 +313,9 @@ async fn recv_by(client: &TcpStream, until: Instant, buf: &mut [u8]) -> io::Resu
     }
 }
 
-async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: SocketAddr) -> Outcome {
+/// Refuses: an HTTP client gets its 502, then a lingering close; any other a
+/// reset. The drain time's end (`abort`) cuts either wait short with a reset.
+async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: SocketAddr, abort: &Abort) -> Outcome {
     if seen.is_http() {
         let host = verdict.name.as_ref().map_or_else(|| dst.ip().to_string(), ToString::to_string);
         let mode = match verdict.mode {
@@ -332,12 +327,22 @@ async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: So
             "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nx-sluice-verdict: BlackHoleCluster\r\n\r\n{body}",
             body.len()
         );
-        let (res, _) = monoio::time::timeout(Duration::from_secs(5), client.write_all(resp.into_bytes()))
-            .await
-            .unwrap_or((Err(io::ErrorKind::TimedOut.into()), Vec::new()));
-        if res.is_ok() {
+        let write = monoio::time::timeout(Duration::from_secs(5), client.write_all(resp.into_bytes()));
+        let written = monoio::select! {
+            biased;
+            w = write => matches!(w, Ok((Ok(_), _))),
+            () = abort.fired() => false,
+        };
+        if written {
             let _ = sys::shutdown(client, nix::sys::socket::Shutdown::Write);
-            Box::pin(linger(client)).await; // boxed: rare, kept out of every connection's task
+            let aborted = monoio::select! {
+                biased;
+                () = Box::pin(linger(client)) => false, // boxed: rare, kept out of every connection's task
+                () = abort.fired() => true,
+            };
+            if aborted {
+                sys::reset_on_close(client);
+            }
             return Outcome::Refused502;
         }
     }

@@ -18,10 +18,10 @@
 //!
 //! A direction that never has to wait (a fast source, a destination with
 //! room: a single stream on loopback ran 300 ms so) gives the worker back
-//! every [`YIELD_BYTES`], and lets it park every [`PARK_AFTER`]: the
-//! worker's other connections, its accepts, its timers (idle, sniff
-//! deadlines, the heartbeat the systemd watchdog hangs on) and a drain go on
-//! beside it.
+//! every [`YIELD_BYTES`] (on io_uring through a park of the worker), and
+//! makes it park every [`PARK_AFTER`] on both drivers: the worker's other
+//! connections, its accepts, its timers (idle, sniff deadlines, the
+//! heartbeat the systemd watchdog hangs on) and a drain go on beside it.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -341,14 +341,23 @@ impl Link<'_> {
                     self.delivered(from, n as u64);
                     run_bytes += n as u64;
                     if run_bytes >= YIELD_BYTES {
+                        run_bytes = 0;
                         if run_start.elapsed() >= PARK_AFTER {
                             // Timers fire only when the worker parks: a sleep makes it (≤ 1 ms).
-                            monoio::time::sleep(Duration::ZERO).await;
+                            // Boxed: inline, its timer would grow every connection's task.
+                            Box::pin(monoio::time::sleep(Duration::ZERO)).await;
                             run_start = Instant::now();
                         } else {
+                            // On io_uring a readiness op (the destination has room: at once)
+                            // makes the worker park, which is when the ring (DEFER_TASKRUN)
+                            // posts the other connections' completions and timers fire; on
+                            // epoll it returns at once, and the yield lets the others in.
+                            if let Err(end) = self.wait(dst, false, from).await {
+                                self.fail(end);
+                                return moved;
+                            }
                             yield_now().await;
                         }
-                        run_bytes = 0;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -520,17 +529,15 @@ fn warn_shortage(e: &io::Error) {
     }
 }
 
-/// Spare empty pipes per worker thread. Small: pooled pipes still count
-/// against the user's pipe pages.
-/// Bytes a direction moves without waiting before the worker's other ready
-/// tasks and I/O completions get a turn.
+/// Bytes a direction moves without waiting before it gives the worker back.
 const YIELD_BYTES: u64 = 1 << 20;
-/// How long a direction runs without waiting before it lets the worker park
-/// (a park costs up to a timer tick, 1 ms: at most 2 % of such a run).
+/// How long a direction runs without waiting before it makes the worker park
+/// with a timer (a park costs up to a timer tick, 1 ms: at most 2 % of such a
+/// run), for the epoll driver's timers.
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// Pending once, having woken itself: the worker runs its other ready tasks
-/// and reaps I/O completions before this one goes on (monoio has no
+/// (and, on epoll, polls for events) before this one goes on (monoio has no
 /// `yield_now`).
 fn yield_now() -> impl std::future::Future<Output = ()> {
     let mut yielded = false;
@@ -544,6 +551,8 @@ fn yield_now() -> impl std::future::Future<Output = ()> {
     })
 }
 
+/// Spare empty pipes per worker thread. Small: pooled pipes still count
+/// against the user's pipe pages.
 const POOL_MAX: usize = 32;
 
 /// Pipes grown past the base size, per worker thread. What a grown pipe can

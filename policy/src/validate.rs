@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use serde_saphyr::{Location as Loc, Spanned};
 
 use crate::diag::{Diagnostic, DocPlace};
-use crate::host::{HostPattern, Hostname};
+use crate::host::{HostError, HostPattern, Hostname};
 use crate::model::{DnsSettings, EgressSettings, Endpoint, Origin, Port, Protocol, Resolution, ServiceEntry, Workload};
 use crate::raw::{self, EgressPolicySpec, Location, ServiceEntrySpec};
 
@@ -131,6 +131,11 @@ fn check_hosts(
     for (i, h) in raw.iter().enumerate() {
         let field = format!("spec.hosts[{i}]");
         match HostPattern::parse(&h.value) {
+            // A warning, not an error, for now: sets that had one loaded before (it matched
+            // nothing), and their saved copy, must still load after an upgrade.
+            Err(e @ (HostError::IpAddress(_) | HostError::NumericTld(_))) => {
+                ck.warn(h.referenced, format!("host ignored, it matches nothing: {e} (Istio refuses it)"), field);
+            }
             Err(e) => ck.error(h.referenced, format!("invalid host {:?}: {e}", h.value), field),
             Ok(p) => {
                 let dns = matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin);

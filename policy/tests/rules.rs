@@ -38,13 +38,18 @@ fn hosts_are_required_and_normalised() {
     let hosts: Vec<String> = set.entries[0].hosts.iter().map(ToString::to_string).collect();
     assert_eq!(hosts, ["api.example.com", "xn--bcher-kva.example"]);
     rejects(&se(&format!("  hosts: [a.*.example]\n{TLS443}")), "p.yaml:6:11: invalid host");
-    // An address is not a host (it would match nothing): Istio refuses it too.
-    rejects(
-        &se(&format!("  hosts: [10.1.2.3]\n{TLS443}")),
-        "is an IP address, not a host name: list it in spec.addresses",
-    );
-    rejects(&se(&format!("  hosts: ['2001:db8::1']\n{TLS443}")), "is an IP address");
-    rejects(&se(&format!("  hosts: [db.internal.42]\n{TLS443}")), "ends in an all-numeric label");
+    // An address is not a host (it would match nothing): Istio refuses it; sluice ignores it, with a warning
+    // (a set that had one loaded before, and its saved copy, still load).
+    for (host, says) in [
+        ("10.1.2.3", "is an IP address, not a host name: list it in spec.addresses"),
+        ("'2001:db8::1'", "is an IP address"),
+        ("db.internal.42", "ends in an all-numeric label"),
+    ] {
+        let set = accepts(&se(&format!("  hosts: [{host}, ok.example]\n{TLS443}")));
+        let hosts: Vec<String> = set.entries[0].hosts.iter().map(ToString::to_string).collect();
+        assert_eq!(hosts, ["ok.example"], "{host}");
+        assert!(set.warnings.iter().any(|w| w.message.contains(says)), "{host}: {:?}", set.warnings);
+    }
     accepts(&se(&format!("  hosts: [db.42.example, 1.2.3.4.in-addr.arpa]\n{TLS443}")));
 }
 
