@@ -212,15 +212,11 @@ async fn forward(
     // both sides are reset and the connection reported, not dropped with the
     // worker (a close after part of the first bytes would look complete).
     if !verdict.allow {
-        report.outcome = refuse(&mut client, &verdict, &seen, dst, &ctx.abort).await;
+        // Boxed: rare, kept out of every connection's task.
+        report.outcome = Box::pin(refuse(&mut client, &verdict, &seen, dst, &ctx.abort)).await;
         return;
     }
-    let connected = monoio::select! {
-        biased;
-        c = connect(dst, ctx.config.mark, ctx.config.connect_timeout) => Some(c),
-        () = ctx.abort.fired() => None,
-    };
-    let Some(connected) = connected else {
+    let Some(connected) = ctx.abort.or(connect(dst, ctx.config.mark, ctx.config.connect_timeout)).await else {
         sys::reset_on_close(&client);
         report.outcome = Outcome::Spliced(End::Shutdown);
         return;
@@ -242,11 +238,7 @@ async fn forward(
     } else {
         let n = first.len() as u64;
         // Bounded like any other wait: an upstream that never opens its window.
-        let written = monoio::select! {
-            biased;
-            w = monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first)) => Some(w),
-            () = ctx.abort.fired() => None,
-        };
+        let written = ctx.abort.or(monoio::time::timeout(ctx.config.idle_timeout, upstream.write_all(first))).await;
         if !matches!(written, Some(Ok((Ok(_), _)))) {
             // Both reset: an upstream that got part of the first bytes must
             // not see a clean close after them, as if they were whole.
@@ -328,19 +320,9 @@ async fn refuse(client: &mut TcpStream, verdict: &Verdict, seen: &Sniff, dst: So
             body.len()
         );
         let write = monoio::time::timeout(Duration::from_secs(5), client.write_all(resp.into_bytes()));
-        let written = monoio::select! {
-            biased;
-            w = write => matches!(w, Ok((Ok(_), _))),
-            () = abort.fired() => false,
-        };
-        if written {
+        if let Some(Ok((Ok(_), _))) = abort.or(write).await {
             let _ = sys::shutdown(client, nix::sys::socket::Shutdown::Write);
-            let aborted = monoio::select! {
-                biased;
-                () = Box::pin(linger(client)) => false, // boxed: rare, kept out of every connection's task
-                () = abort.fired() => true,
-            };
-            if aborted {
+            if abort.or(linger(client)).await.is_none() {
                 sys::reset_on_close(client);
             }
             return Outcome::Refused502;

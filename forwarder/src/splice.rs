@@ -19,7 +19,7 @@
 //! A direction that never has to wait (a fast source, a destination with
 //! room: a single stream on loopback ran 300 ms so) gives the worker back
 //! every [`YIELD_BYTES`] (on io_uring through a park of the worker), and
-//! makes it park every [`PARK_AFTER`] on both drivers: the worker's other
+//! makes it park every [`PARK_EVERY`] of those turns on both drivers: the worker's other
 //! connections, its accepts, its timers (idle, sniff deadlines, the
 //! heartbeat the systemd watchdog hangs on) and a drain go on beside it.
 
@@ -73,10 +73,24 @@ impl Abort {
         }
     }
 
-    /// Resolves once the drain time is over: for a connection that is not
-    /// splicing yet, or no longer (connecting upstream, writing its first
-    /// bytes, refusing), to race its wait against.
-    pub(crate) fn fired(&self) -> Fired<'_> {
+    /// `fut`'s output, or `None` if the drain time ends first: for a
+    /// connection that is not splicing yet, or no longer (connecting
+    /// upstream, writing its first bytes, refusing). (Smaller in every
+    /// connection's task than a `select!` of the two.)
+    pub(crate) async fn or<F: std::future::Future>(&self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let mut fired = std::pin::pin!(self.fired());
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            fired.as_mut().poll(cx).map(|()| None)
+        })
+        .await
+    }
+
+    /// Resolves once the drain time is over.
+    fn fired(&self) -> Fired<'_> {
         let slot = self.next.get();
         self.next.set(slot + 1);
         Fired { abort: self, slot }
@@ -254,8 +268,9 @@ impl Link<'_> {
     async fn pump(&self, from: Side) -> u64 {
         let (src, dst) = self.ends(from);
         let mut moved = 0u64;
-        // Since the last wait (or yield): bytes moved, and when the run began.
-        let (mut run_bytes, mut run_start) = (0u64, Instant::now());
+        // Since the last wait: bytes moved (since the last yield), and yields.
+        // (Small: they are in every connection's task, twice.)
+        let (mut run_bytes, mut yields) = (0u32, 0u32);
         let mut held = Held::default();
         let mut eof = false;
         // The source polled readable since the last fill: a fill that finds
@@ -321,7 +336,7 @@ impl Link<'_> {
                             return moved;
                         }
                         readied = true;
-                        (run_bytes, run_start) = (0, Instant::now());
+                        (run_bytes, yields) = (0, 0);
                         continue;
                     }
                     Err(_) => {
@@ -339,14 +354,15 @@ impl Link<'_> {
                 Ok(n) => {
                     moved += n as u64;
                     self.delivered(from, n as u64);
-                    run_bytes += n as u64;
+                    run_bytes = run_bytes.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
                     if run_bytes >= YIELD_BYTES {
                         run_bytes = 0;
-                        if run_start.elapsed() >= PARK_AFTER {
+                        yields += 1;
+                        if yields >= PARK_EVERY {
                             // Timers fire only when the worker parks: a sleep makes it (≤ 1 ms).
                             // Boxed: inline, its timer would grow every connection's task.
                             Box::pin(monoio::time::sleep(Duration::ZERO)).await;
-                            run_start = Instant::now();
+                            yields = 0;
                         } else {
                             // On io_uring a readiness op (the destination has room: at once)
                             // makes the worker park, which is when the ring (DEFER_TASKRUN)
@@ -365,7 +381,7 @@ impl Link<'_> {
                         self.fail(end);
                         return moved;
                     }
-                    (run_bytes, run_start) = (0, Instant::now());
+                    (run_bytes, yields) = (0, 0);
                 }
                 Err(_) => {
                     self.fail(error_end(other(from)));
@@ -530,11 +546,11 @@ fn warn_shortage(e: &io::Error) {
 }
 
 /// Bytes a direction moves without waiting before it gives the worker back.
-const YIELD_BYTES: u64 = 1 << 20;
-/// How long a direction runs without waiting before it makes the worker park
-/// with a timer (a park costs up to a timer tick, 1 ms: at most 2 % of such a
-/// run), for the epoll driver's timers.
-const PARK_AFTER: Duration = Duration::from_millis(50);
+const YIELD_BYTES: u32 = 1 << 20;
+/// Of those turns, every this many makes the worker park with a timer, for
+/// the epoll driver's timers: 64 MiB, ~30 ms at the 2 GB/s of a loopback
+/// stream here; a park costs up to a timer tick, 1 ms.
+const PARK_EVERY: u32 = 64;
 
 /// Pending once, having woken itself: the worker runs its other ready tasks
 /// (and, on epoll, polls for events) before this one goes on (monoio has no
