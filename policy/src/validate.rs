@@ -100,6 +100,12 @@ pub(crate) fn service_entry(
     let endpoints = check_endpoints(ck, &spec.endpoints, resolution, &ports);
     let workload_selector = check_selector(ck, &spec, resolution);
     let export_to = check_export_to(ck, &spec.export_to);
+    if export_to == ["~"] {
+        // Istio's "visible in no namespace": an entry switched off. Registered node-wide, it would
+        // open what its author closed.
+        ck.warn(at, "exportTo ['~'] exports this entry to no namespace: it registers nothing", "spec.exportTo");
+        return None;
+    }
 
     let errors_now = ck.problems.iter().filter(|d| d.severity == crate::Severity::Error).count();
     (errors_now == before).then(|| ServiceEntry {

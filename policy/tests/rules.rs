@@ -222,6 +222,17 @@ fn a_namespace_wide_sidecar_sets_the_mode_unless_an_egress_policy_does() {
     assert!(warned[0].message.contains("blockUnregistered has no effect"), "{:?}", warned[0]);
 }
 
+/// `exportTo: ['~']` is Istio's "visible in no namespace": the entry is off,
+/// and sluice (node-wide) registers nothing for it, with a warning.
+#[test]
+fn an_entry_exported_to_no_namespace_registers_nothing() {
+    let set = accepts(&se(&format!("  hosts: [off.example]\n{TLS443}  exportTo: ['~']\n")));
+    assert!(set.entries.is_empty(), "{:?}", set.entries);
+    assert!(set.warnings.iter().any(|w| w.message.contains("registers nothing")), "{:?}", set.warnings);
+    let set = accepts(&se(&format!("  hosts: [on.example]\n{TLS443}  exportTo: ['.']\n")));
+    assert_eq!(set.entries.len(), 1, "'.' (its own namespace) is node-wide here");
+}
+
 #[test]
 fn every_document_of_a_file_is_checked_and_located() {
     let text = format!(
