@@ -24,12 +24,54 @@ pub(crate) struct Ctx {
     pub(crate) stopping: Cell<bool>,
     /// Fired when the drain time is over.
     pub(crate) abort: crate::splice::Abort,
+    /// The destinations of this worker's connections that are splicing, and
+    /// how many each: their names are kept alive while they are in use
+    /// ([`Ctx::renew_in_use`]).
+    in_use: std::cell::RefCell<std::collections::HashMap<IpAddr, u32>>,
+}
+
+/// A connection's place in [`Ctx`]'s destinations in use, left on drop.
+struct InUse<'a> {
+    ctx: &'a Ctx,
+    ip: IpAddr,
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        let mut in_use = self.ctx.in_use.borrow_mut();
+        if let Some(n) = in_use.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                in_use.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Ctx {
     pub(crate) fn new(config: Config, shared: Shared, socks: &[std::net::TcpListener]) -> Ctx {
         let own = socks.iter().filter_map(|s| s.local_addr().ok()).collect();
-        Ctx { config, shared, own, stopping: Cell::new(false), abort: crate::splice::Abort::default() }
+        let (stopping, abort, in_use) = (Cell::new(false), crate::splice::Abort::default(), Default::default());
+        Ctx { config, shared, own, stopping, abort, in_use }
+    }
+
+    /// `ip` is in use by a connection until the guard drops.
+    fn use_ip(&self, ip: IpAddr) -> InUse<'_> {
+        *self.in_use.borrow_mut().entry(ip).or_insert(0) += 1;
+        InUse { ctx: self, ip }
+    }
+
+    /// Keeps the names of every destination in use alive for another
+    /// `grace` (the worker calls it four times per grace), as a new connection to it would: a connection open for hours
+    /// (judged once, when it opened) keeps its names, so the app's next
+    /// connection to the same address, made without asking DNS again, is
+    /// judged as the first was.
+    pub(crate) fn renew_in_use(&self) {
+        let grace = self.shared.policy.load().settings().dns.grace;
+        let now = Timestamp::now();
+        for ip in self.in_use.borrow().keys() {
+            self.shared.names.touch(*ip, now, grace);
+        }
     }
 
     /// Whether `dst` (a TPROXY connection's local address) is one of our
@@ -251,6 +293,7 @@ async fn forward(
         meter.upstream.increment(n);
     }
     let pipes = PipeSizes { base: ctx.config.pipe_size, max: ctx.config.pipe_max_size };
+    let _in_use = ctx.use_ip(dst.ip());
     let o = splice_both(&client, &upstream, ctx.config.idle_timeout, pipes, meter, &ctx.abort).await;
     report.sent += o.sent;
     report.received = o.received;

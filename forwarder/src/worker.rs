@@ -18,6 +18,9 @@ use crate::{Accept, Config, Driver, Shared, listener, sys};
 
 /// How often each worker's event loop bumps its heartbeat counter.
 const HEARTBEAT: Duration = Duration::from_millis(250);
+/// The names of the destinations of open connections are renewed four times
+/// per `grace`, at most every this long (the default 10 m grace: every minute).
+const RENEW_IN_USE_MAX: Duration = Duration::from_secs(60);
 
 /// The running forwarder. [`Handle::shutdown`] stops it with a drain;
 /// dropping the handle stops the workers at once (no drain).
@@ -257,8 +260,14 @@ async fn worker(
     }
     let heart = ctx.clone();
     monoio::spawn(async move {
+        let mut renewed = std::time::Instant::now();
         while !heart.stopping.get() {
             beat.fetch_add(1, Ordering::Relaxed);
+            let grace = heart.shared.policy.load().settings().dns.grace;
+            if renewed.elapsed() >= (grace / 4).clamp(HEARTBEAT, RENEW_IN_USE_MAX) {
+                heart.renew_in_use();
+                renewed = std::time::Instant::now();
+            }
             monoio::time::sleep(HEARTBEAT).await;
         }
     });

@@ -471,6 +471,32 @@ fn connections_left_when_the_drain_ends_are_reset_and_reported() {
     }
 }
 
+/// An open connection keeps its destination's names alive while it lasts,
+/// as new connections do: one judged once and open for longer than the
+/// name's TTL and grace leaves the name to the app's next connection to the
+/// same address (made without asking DNS again).
+#[test]
+fn an_open_connection_keeps_its_destinations_names_alive() {
+    use sluice_policy::{Hostname, Retention, Timestamp};
+    let keep = Retention { min_ttl: Duration::from_secs(1), grace: Duration::from_secs(2) };
+    let yaml = "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nspec:\n  dns: {minTtl: 1s, grace: 2s}\n";
+    for driver in DRIVERS {
+        let ns = Netns::new();
+        let fwd = Fwd::start(&ns, driver, yaml, |_| {});
+        ns.redirect_to(&fwd);
+        let dst = SocketAddr::new(ns.v4(6), 7004);
+        let name = Hostname::parse("long.example").unwrap();
+        fwd.names.record(dst.ip(), &name, Duration::from_secs(1), Timestamp::now(), keep);
+        let (c, _s) = ns.connected(dst);
+        let idle = SocketAddr::new(ns.v4(7), 7005); // DNS gave it a name too; no connection uses it
+        fwd.names.record(idle.ip(), &name, Duration::from_secs(1), Timestamp::now(), keep);
+        std::thread::sleep(Duration::from_secs(4)); // past the TTL (1 s) and grace (2 s)
+        assert_eq!(fwd.names.names(dst.ip(), Timestamp::now()), vec![name.clone()], "{driver:?}: in use");
+        assert!(fwd.names.names(idle.ip(), Timestamp::now()).is_empty(), "{driver:?}: not in use");
+        drop(c);
+    }
+}
+
 /// A connection the drain time ends before its splice began — still
 /// connecting to an upstream that does not answer (its SYNs dropped) — is
 /// reset and reported too, not dropped with the worker unreported.
