@@ -710,7 +710,7 @@ impl UdpProxy {
         if let Some(up) = self.upstreams.get(idx) {
             tracing::debug!(upstream = %up.addr, reason, "upstream attempt failed");
             failure(up.addr, reason).increment(1);
-            self.health.failed(idx);
+            self.health.failed(idx, p.sent);
         }
         self.send_next(table, p, pick, out)
     }

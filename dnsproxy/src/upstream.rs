@@ -58,9 +58,16 @@ const DOWN_AFTER: u32 = 3;
 /// A down upstream is sent one query this often (its probe); any answer
 /// brings it back.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How finely [`Health`] keeps an upstream's last answer time.
+const ANSWER_GRAIN_MS: u64 = 10;
 
 /// Which upstreams of one transport are answering. An upstream whose last
-/// [`DOWN_AFTER`] attempts all failed (timeout, refused, I/O) is down:
+/// [`DOWN_AFTER`] attempts all failed (timeout, refused, I/O) is down —
+/// attempts made one after another, each sent after its last answer: an
+/// attempt that times out while the upstream answers others (a slow name:
+/// one pod's own zone, a domain whose servers are dead) says nothing of the
+/// upstream, nor do several that failed together, so no client can take
+/// the node's DNS down with a few slow lookups. A down upstream:
 /// queries skip it, but for one every [`PROBE_EVERY`]; its next answer
 /// brings it back. A query with no upstream left to try gets SERVFAIL, so
 /// when all are down the node's lookups fail in microseconds, not after a
@@ -80,6 +87,10 @@ struct Standing {
     addr: SocketAddr,
     /// Attempts failed since its last answer.
     failures: AtomicU32,
+    /// Its last answer (ms since `epoch`, written at most every
+    /// [`ANSWER_GRAIN_MS`]), and when its last failure was counted.
+    answered_at: AtomicU64,
+    failed_at: AtomicU64,
     /// While down: when its next probe may go (ms since `epoch`).
     probe_at: AtomicU64,
     /// `sluice_dns_upstream_up`: 1 answering, 0 down.
@@ -93,7 +104,8 @@ impl Health {
             .map(|&addr| {
                 let up = metrics::gauge!(m::UPSTREAM_UP, "upstream" => addr.to_string(), "transport" => transport);
                 up.set(1.0);
-                Standing { addr, failures: AtomicU32::new(0), probe_at: AtomicU64::new(0), up }
+                let (answered_at, failed_at) = (AtomicU64::new(0), AtomicU64::new(0));
+                Standing { addr, failures: AtomicU32::new(0), probe_at: AtomicU64::new(0), answered_at, failed_at, up }
             })
             .collect();
         Health { epoch: Instant::now(), list, transport }
@@ -119,16 +131,33 @@ impl Health {
     /// Upstream `i` answered (whatever its RCODE): it is up.
     pub(crate) fn answered(&self, i: usize) {
         let Some(s) = self.list.get(i) else { return };
+        let now = self.now_ms();
+        // Not a shared write per answer: once per grain.
+        if s.answered_at.load(Ordering::Relaxed).saturating_add(ANSWER_GRAIN_MS) <= now {
+            s.answered_at.fetch_max(now.max(1), Ordering::Relaxed); // 0: never
+        }
         if s.failures.load(Ordering::Relaxed) != 0 && s.failures.swap(0, Ordering::Relaxed) >= DOWN_AFTER {
             tracing::warn!(upstream = %s.addr, transport = self.transport, "DNS upstream answers again");
             s.up.set(1.0);
         }
     }
 
-    /// An attempt on upstream `i` failed; the [`DOWN_AFTER`]th in a row
-    /// takes it down.
-    pub(crate) fn failed(&self, i: usize) {
+    /// An attempt on upstream `i`, sent at `sent`, failed; the
+    /// [`DOWN_AFTER`]th in a row takes it down. It does not count when the
+    /// upstream answered since it was sent, nor when it was sent before the
+    /// last failure that counted (they failed together).
+    pub(crate) fn failed(&self, i: usize, sent: Instant) {
         let Some(s) = self.list.get(i) else { return };
+        let sent = u64::try_from(sent.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        // Within the grain of `answered_at`, an answer may be later than `sent`: taken as one.
+        let answered = s.answered_at.load(Ordering::Relaxed);
+        if answered != 0 && answered.saturating_add(ANSWER_GRAIN_MS) > sent {
+            return;
+        }
+        if s.failed_at.load(Ordering::Relaxed) > sent {
+            return;
+        }
+        s.failed_at.fetch_max(self.now_ms().max(1), Ordering::Relaxed);
         let before = s.failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_add(1)));
         if before == Ok(DOWN_AFTER - 1) {
             s.probe_at.store(self.now_ms().saturating_add(PROBE_EVERY.as_millis() as u64), Ordering::Relaxed);
@@ -213,7 +242,7 @@ impl Upstreams {
                 Err(e) => {
                     tracing::debug!(upstream = %up.addr, transport = "tcp", error = %e, "upstream attempt failed");
                     failure(up.addr, e.label()).increment(1);
-                    self.health.failed(idx);
+                    self.health.failed(idx, began);
                     last = e;
                 }
             }

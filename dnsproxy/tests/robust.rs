@@ -204,6 +204,45 @@ fn a_dead_upstream_is_skipped_until_a_probe_answers() {
     assert_eq!(proxy.names("192.0.2.7"), ["back.sluice.test"]);
 }
 
+/// An upstream that answers, but not some names (a pod's own slow zone, a
+/// domain whose servers are dead), is not taken down by their timeouts:
+/// many of them at once, while it answers the rest, and the node's other
+/// lookups still go to it and are answered.
+#[test]
+fn slow_names_do_not_take_a_live_upstream_down() {
+    let up = Scripted::start(|q| {
+        if q.windows(4).any(|w| w == b"slow") {
+            return Vec::new();
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
+    });
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
+    let addr = proxy.addr;
+    for round in 0..3u16 {
+        // Eight slow lookups at once, and a fast one alongside, three rounds over.
+        let slow: Vec<_> = (0..8u16)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let asked = query(0x5000 + round * 16 + i, &format!("n{i}.slow.sluice.test."), RecordType::A, None);
+                    udp_exchange(addr, &asked, Duration::from_secs(3)).map(|a| rcode(&a))
+                })
+            })
+            .collect();
+        let asked = query(0x6000 + round, "fine.sluice.test.", RecordType::A, None);
+        let answer = udp_exchange(addr, &asked, Duration::from_secs(3)).expect("an answer");
+        assert_eq!(rcode(&answer), ResponseCode::NoError, "round {round}");
+        for t in slow {
+            assert_eq!(t.join().unwrap().unwrap(), ResponseCode::ServFail, "round {round}: the slow name times out");
+        }
+    }
+    // After 48 timeouts, the upstream is still in use: answered at once, not SERVFAIL.
+    let t = Instant::now();
+    let answer = udp_exchange(addr, &query(0x7000, "after.sluice.test.", RecordType::A, None), Duration::from_secs(3));
+    assert_eq!(rcode(&answer.expect("an answer")), ResponseCode::NoError);
+    assert!(t.elapsed() < timeout, "{:?}", t.elapsed());
+}
+
 /// Over TCP too: an upstream that accepts connections but never answers
 /// is skipped after three timeouts in a row.
 #[test]
