@@ -225,7 +225,14 @@ fn parse_answer(bytes: &[u8]) -> Result<(Name, Vec<Record>), hickory_proto::Prot
         // `answers` lets only rejections through without their question.
         return Err(hickory_proto::ProtoError::from("a NOERROR answer without exactly one question"));
     }
-    let qname = Query::read(&mut decoder)?.name;
+    let query = Query::read(&mut decoder)?;
+    if !matches!(query.query_type(), RecordType::A | RecordType::AAAA | RecordType::ANY) {
+        // Only an address query's answer says which addresses a name has: an
+        // A record in the answer to another type (TYPE1000, say) teaches
+        // nothing, and would give a forger more questions in flight to aim at.
+        return Ok((query.name, Vec::new()));
+    }
+    let qname = query.name;
     let mut records = Vec::with_capacity(usize::from(header.counts.answers));
     for _ in 0..header.counts.answers {
         records.push(Record::read(&mut decoder)?);
@@ -469,6 +476,20 @@ spec:
         bad[3] |= 2;
         assert!(matches!(lesson(&bad), Lesson::Nothing));
         assert_eq!(header_rcode(&bad), ResponseCode::ServFail);
+    }
+
+    /// Only the answer to an address query (A, AAAA, ANY) is learned from:
+    /// AAAA records in the answer to a TXT query teach nothing.
+    #[test]
+    fn only_address_queries_teach_addresses() {
+        let q = query(4, "a.example.", None);
+        let question_end = parse_query(&q, false).unwrap().question_end;
+        let mut answer = long_answer(&q, None);
+        answer[question_end - 3] = 16; // the question's type: TXT, records as before
+        assert!(
+            matches!(lesson(&answer), Lesson::Records(name, records) if name.to_string() == "a.example." && records.is_empty()),
+            "nothing to learn"
+        );
     }
 
     #[test]

@@ -20,18 +20,16 @@
 //!   ~8% more queries/s and ~7% less CPU per query than a socket per query;
 
 //! - a query that asks what a query in flight asks (the same bytes but the
-//!   ID and the case of the name) joins it instead of going upstream again,
+//!   ID: the name spelled the same) joins it instead of going upstream again,
 //!   while that query is on its first attempt and has fewer than
 //!   [`JOIN_MAX`] askers: one upstream query, and each client answered
-//!   under its own ID and its own spelling of the name (see
-//!   [`Asker::own`]). Clients that all ask for one name at once (a
+//!   under its own ID (see [`Asker::own`]). Clients that all ask for one name at once (a
 //!   TTL expiring on every pod) cost the upstream one query; a client that
 //!   holds many copies of one question in flight, to make a forged answer
 //!   likelier to match one of them, gets no more upstream IDs to aim at than
 //!   one; and a client's retransmission of such a query is dropped, as its
 //!   answer is on the way;
-//! - the answer goes back byte for byte (the client's ID restored, and its
-//!   case of the name where the upstream kept the one sent), after its
+//! - the answer goes back byte for byte (the client's ID restored), after its
 //!   A/AAAA records were learned: the name table is updated before the reply
 //!   leaves;
 //! - one table of queries in flight, bounded, half of it at most for any
@@ -199,15 +197,13 @@ fn plain_name(query: &[u8], name_end: usize) -> bool {
     false
 }
 
-/// Whether two queries ask the same: the same bytes but the ID and the case
-/// of the name (the question, which ends 4 bytes after `name_end` in `a`,
-/// compared as an answer's is: [`crate::upstream::same_question`]).
-fn same_query(a: &[u8], b: &[u8], name_end: usize) -> bool {
-    let question_end = name_end + 4;
-    a.len() == b.len()
-        && a.get(2..12) == b.get(2..12)
-        && a.get(12..question_end).zip(b.get(12..)).is_some_and(|(q, s)| crate::upstream::same_question(q, s))
-        && a.get(question_end..) == b.get(question_end..)
+/// Whether two queries ask the same: the same bytes but the ID — the name
+/// spelled the same too. A client that randomises its name's case (0x20)
+/// thus joins no one else's query: joined to another spelling, a forgery
+/// that matched the first asker's spelling would be handed to it in its own
+/// spelling and pass its check.
+fn same_query(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.get(2..) == b.get(2..)
 }
 
 /// A query readied for an upstream socket, under its ID on the wire.
@@ -263,22 +259,10 @@ struct Table {
 struct Shaper(foldhash::quality::RandomState);
 
 impl Shaper {
-    /// A hash of what [`same_query`] compares: the bytes after the ID, the
-    /// name without case.
-    fn shape(&self, query: &[u8], name_end: usize) -> u64 {
+    /// A hash of what [`same_query`] compares: the bytes after the ID.
+    fn shape(&self, query: &[u8]) -> u64 {
         let mut h = self.0.build_hasher();
-        h.write(query.get(2..12).unwrap_or_default());
-        let name = query.get(12..name_end).unwrap_or_default();
-        let mut lower = [0u8; 256]; // a name is at most 255 bytes on the wire
-        match lower.get_mut(..name.len()) {
-            Some(lower) => {
-                lower.copy_from_slice(name);
-                lower.make_ascii_lowercase();
-                h.write(lower);
-            }
-            None => name.iter().for_each(|b| h.write_u8(b.to_ascii_lowercase())),
-        }
-        h.write(query.get(name_end..).unwrap_or_default());
+        h.write(query.get(2..).unwrap_or_default());
         h.finish()
     }
 }
@@ -304,7 +288,7 @@ impl Table {
         let key = *self.questions.get(&shape)?;
         let p = self.pending.get(&key)?;
         let open = p.tries == 1 && p.fallback.is_none() && p.joined.len() + 1 < JOIN_MAX;
-        (open && same_query(&p.asker.query, query, name_end) && plain_name(query, name_end)).then_some(key)
+        (open && same_query(&p.asker.query, query) && plain_name(query, name_end)).then_some(key)
     }
 
     fn insert(&mut self, key: (u16, u16), p: Pending) {
@@ -601,7 +585,7 @@ impl UdpProxy {
             self.reply(listener, d.from, d.to, &parsed.reply(ResponseCode::ServFail));
         };
         let name_end = parsed.question_end - 4;
-        let shape = self.shaper.shape(bytes, name_end);
+        let shape = self.shaper.shape(bytes);
         let mut table = self.table();
         let same = table.asking(shape, bytes, name_end);
         if let Some(key) = same
@@ -1049,12 +1033,16 @@ mod tests {
         let q = query(1, "Join.Example.", None);
         let name_end = parse_query(&q, false).unwrap().question_end - 4;
         assert!(plain_name(&q, name_end));
-        let other_case = query(2, "jOIN.example.", None);
-        assert!(same_query(&q, &other_case, name_end));
+        assert!(same_query(&q, &query(5, "Join.Example.", None)));
+        // (hickory writes names in lower case: the other spelling is made by hand)
+        let mut other_case = query(2, "join.example.", None);
+        other_case[13] = b'J';
+        assert!(!same_query(&q, &other_case), "another spelling asks alone");
         let shaper = Shaper::default();
-        assert_eq!(shaper.shape(&q, name_end), shaper.shape(&other_case, name_end));
-        assert!(!same_query(&q, &query(3, "join.example.", Some(1_232)), name_end), "other options");
-        assert!(!same_query(&q, &query(4, "joim.example.", None), name_end));
+        assert_eq!(shaper.shape(&q), shaper.shape(&query(5, "Join.Example.", None)));
+        assert_ne!(shaper.shape(&q), shaper.shape(&other_case));
+        assert!(!same_query(&q, &query(3, "join.example.", Some(1_232))), "other options");
+        assert!(!same_query(&q, &query(4, "joim.example.", None)));
         // A name that is a compression pointer (here into the header): its
         // meaning depends on the ID.
         let mut pointer = q[..12].to_vec();

@@ -590,7 +590,8 @@ fn the_same_question_asked_while_in_flight_goes_upstream_once() {
         open.store(true, Ordering::Relaxed);
     };
     let proxy = Proxy::start(Config { timeout: Duration::from_secs(5), ..config(vec![up.addr]) }, shared(None));
-    let spellings = ["join.sluice.test.", "JOIN.sluice.test.", "Join.Sluice.Test.", "join.sluice.test."];
+    // Three ask in one spelling (they join); one in another (a 0x20 client: it asks alone).
+    let spellings = ["join.sluice.test.", "JOIN.sluice.test.", "join.sluice.test.", "join.sluice.test."];
     let clients: Vec<(UdpSocket, Vec<u8>)> = spellings
         .iter()
         .enumerate()
@@ -626,9 +627,10 @@ fn the_same_question_asked_while_in_flight_goes_upstream_once() {
     assert!(clients[0].0.recv(&mut buf).is_err(), "one answer for a query and its retransmission");
     {
         let heard = asked.lock().unwrap();
-        assert_eq!(heard.len(), 2, "one upstream query without EDNS, one with");
+        assert_eq!(heard.len(), 3, "one upstream query per spelling without EDNS, one with");
         assert_eq!(heard[0][2..], clients[0].1[2..], "the first asker's bytes went upstream");
-        assert_eq!(heard[1][2..], with_edns[2..]);
+        assert_eq!(heard[1][2..], clients[1].1[2..], "the other spelling's own query");
+        assert_eq!(heard[2][2..], with_edns[2..]);
     }
     assert_eq!(proxy.names("192.0.2.77"), ["join.sluice.test"]);
 
@@ -648,9 +650,9 @@ fn the_same_question_asked_while_in_flight_goes_upstream_once() {
     assert_eq!(rcode(&got), ResponseCode::NoError);
     assert_eq!(asked.lock().unwrap().len(), 2, "the rejected question once, then the answered one again");
 
-    // The upstream answers in lower case: every asker gets its spelling, not theirs.
+    // The upstream answers in lower case: the joined askers get its answer as it came.
     let lower = [
-        query(0x5400, "LOWER.sluice.test.", RecordType::A, None),
+        query(0x5400, "LOWER.Sluice.TEST.", RecordType::A, None),
         query(0x5401, "LOWER.Sluice.TEST.", RecordType::A, None),
     ];
     gated(&|| {
