@@ -903,26 +903,33 @@ impl UdpProxy {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = Instant::now();
-            let mut failed = Vec::new();
-            let mut out = Vec::new();
-            let mut table = self.table();
-            let pick = pick();
-            while let Some(&(deadline, key, serial)) = table.deadlines.front() {
-                if deadline > now {
-                    break;
-                }
-                table.deadlines.pop_front();
-                if table.pending.get(&key).is_none_or(|p| p.serial != serial) {
-                    continue; // answered (the key may be in use again by a later query)
-                }
-                failed.extend(self.retry(&mut table, key, "timeout", pick, &mut out));
+            // As the receiving threads: a bug in one pass is logged, and the sweep goes on
+            // (ended, no query would ever time out, nor give its share back).
+            survive("timeouts", || self.sweep_once());
+        }
+    }
+
+    /// One pass of [`sweep`](Self::sweep): the attempts past their deadline.
+    fn sweep_once(&self) {
+        let now = Instant::now();
+        let mut failed = Vec::new();
+        let mut out = Vec::new();
+        let mut table = self.table();
+        let pick = pick();
+        while let Some(&(deadline, key, serial)) = table.deadlines.front() {
+            if deadline > now {
+                break;
             }
-            drop(table);
-            self.flush_queries(out);
-            for p in failed {
-                self.servfail(p);
+            table.deadlines.pop_front();
+            if table.pending.get(&key).is_none_or(|p| p.serial != serial) {
+                continue; // answered (the key may be in use again by a later query)
             }
+            failed.extend(self.retry(&mut table, key, "timeout", pick, &mut out));
+        }
+        drop(table);
+        self.flush_queries(out);
+        for p in failed {
+            self.servfail(p);
         }
     }
 }
