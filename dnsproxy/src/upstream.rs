@@ -271,11 +271,13 @@ impl Upstream {
     /// close idle ones, or after so many queries) fails the query at once:
     /// it is asked again on a new connection, within the same attempt.
     async fn tcp(&self, query: &[u8], question: &[u8], mark: u32, timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
-        let (conn, reused) = self.connection(mark, timeout, false).await?;
+        let (conn, reused) = self.connection(mark, timeout, None).await?;
         match conn.ask(query, question).await {
             Err(UpstreamError::Io(error)) if reused => {
-                tracing::debug!(upstream = %self.addr, %error, "upstream connection closed under a query: asking on a new one");
-                let (conn, _) = self.connection(mark, timeout, true).await?;
+                tracing::debug!(upstream = %self.addr, %error, "upstream connection closed under a query: asking again");
+                // Not a new connection each: every query that was waiting on the closed one
+                // asks again, and they share the connections as any others (within the cap).
+                let (conn, _) = self.connection(mark, timeout, Some(&conn)).await?;
                 conn.ask(query, question).await
             }
             asked => asked,
@@ -285,12 +287,17 @@ impl Upstream {
     /// A connection for one more query, and whether it carried queries
     /// before: the open one with the fewest in flight, or a new one when
     /// every open one has [`PIPELINE`] in flight (and there are fewer than
-    /// [`CONNECTIONS`]), when there is none, or when `fresh` is asked.
-    async fn connection(&self, mark: u32, timeout: Duration, fresh: bool) -> io::Result<(Arc<Conn>, bool)> {
+    /// [`CONNECTIONS`]), or when there is none. `closed`: one found closed
+    /// under a query, dropped from the pool whatever its state says yet.
+    async fn connection(
+        &self,
+        mark: u32,
+        timeout: Duration,
+        closed: Option<&Arc<Conn>>,
+    ) -> io::Result<(Arc<Conn>, bool)> {
         let mut conns = self.pool.conns.lock().await;
-        conns.retain(|c| c.state().open());
-        if !fresh
-            && let Some((in_flight, least)) = conns.iter().map(|c| (c.state().waiting.len(), c)).min_by_key(|(n, _)| *n)
+        conns.retain(|c| c.state().open() && !closed.is_some_and(|dead| Arc::ptr_eq(dead, c)));
+        if let Some((in_flight, least)) = conns.iter().map(|c| (c.state().waiting.len(), c)).min_by_key(|(n, _)| *n)
             && (in_flight < PIPELINE || conns.len() >= CONNECTIONS)
         {
             return Ok((Arc::clone(least), true));
