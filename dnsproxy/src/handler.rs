@@ -302,15 +302,19 @@ pub(crate) struct Proxy {
     shared: Shared,
     upstreams: Upstreams,
     in_flight: Arc<Semaphore>,
+    /// Each client address's share of `in_flight`: half.
+    by_client: Arc<std::sync::Mutex<crate::share::Shares>>,
     unparsed: Counter,
 }
 
 impl Proxy {
     pub(crate) fn new(shared: Shared, upstreams: Upstreams, max_in_flight: usize) -> Self {
+        let max_in_flight = max_in_flight.clamp(1, MAX_IN_FLIGHT);
         Proxy {
             shared,
             upstreams,
-            in_flight: Arc::new(Semaphore::new(max_in_flight.clamp(1, MAX_IN_FLIGHT))),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            by_client: Arc::new(std::sync::Mutex::new(crate::share::Shares::of(max_in_flight))),
             unparsed: metrics::counter!(m::UNPARSED_ANSWERS, "transport" => "tcp"),
         }
     }
@@ -318,8 +322,10 @@ impl Proxy {
     /// The reply to one query that came over TCP: the upstream's answer as
     /// it came but for the ID (the client's put back), or one made here.
     /// `None`: not to be answered (too short to be DNS, or itself an
-    /// answer: never answered, against reflection).
-    pub(crate) async fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
+    /// answer: never answered, against reflection). A `client` address
+    /// holds at most half of the queries in flight (its TCP connections,
+    /// each pipelining, could otherwise hold them all), as over UDP.
+    pub(crate) async fn answer(&self, query: &[u8], client: std::net::IpAddr) -> Option<Vec<u8>> {
         let parsed = match triage(query, false, &self.shared.policy) {
             Triage::Drop => return None,
             Triage::Reply(reply) => return Some(reply),
@@ -334,8 +340,12 @@ impl Proxy {
             tracing::debug!("in-flight cap reached: SERVFAIL");
             return servfail();
         };
+        let Some(share) = crate::share::ClientShare::take(&self.by_client, client) else {
+            tracing::debug!(%client, "a client's share of the in-flight cap reached: SERVFAIL");
+            return servfail();
+        };
         let exchanged = self.upstreams.exchange(query, query.get(12..parsed.question_end)?).await;
-        drop(permit);
+        drop((permit, share));
         match exchanged {
             Ok(answer) => {
                 learn_from(&self.shared, &answer, &self.unparsed);

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// What each client address holds of a cap.
 #[derive(Debug)]
@@ -41,6 +42,31 @@ impl Shares {
                 held.remove();
             }
         }
+    }
+}
+
+/// One count against a client address's share, given back on drop.
+#[derive(Debug)]
+pub(crate) struct ClientShare {
+    shares: Arc<Mutex<Shares>>,
+    client: IpAddr,
+}
+
+impl ClientShare {
+    /// `None`: `client` already holds its share.
+    pub(crate) fn take(shares: &Arc<Mutex<Shares>>, client: IpAddr) -> Option<ClientShare> {
+        let mut held = shares.lock().unwrap_or_else(PoisonError::into_inner);
+        held.hold(client).then(|| ClientShare { shares: Arc::clone(shares), client })
+    }
+
+    pub(crate) fn client(&self) -> IpAddr {
+        self.client
+    }
+}
+
+impl Drop for ClientShare {
+    fn drop(&mut self) {
+        self.shares.lock().unwrap_or_else(PoisonError::into_inner).release(self.client);
     }
 }
 

@@ -20,7 +20,6 @@
 //! SERVFAIL; here, as over UDP, the upstream's bytes go back as they came.
 
 use std::io;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::handler::Proxy;
 use crate::metrics as m;
-use crate::share::Shares;
+use crate::share::{ClientShare, Shares};
 
 /// Beyond any node's need, and what one semaphore call can take back.
 const MAX_CONNECTIONS: usize = 1 << 20;
@@ -130,9 +129,10 @@ impl TcpServer {
     async fn connection(
         self: Arc<Self>,
         mut stream: TcpStream,
-        _held: (OwnedSemaphorePermit, ClientShare),
+        held: (OwnedSemaphorePermit, ClientShare),
         mut stopping: watch::Receiver<()>,
     ) {
+        let client = held.1.client();
         self.open.increment(1.0);
         let _ = stream.set_nodelay(true);
         let (mut read, mut write) = stream.split();
@@ -154,7 +154,7 @@ impl TcpServer {
                 query = frames.next(&mut read), if reading && answering.len() < PIPELINE => match query {
                     Ok(Some(query)) => {
                         let proxy = Arc::clone(&self.proxy);
-                        answering.spawn(async move { proxy.answer(&query).await });
+                        answering.spawn(async move { proxy.answer(&query, client).await });
                         last = tokio::time::Instant::now();
                     }
                     _ => reading = false,
@@ -228,24 +228,4 @@ impl Frames {
 /// accepted, a signal): the next accept may succeed at once.
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
-}
-
-/// One connection's count against its client address's share, given back on drop.
-struct ClientShare {
-    shares: Arc<Mutex<Shares>>,
-    client: IpAddr,
-}
-
-impl ClientShare {
-    /// `None`: `client` already holds its share of connections.
-    fn take(shares: &Arc<Mutex<Shares>>, client: IpAddr) -> Option<ClientShare> {
-        let mut held = shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.hold(client).then(|| ClientShare { shares: Arc::clone(shares), client })
-    }
-}
-
-impl Drop for ClientShare {
-    fn drop(&mut self) {
-        self.shares.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release(self.client);
-    }
 }

@@ -243,6 +243,42 @@ fn slow_names_do_not_take_a_live_upstream_down() {
     assert!(t.elapsed() < timeout, "{:?}", t.elapsed());
 }
 
+/// Over TCP too: one client's pipelined queries (on any number of
+/// connections) hold at most half of the in-flight cap; past it, SERVFAIL
+/// at once, and another client is still answered.
+#[test]
+fn over_tcp_one_client_cannot_take_every_in_flight_slot() {
+    let up = Scripted::start(|q| {
+        if q.windows(5).any(|w| w == b"stuck") {
+            return Vec::new();
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
+    });
+    let timeout = Duration::from_millis(500);
+    let proxy = Proxy::start(Config { timeout, max_in_flight: 8, ..config(vec![up.addr]) }, shared(None));
+    let from = |ip: &str| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&format!("{ip}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+        s.connect(&proxy.addr.into()).unwrap();
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s
+    };
+    let mut flooder = from("127.0.0.2");
+    for id in 0..10 {
+        tcp_send(&mut flooder, &query(id, &format!("s{id}.stuck.test."), RecordType::A, None));
+    }
+    let t = Instant::now();
+    for _ in 0..6 {
+        let answer = tcp_receive(&mut flooder).unwrap();
+        assert_eq!(rcode(&answer), ResponseCode::ServFail);
+    }
+    assert!(t.elapsed() < timeout, "past its share (4 of 8): SERVFAIL at once, took {:?}", t.elapsed());
+    let mut other = from("127.0.0.3");
+    tcp_send(&mut other, &query(1, "fine.sluice.test.", RecordType::A, None));
+    assert_eq!(rcode(&tcp_receive(&mut other).unwrap()), ResponseCode::NoError, "another client is answered");
+}
+
 /// Over TCP too: an upstream that accepts connections but never answers
 /// is skipped after three timeouts in a row.
 #[test]
@@ -335,8 +371,8 @@ fn one_client_cannot_take_every_in_flight_slot() {
         let n = flooder.recv(&mut buf).unwrap();
         assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
     }
-    // ...and give its share back. (Four timeouts in a row took the upstream
-    // down: the first query after 500 ms is its probe, and is answered.)
+    // ...and give its share back. (Four timeouts together count as one
+    // failure of the upstream, which answered the other app meanwhile.)
     std::thread::sleep(Duration::from_millis(600));
     // Answered queries give it back too: more in a row than its share.
     for id in 100..106 {
