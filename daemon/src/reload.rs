@@ -332,33 +332,31 @@ pub(crate) async fn watch(
     }
 }
 
-/// A watched directory: its path, how, and which directory it was then
-/// (device, inode).
-type Watched = (PathBuf, RecursiveMode, Option<(u64, u64)>);
-
-/// Watches the directories of `paths`, unless they are the very ones of
-/// `before` (same paths, same directories): a rename-swap or a new
-/// directory at a path is watched afresh, and an unchanged one keeps its
-/// watch (no gap, no walk of the tree at every re-read).
-fn arm(w: &mut notify::RecommendedWatcher, before: Vec<Watched>, paths: &[PathBuf]) -> Vec<Watched> {
-    use std::os::unix::fs::MetadataExt;
-    let now: Vec<Watched> = watch_dirs(paths)
-        .into_iter()
-        .map(|(dir, mode)| {
-            let id = std::fs::metadata(&dir).ok().map(|m| (m.dev(), m.ino()));
-            (dir, mode, id)
-        })
-        .collect();
-    if now == before {
-        return before;
+/// Watches the directories of `paths` again, and drops the watches of
+/// `before` that are no longer wanted (a directory missing is watched
+/// through its parent until it is back). Watching a path again is what
+/// follows a directory swapped or made anew at it — even one that got the
+/// old one's inode number, so comparing inodes would not do — and for an
+/// unchanged one it only renews the watch (no gap in which edits go unseen).
+/// A failure is a warning when the set of directories changed, else a debug
+/// line (a missing parent would otherwise warn at every re-read).
+fn arm(
+    w: &mut notify::RecommendedWatcher,
+    before: Vec<(PathBuf, RecursiveMode)>,
+    paths: &[PathBuf],
+) -> Vec<(PathBuf, RecursiveMode)> {
+    let now = watch_dirs(paths);
+    for gone in before.iter().filter(|b| !now.contains(b)) {
+        let _ = w.unwatch(&gone.0);
     }
-    for (dir, _, _) in &before {
-        let _ = w.unwatch(dir);
-    }
-    for (dir, mode, _) in &now {
+    for (dir, mode) in &now {
         if let Err(e) = w.watch(dir, *mode) {
             let dir = dir.display();
-            tracing::warn!(%dir, error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
+            if now != before {
+                tracing::warn!(%dir, error = %e, "cannot watch policy directory; relying on SIGHUP and the periodic re-read");
+            } else {
+                tracing::debug!(%dir, error = %e, "cannot watch policy directory");
+            }
         }
     }
     now

@@ -227,7 +227,13 @@ fn the_watch_follows_a_policy_directory_swapped_or_made_again() {
     std::fs::rename(make("third", true), &pol).unwrap();
     sluice.wait_policy("the directory made again", |p| p["mode"] == "REGISTRY_ONLY");
     std::fs::remove_file(pol.join("node.yaml")).unwrap();
-    let p = sluice.wait_policy("an edit in the directory made again", |p| p["mode"] == "ALLOW_ANY");
+    sluice.wait_policy("an edit in the directory made again", |p| p["mode"] == "ALLOW_ANY");
+    // Removed and made again at once (the new directory may get the old one's inode number).
+    std::fs::remove_dir_all(&pol).unwrap();
+    std::fs::rename(make("fourth", true), &pol).unwrap();
+    sluice.wait_policy("the directory made again at once", |p| p["mode"] == "REGISTRY_ONLY");
+    std::fs::remove_file(pol.join("node.yaml")).unwrap();
+    let p = sluice.wait_policy("an edit in the directory made again at once", |p| p["mode"] == "ALLOW_ANY");
     let generation = p["generation"].as_u64();
     let reloads = |s: &Sluice| {
         ["ok", "error", "unchanged"]
