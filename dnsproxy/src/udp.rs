@@ -24,11 +24,11 @@
 //!   while that query is on its first attempt and has fewer than
 //!   [`JOIN_MAX`] askers: one upstream query, and each client answered
 //!   under its own ID (see [`Asker::own`]). Clients that all ask for one name at once (a
-//!   TTL expiring on every pod) cost the upstream one query; a client that
-//!   holds many copies of one question in flight, to make a forged answer
-//!   likelier to match one of them, gets no more upstream IDs to aim at than
-//!   one; and a client's retransmission of such a query is dropped, as its
-//!   answer is on the way;
+//!   TTL expiring on every pod) cost the upstream one query; copies of one
+//!   query in flight get no more upstream IDs to aim a forgery at than one
+//!   (other spellings, flags or EDNS options still do, within the client's
+//!   share); and a client's retransmission of such a query is dropped, as
+//!   its answer is on the way;
 //! - the answer goes back byte for byte (the client's ID restored), after its
 //!   A/AAAA records were learned: the name table is updated before the reply
 //!   leaves;
@@ -764,7 +764,7 @@ impl UdpProxy {
             }
         } else if let Ok(parsed) = parse_query(&p.asker.query, false) {
             tracing::debug!("every upstream failed: SERVFAIL");
-            // Made once, from the bytes that went upstream; each asker's ID and spelling put in.
+            // Made once, from the bytes that went upstream; each asker's ID put in.
             let servfail = parsed.reply(ResponseCode::ServFail);
             for a in p.askers() {
                 m::request(p.qtype, ResponseCode::ServFail, Action::Failed);

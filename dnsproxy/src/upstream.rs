@@ -59,7 +59,7 @@ const DOWN_AFTER: u32 = 3;
 /// brings it back.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// How finely [`Health`] keeps an upstream's last answer time.
-const ANSWER_GRAIN_MS: u64 = 10;
+const ANSWER_GRAIN_US: u64 = 10_000;
 
 /// Which upstreams of one transport are answering. An upstream whose last
 /// [`DOWN_AFTER`] attempts all failed (timeout, refused, I/O) is down —
@@ -67,14 +67,19 @@ const ANSWER_GRAIN_MS: u64 = 10;
 /// attempt that times out while the upstream answers others (a slow name:
 /// one pod's own zone, a domain whose servers are dead) says nothing of the
 /// upstream, nor do several that failed together, so no client can take
-/// the node's DNS down with a few slow lookups. A down upstream:
+/// the node's DNS down with a few slow lookups while the upstream answers
+/// others. (On a node with no other lookups for three timeouts they still
+/// count, and a client that keeps asking slow names can be the one that
+/// probes: the proxy sends no probe of its own.) A dead upstream is down
+/// after three timeouts one after another (4.5 s with the default 1.5 s),
+/// port unreachable at once. A down upstream:
 /// queries skip it, but for one every [`PROBE_EVERY`]; its next answer
 /// brings it back. A query with no upstream left to try gets SERVFAIL, so
 /// when all are down the node's lookups fail in microseconds, not after a
 /// timeout per upstream, and the in-flight table does not fill with them.
 /// Indexes are the order of the upstream list. Lock-free: the hot path
-/// ([`usable`](Self::usable), [`answered`](Self::answered)) reads one
-/// atomic that is only written when an attempt fails.
+/// ([`usable`](Self::usable), [`answered`](Self::answered)) reads atomics
+/// written when an attempt fails, and an answer's time at most every 10 ms.
 #[derive(Debug)]
 pub(crate) struct Health {
     epoch: Instant,
@@ -87,8 +92,10 @@ struct Standing {
     addr: SocketAddr,
     /// Attempts failed since its last answer.
     failures: AtomicU32,
-    /// Its last answer (ms since `epoch`, written at most every
-    /// [`ANSWER_GRAIN_MS`]), and when its last failure was counted.
+    /// Its last answer (µs since `epoch`, written at most every
+    /// [`ANSWER_GRAIN_US`]), and when its last failure was counted (µs):
+    /// microseconds, so that attempts failing together in one millisecond
+    /// (a socket's queries refused at once) still count once.
     answered_at: AtomicU64,
     failed_at: AtomicU64,
     /// While down: when its next probe may go (ms since `epoch`).
@@ -111,6 +118,10 @@ impl Health {
         Health { epoch: Instant::now(), list, transport }
     }
 
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -131,9 +142,9 @@ impl Health {
     /// Upstream `i` answered (whatever its RCODE): it is up.
     pub(crate) fn answered(&self, i: usize) {
         let Some(s) = self.list.get(i) else { return };
-        let now = self.now_ms();
+        let now = self.now_us();
         // Not a shared write per answer: once per grain.
-        if s.answered_at.load(Ordering::Relaxed).saturating_add(ANSWER_GRAIN_MS) <= now {
+        if s.answered_at.load(Ordering::Relaxed).saturating_add(ANSWER_GRAIN_US) <= now {
             s.answered_at.fetch_max(now.max(1), Ordering::Relaxed); // 0: never
         }
         if s.failures.load(Ordering::Relaxed) != 0 && s.failures.swap(0, Ordering::Relaxed) >= DOWN_AFTER {
@@ -148,16 +159,16 @@ impl Health {
     /// last failure that counted (they failed together).
     pub(crate) fn failed(&self, i: usize, sent: Instant) {
         let Some(s) = self.list.get(i) else { return };
-        let sent = u64::try_from(sent.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        let sent = u64::try_from(sent.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX);
         // Within the grain of `answered_at`, an answer may be later than `sent`: taken as one.
         let answered = s.answered_at.load(Ordering::Relaxed);
-        if answered != 0 && answered.saturating_add(ANSWER_GRAIN_MS) > sent {
+        if answered != 0 && answered.saturating_add(ANSWER_GRAIN_US) > sent {
             return;
         }
         if s.failed_at.load(Ordering::Relaxed) > sent {
             return;
         }
-        s.failed_at.fetch_max(self.now_ms().max(1), Ordering::Relaxed);
+        s.failed_at.fetch_max(self.now_us().max(1), Ordering::Relaxed);
         let before = s.failures.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| Some(f.saturating_add(1)));
         if before == Ok(DOWN_AFTER - 1) {
             s.probe_at.store(self.now_ms().saturating_add(PROBE_EVERY.as_millis() as u64), Ordering::Relaxed);
@@ -269,7 +280,8 @@ impl Upstream {
     /// One attempt: `query` on one of this upstream's connections. A
     /// connection used before that the upstream has closed since (servers
     /// close idle ones, or after so many queries) fails the query at once:
-    /// it is asked again on a new connection, within the same attempt.
+    /// it is asked again on another of the pool's, or a new one, within the
+    /// same attempt.
     async fn tcp(&self, query: &[u8], question: &[u8], mark: u32, timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
         let (conn, reused) = self.connection(mark, timeout, None).await?;
         match conn.ask(query, question).await {

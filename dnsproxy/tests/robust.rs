@@ -588,15 +588,14 @@ fn question_end(m: &[u8]) -> usize {
     i + 5
 }
 
-/// Queries that ask what a query in flight asks (its bytes but the ID and
-/// the case of the name) join it: the upstream hears one query, and every
-/// client gets the answer under its own ID and its own spelling of the name.
-/// A client's retransmission of a query in flight gets no second answer; a
-/// query with other options (here EDNS) is a query of its own. The
-/// rejection a joined query ends with reaches every asker too. An answer
-/// whose name is not spelled as it was sent upstream goes back as it came
-/// (a forgery that guessed the ID but not the case fails the client's 0x20
-/// check as before).
+/// Queries that ask what a query in flight asks (its bytes but the ID: the
+/// name spelled the same) join it: the upstream hears one query, and every
+/// client gets the answer under its own ID. Another spelling (a 0x20
+/// client) is a query of its own, as is one with other options (here
+/// EDNS). A client's retransmission of a query in flight gets no second
+/// answer. The rejection a joined query ends with reaches every asker too.
+/// An answer whose name is not spelled as it was sent upstream goes back as
+/// it came.
 #[test]
 fn the_same_question_asked_while_in_flight_goes_upstream_once() {
     let asked = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
