@@ -204,18 +204,24 @@ fn a_dead_upstream_is_skipped_until_a_probe_answers() {
     assert_eq!(proxy.names("192.0.2.7"), ["back.sluice.test"]);
 }
 
+/// An upstream that answers every query with 192.0.2.8, but those whose
+/// bytes hold `word`: it never answers them.
+fn answering_but(word: &'static [u8]) -> Scripted {
+    Scripted::start(move |q| {
+        if q.windows(word.len()).any(|w| w == word) {
+            return Vec::new();
+        }
+        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
+    })
+}
+
 /// An upstream that answers, but not some names (a pod's own slow zone, a
 /// domain whose servers are dead), is not taken down by their timeouts:
 /// many of them at once, while it answers the rest, and the node's other
 /// lookups still go to it and are answered.
 #[test]
 fn slow_names_do_not_take_a_live_upstream_down() {
-    let up = Scripted::start(|q| {
-        if q.windows(4).any(|w| w == b"slow") {
-            return Vec::new();
-        }
-        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
-    });
+    let up = answering_but(b"slow");
     let timeout = Duration::from_millis(300);
     let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
     let addr = proxy.addr;
@@ -248,12 +254,7 @@ fn slow_names_do_not_take_a_live_upstream_down() {
 /// at once, and another client is still answered.
 #[test]
 fn over_tcp_one_client_cannot_take_every_in_flight_slot() {
-    let up = Scripted::start(|q| {
-        if q.windows(5).any(|w| w == b"stuck") {
-            return Vec::new();
-        }
-        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
-    });
+    let up = answering_but(b"stuck");
     let timeout = Duration::from_millis(500);
     let proxy = Proxy::start(Config { timeout, max_in_flight: 8, ..config(vec![up.addr]) }, shared(None));
     let from = |ip: &str| {
@@ -337,12 +338,7 @@ fn the_in_flight_cap_answers_servfail_at_once() {
 /// other apps are still answered. Its share is given back as its queries end.
 #[test]
 fn one_client_cannot_take_every_in_flight_slot() {
-    let up = Scripted::start(|q| {
-        if q.windows(5).any(|w| w == b"stuck") {
-            return Vec::new();
-        }
-        vec![[header(q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, 8])].concat()]
-    });
+    let up = answering_but(b"stuck");
     let timeout = Duration::from_millis(300);
     let proxy = Proxy::start(Config { timeout, max_in_flight: 8, ..config(vec![up.addr]) }, shared(None));
 
