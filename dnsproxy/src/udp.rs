@@ -98,7 +98,7 @@ struct Asker {
     listener: usize,
     client: SocketAddr,
     arrival: Option<Arrival>,
-    /// The client's bytes: its own ID, its own case of the name.
+    /// The client's bytes (its own ID).
     query: Box<[u8]>,
 }
 
@@ -109,23 +109,12 @@ impl Asker {
         self.client == d.from && self.listener == listener && self.arrival == d.to && self.query[..2] == bytes[..2]
     }
 
-    /// An upstream's answer to the query (matched: a header, and the
-    /// query's question if it has one) as this client's: its ID, and, when
-    /// the answer's name is spelled exactly as `sent` (the bytes that went
-    /// upstream, the first asker's) spelled it, the name spelled as this
-    /// client spelled it (the same length). An answer spelled otherwise
-    /// (an upstream that changes case, or a forgery that guessed the ID but
-    /// not the case) goes back as it came, so that a client checking its
-    /// 0x20 spelling still throws a forgery away.
-    fn own(&self, answer: &[u8], sent: &[u8], name_end: usize) -> Vec<u8> {
+    /// An upstream's answer to the query (matched: at least a header) as
+    /// this client's: its ID put back. (Joined askers sent the same bytes
+    /// but the ID: nothing else of theirs differs.)
+    fn own(&self, answer: &[u8]) -> Vec<u8> {
         let mut bytes = answer.to_vec();
         bytes[..2].copy_from_slice(&self.query[..2]);
-        if bytes[4..6] == [0, 1]
-            && bytes.get(12..name_end) == sent.get(12..name_end)
-            && let (Some(to), Some(from)) = (bytes.get_mut(12..name_end), self.query.get(12..name_end))
-        {
-            to.copy_from_slice(from);
-        }
         bytes
     }
 }
@@ -166,11 +155,6 @@ impl Pending {
     fn askers(&self) -> impl Iterator<Item = &Asker> {
         std::iter::once(&self.asker).chain(&self.joined)
     }
-
-    /// The question's name ends here (type and class follow).
-    fn name_end(&self) -> usize {
-        self.question_end - 4
-    }
 }
 
 /// Askers of one query at most: past it, a query that asks the same goes
@@ -199,9 +183,9 @@ fn plain_name(query: &[u8], name_end: usize) -> bool {
 
 /// Whether two queries ask the same: the same bytes but the ID — the name
 /// spelled the same too. A client that randomises its name's case (0x20)
-/// thus joins no one else's query: joined to another spelling, a forgery
-/// that matched the first asker's spelling would be handed to it in its own
-/// spelling and pass its check.
+/// thus joins no one else's query: its check then sees only answers to its
+/// own spelling (rewriting another asker's into it would pass a forgery
+/// aimed at that asker).
 fn same_query(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.get(2..) == b.get(2..)
 }
@@ -760,7 +744,7 @@ impl UdpProxy {
             let rcode = header_rcode(&answer);
             for a in p.askers() {
                 m::request(p.qtype, rcode, Action::Forwarded);
-                replies.push(Reply::to(a, a.own(&answer, &p.asker.query, p.name_end())));
+                replies.push(Reply::to(a, a.own(&answer)));
             }
         } else if let Ok(parsed) = parse_query(&p.asker.query, false) {
             tracing::debug!("every upstream failed: SERVFAIL");
@@ -768,7 +752,7 @@ impl UdpProxy {
             let servfail = parsed.reply(ResponseCode::ServFail);
             for a in p.askers() {
                 m::request(p.qtype, ResponseCode::ServFail, Action::Failed);
-                replies.push(Reply::to(a, a.own(&servfail, &p.asker.query, p.name_end())));
+                replies.push(Reply::to(a, a.own(&servfail)));
             }
         }
         self.flush_replies(replies);
@@ -803,7 +787,7 @@ impl UdpProxy {
         };
         for a in p.askers() {
             m::request(p.qtype, rcode, Action::Forwarded);
-            replies.push(Reply::to(a, a.own(answer, &p.asker.query, p.name_end())));
+            replies.push(Reply::to(a, a.own(answer)));
         }
     }
 
@@ -1004,35 +988,20 @@ mod tests {
     }
 
     #[test]
-    fn an_asker_gets_its_id_and_its_spelling_only_where_the_answer_kept_the_one_sent() {
-        let sent = query(0x0101, "Join.Example.", None);
-        let name_end = parse_query(&sent, false).unwrap().question_end - 4;
-        let asker = |id: u16, name: &str| Asker {
+    fn an_asker_gets_the_answer_under_its_own_id() {
+        let sent = query(0x0101, "join.example.", None);
+        let joined = Asker {
             listener: 0,
             client: "127.0.0.1:1".parse().unwrap(),
             arrival: None,
-            query: query(id, name, None).into(),
+            query: query(0x0202, "join.example.", None).into(),
         };
-        let joined = asker(0x0202, "jOIN.example.");
-        // An answer spelled as sent: the joiner's ID and spelling.
         let mut answer = sent.clone();
         answer[2] |= 0x80;
-        let own = joined.own(&answer, &sent, name_end);
-        assert_eq!((&own[..2], &own[12..name_end]), (&[2u8, 2][..], &joined.query[12..name_end]));
-        assert_eq!(own[name_end..], answer[name_end..]);
-        // Spelled otherwise (an upstream that lowercases, or a forgery): as it came, but the ID.
-        let mut lowered = answer.clone();
-        lowered[12..name_end].make_ascii_lowercase();
-        let own = joined.own(&lowered, &sent, name_end);
-        assert_eq!((&own[..2], &own[2..]), (&[2u8, 2][..], &lowered[2..]));
-        // The proxy's own SERVFAIL, made once from the first asker's query (hickory keeps its spelling).
-        let servfail = parse_query(&sent, false).unwrap().reply(ResponseCode::ServFail);
-        let own = joined.own(&servfail, &sent, name_end);
-        assert_eq!((&own[..2], &own[12..name_end]), (&[2u8, 2][..], &joined.query[12..name_end]));
-        // No question (a rejection may come without it): the ID only.
-        let mut bare = answer[..12].to_vec();
-        bare[4..6].fill(0);
-        assert_eq!(joined.own(&bare, &sent, name_end)[2..], bare[2..]);
+        let own = joined.own(&answer);
+        assert_eq!((&own[..2], &own[2..]), (&[2u8, 2][..], &answer[2..]));
+        // No question (a rejection may come without it): the ID too.
+        assert_eq!(joined.own(&answer[..12])[..2], [2, 2]);
     }
 
     #[test]
