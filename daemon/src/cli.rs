@@ -150,7 +150,7 @@ fn rules() -> OptionParser<Command> {
     construct!(rules, action)
         .guard(
             // `remove` takes what `apply` took, and must still remove.
-            |(r, action)| matches!(action, RulesAction::Remove) || r.mark != 0 || r.uid.is_some(),
+            |(r, action)| matches!(action, RulesAction::Remove) || r.spares_sluice(),
             "--mark 0 needs --uid: nothing else keeps sluice's own connections and lookups out of the rules \
              (they would come straight back to it)",
         )

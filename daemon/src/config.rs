@@ -183,8 +183,7 @@ fn at_least_one(field: &str, n: usize) -> anyhow::Result<usize> {
 /// word that is no level would be read as a target name and silence every
 /// log line (`warning` for `warn`).
 fn log_level(s: &str) -> anyhow::Result<String> {
-    const LEVELS: [&str; 12] = ["trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5"];
-    let is_level = |w: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(w.trim()));
+    let is_level = |w: &str| w.trim().parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
     // Empty directives (a trailing comma) are skipped, as tracing skips them.
     for directive in s.split(',').filter(|d| !d.trim().is_empty()) {
         let level = match directive.rsplit_once('=') {
@@ -201,6 +200,8 @@ fn log_level(s: &str) -> anyhow::Result<String> {
             );
         }
     }
+    // And what tracing itself would refuse (it would otherwise drop the directive quietly).
+    tracing_subscriber::EnvFilter::try_new(s).with_context(|| format!("log.level: {s:?}"))?;
     Ok(s.to_owned())
 }
 
@@ -293,7 +294,7 @@ pub(crate) fn resolve(o: Overrides) -> anyhow::Result<Config> {
         );
     }
     let intercept = o.intercept.then(|| intercept_rules(&mut forwarder, &mut dns_listen, &file.intercept));
-    if intercept.as_ref().is_some_and(|r| r.mark == 0 && r.uid.is_none()) {
+    if intercept.as_ref().is_some_and(|r| !r.spares_sluice()) {
         // Root is not excluded by user (that would exclude every root process): only the mark is left.
         bail!(
             "--intercept with forwarder.mark 0 as root: nothing would keep sluice's own connections and \

@@ -65,6 +65,8 @@ impl PolicyState {
                 if let Some(keep) = &keep {
                     save_last_good(keep, &files);
                 }
+                // Not when the files were refused and the saved policy stands in: that is no success.
+                metrics::gauge!(LAST_SUCCESS).set(unix_now());
                 (set, None)
             }
             Err(errors) => {
@@ -90,10 +92,6 @@ impl PolicyState {
             keep,
         };
         metrics::gauge!(GENERATION).set(1.0);
-        if state.last_error.lock().is_ok_and(|e| e.is_none()) {
-            // Not when the files were refused and the saved policy stands in: that is no success.
-            metrics::gauge!(LAST_SUCCESS).set(unix_now());
-        }
         Ok((state, set))
     }
 

@@ -49,6 +49,13 @@ pub(crate) struct Rules {
 }
 
 impl Rules {
+    /// Whether something keeps sluice's own connections and lookups out of
+    /// the rules: its mark, or its user. Without either they would come
+    /// straight back to it.
+    pub(crate) fn spares_sluice(&self) -> bool {
+        self.mark != 0 || self.uid.is_some()
+    }
+
     /// The ruleset text (`nft -f` input), replacing any previous sluice table.
     pub(crate) fn render(&self) -> String {
         let mut r = String::new();

@@ -27,7 +27,7 @@ pub(crate) struct Ctx {
     /// The destinations of this worker's connections that are splicing, and
     /// how many each: their names are kept alive while they are in use
     /// ([`Ctx::renew_in_use`]).
-    in_use: std::cell::RefCell<std::collections::HashMap<IpAddr, u32>>,
+    in_use: std::cell::RefCell<std::collections::HashMap<IpAddr, u32, foldhash::quality::RandomState>>,
 }
 
 /// A connection's place in [`Ctx`]'s destinations in use, left on drop.
@@ -66,12 +66,14 @@ impl Ctx {
     /// (judged once, when it opened) keeps its names, so the app's next
     /// connection to the same address, made without asking DNS again, is
     /// judged as the first was.
-    pub(crate) fn renew_in_use(&self) {
+    /// Returns the grace it renewed them for.
+    pub(crate) fn renew_in_use(&self) -> Duration {
         let grace = self.shared.policy.load().settings().dns.grace;
         let now = Timestamp::now();
         for ip in self.in_use.borrow().keys() {
             self.shared.names.touch(*ip, now, grace);
         }
+        grace
     }
 
     /// Whether `dst` (a TPROXY connection's local address) is one of our

@@ -198,12 +198,12 @@ fn labels(
         Cluster::BlackHole => (fixed(&BLACKHOLE_NAME), None),
     };
     let mut port = (snapshot.serves_port(dst_port) || PORTS.admits(&Value::Port(dst_port))).then_some(dst_port);
+    let policy_named = verdict.name.is_some() && verdict.name.as_ref() == entry_host;
     let mut service = match &verdict.name {
-        Some(name) if Some(name) == entry_host => name.shared(),
+        Some(name) if policy_named => name.shared(),
         Some(name) => NAMES.text(name.shared()),
         None => ADDRESSES.text(Arc::from(dst_ip.to_string())),
     };
-    let policy_named = verdict.name.is_some() && verdict.name.as_ref() == entry_host;
     if !policy_named && !Arc::ptr_eq(&service, &OTHER) && !PAIRS.admits(&Value::Pair(service.clone(), port)) {
         (service, port) = (fixed(&OTHER), None);
     }

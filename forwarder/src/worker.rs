@@ -260,13 +260,12 @@ async fn worker(
     }
     let heart = ctx.clone();
     monoio::spawn(async move {
-        let mut renewed = std::time::Instant::now();
+        let mut renew_at = std::time::Instant::now();
         while !heart.stopping.get() {
             beat.fetch_add(1, Ordering::Relaxed);
-            let grace = heart.shared.policy.load().settings().dns.grace;
-            if renewed.elapsed() >= (grace / 4).clamp(HEARTBEAT, RENEW_IN_USE_MAX) {
-                heart.renew_in_use();
-                renewed = std::time::Instant::now();
+            if std::time::Instant::now() >= renew_at {
+                let grace = heart.renew_in_use();
+                renew_at = std::time::Instant::now() + (grace / 4).clamp(HEARTBEAT, RENEW_IN_USE_MAX);
             }
             monoio::time::sleep(HEARTBEAT).await;
         }
