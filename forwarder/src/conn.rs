@@ -228,16 +228,8 @@ async fn forward(
         seen = read_first(&client, &mut first, ctx.config.sniff_timeout).await.unwrap_or(Sniff::NeedMore);
         if let Some(s) = seen.sniffed() {
             conn.sniffed = Some(s);
-            let named = decide(&snapshot, names, &conn, Timestamp::now());
-            if named.allow && !snapshot.sniff_useful(dst) {
-                // No HTTP or TLS ServiceEntry serves this port: a name the
-                // client sends vouches for nothing (opaque TCP is judged by
-                // what DNS said), so it only says to whom the refusal was.
-                verdict.name = named.name;
-            } else {
-                // Or a name that came late, on a port where names count.
-                verdict = named;
-            }
+            // On a port where no name counts (opaque TCP), it only says to whom the refusal was.
+            verdict = decide(&snapshot, names, &conn, Timestamp::now());
         }
     }
     report.http = seen.is_http();

@@ -162,11 +162,14 @@ enum NameOutcome {
 }
 
 /// Rules 2 and 3 over the names DNS gave for the destination. Also returns
-/// the first such name (the label for an unmatched connection).
+/// the first such name (the label for an unmatched connection). A name the
+/// client sent counts only on a port where some ServiceEntry serves HTTP or
+/// TLS: elsewhere the connection is opaque TCP, judged by what DNS said (the
+/// name only labels it).
 fn classify(snapshot: &Snapshot, conn: &Connection, known: AliveNames<'_>) -> (NameOutcome, Option<Hostname>) {
     let port = conn.destination.port();
     let mut first: Option<Hostname> = None;
-    match &conn.sniffed {
+    match conn.sniffed.as_ref().filter(|_| snapshot.is_name_port(port)) {
         Some(s) => {
             // An IP DNS never named cannot contradict the client.
             let mut vouched = true;

@@ -204,6 +204,23 @@ fn rule3_opaque_tcp_matches_any_dns_name_of_the_ip() {
     assert!(!wrong_port.allow);
 }
 
+/// On a port where no ServiceEntry serves HTTP or TLS, a name the client
+/// sends (read only to choose between a 502 and a reset) vouches for
+/// nothing: the connection is opaque TCP, judged by what DNS said; the name
+/// only labels it.
+#[test]
+fn rule3_a_name_sent_on_an_opaque_port_vouches_for_nothing() {
+    let s = registry_only();
+    let names = table(&[]);
+    let v = decide(&s, &names, &conn("198.18.30.9:9300", Some(("search.vendor.example", SNI))), T0);
+    assert!(!v.allow, "{v:?}");
+    assert_eq!(v.name, Some(host("search.vendor.example")));
+    let known = table(&[("198.18.30.9", "search.vendor.example")]);
+    let v = decide(&s, &known, &conn("198.18.30.9:9300", Some(("other.example", SNI))), T0);
+    assert!(v.allow, "DNS named it: {v:?}");
+    assert_eq!(v.reason, Reason::DnsName(host("search.vendor.example")));
+}
+
 #[test]
 fn rule3_opaque_tcp_matches_addresses_ranges_v4_and_v6() {
     let s = registry_only();
