@@ -265,25 +265,32 @@ impl Table {
     }
 
     /// The key of the query in flight that `query` (of `shape`) may join:
-    /// one that asks the same, on its first attempt (a query joining one on
-    /// its last would get less time and fewer upstreams than its own), with
-    /// room for one more asker.
+    /// one that asks the same, on its first attempt (the only ones
+    /// [`questions`](Self::questions) holds: a query joining one on its last
+    /// would get less time and fewer upstreams than its own), with room for
+    /// one more asker.
     fn asking(&self, shape: u64, query: &[u8], name_end: usize) -> Option<(u16, u16)> {
         let key = *self.questions.get(&shape)?;
         let p = self.pending.get(&key)?;
-        let open = p.tries == 1 && p.fallback.is_none() && p.joined.len() + 1 < JOIN_MAX;
+        let open = p.joined.len() + 1 < JOIN_MAX;
         (open && same_query(&p.asker.query, query) && plain_name(query, name_end)).then_some(key)
     }
 
+    /// `p`, sent under `key`; a first attempt may be joined. (A later one
+    /// does not take the index back from a newer first attempt of the same bytes.)
     fn insert(&mut self, key: (u16, u16), p: Pending) {
-        self.questions.insert(p.shape, key);
+        if p.tries == 1 {
+            self.questions.insert(p.shape, key);
+        }
         self.pending.insert(key, p);
     }
 
     fn remove(&mut self, key: (u16, u16)) -> Option<Pending> {
         let p = self.pending.remove(&key)?;
-        if self.questions.get(&p.shape) == Some(&key) {
-            self.questions.remove(&p.shape);
+        if let std::collections::hash_map::Entry::Occupied(indexed) = self.questions.entry(p.shape)
+            && *indexed.get() == key
+        {
+            indexed.remove();
         }
         Some(p)
     }

@@ -262,8 +262,6 @@ impl Upstreams {
     }
 }
 
-/// The failure counter of `addr` for `reason` (`timeout`, `io`, `mismatch`,
-/// `refused`), for both transports.
 /// `addr` rejected a query (`reason`: [`rejection`]'s label) that now goes
 /// to the next upstream: logged and counted, on either transport.
 pub(crate) fn rejected(addr: SocketAddr, reason: &'static str) {
@@ -271,6 +269,8 @@ pub(crate) fn rejected(addr: SocketAddr, reason: &'static str) {
     failure(addr, reason).increment(1);
 }
 
+/// The failure counter of `addr` for `reason` (`timeout`, `io`, `mismatch`,
+/// `refused`), for both transports.
 pub(crate) fn failure(addr: SocketAddr, reason: &'static str) -> Counter {
     // Failures are the slow path: the labelled macro is fine here.
     metrics::counter!(m::UPSTREAM_FAILURES, "upstream" => addr.to_string(), "reason" => reason)
@@ -560,7 +560,7 @@ pub(crate) fn answers(id: &[u8], question: &[u8], answer: &[u8]) -> bool {
 /// Whether `section` starts with `question` (name, type, class), the name
 /// without regard to ASCII case. Label lengths are below `A`, so comparing
 /// the name's bytes without case compares its labels and nothing else.
-pub(crate) fn same_question(question: &[u8], section: &[u8]) -> bool {
+fn same_question(question: &[u8], section: &[u8]) -> bool {
     let Some(split) = question.len().checked_sub(4) else { return false };
     let Some(got) = section.get(..question.len()) else { return false };
     got[..split].eq_ignore_ascii_case(&question[..split]) && got[split..] == question[split..]
