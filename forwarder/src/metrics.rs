@@ -291,17 +291,39 @@ mod tests {
         assert_eq!(&*FULL.text(Arc::from("n7.example")), "other", "each label has its own cap");
     }
 
+    /// Names and ports each within their caps, but more pairs of them than
+    /// [`MAX_PAIRS`]: past it, a new pair's labels are `other` both; the
+    /// pairs kept, and the policy's own hosts, keep theirs.
     #[test]
     fn pairs_past_the_cap_fold_into_other() {
-        static TEST_PAIRS: Bounded = Bounded::new(4);
-        let pair = |name: &str, port| Value::Pair(Arc::from(name), port);
-        for (name, port) in
-            [("a.example", Some(80)), ("a.example", Some(443)), ("b.example", Some(80)), ("b.example", None)]
-        {
-            assert!(TEST_PAIRS.admits(&pair(name, port)));
+        use sluice_policy::model::Mode;
+        use sluice_policy::{Hostname, Reason, SourceFile, load_sources};
+        let files = [SourceFile { path: std::path::Path::new("t.yaml").into(), bytes: Vec::new() }];
+        let snapshot = Snapshot::compile(&load_sources(&files).unwrap_or_else(|e| panic!("{e}")));
+        let ip = std::net::IpAddr::from([198, 18, 0, 1]);
+        let labels_of = |name: &str, port: u16| {
+            let verdict = Verdict {
+                allow: true,
+                cluster: Cluster::Passthrough,
+                reason: Reason::NotRegistered,
+                name: Some(Hostname::parse(name).unwrap_or_else(|e| panic!("{e}"))),
+                workload: None,
+                would_deny: false,
+                mode: Mode::AllowAny,
+            };
+            let l = labels(&verdict, &snapshot, port, ip, "-");
+            (l.service.to_string(), l.port)
+        };
+        let (names, ports) = (MAX_PAIRS / MAX_PORTS, MAX_PORTS as u16); // within each cap
+        for n in 0..names {
+            for port in 0..ports {
+                let (name, port) = (format!("n{n}.pairs.example"), 41_000 + port);
+                assert_eq!(labels_of(&name, port), (name, Some(port)));
+            }
         }
-        assert!(!TEST_PAIRS.admits(&pair("a.example", None)), "a kept name on a fifth pair");
-        assert!(TEST_PAIRS.admits(&pair("b.example", Some(80))), "admitted pairs keep their series");
+        assert_eq!(labels_of("n0.pairs.example", 41_000), ("n0.pairs.example".to_owned(), Some(41_000)), "kept");
+        assert_eq!(labels_of("n1.pairs.example", 41_000 + ports - 1).1, Some(41_000 + ports - 1), "kept");
+        assert_eq!(labels_of("late.pairs.example", 41_000), ("other".to_owned(), None), "one pair too many");
     }
 
     #[test]
