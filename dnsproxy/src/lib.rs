@@ -43,6 +43,10 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use sluice_policy::{NameTable, Snapshot};
 
+/// A map whose keys no client chooses (random IDs, hashes keyed at random,
+/// label sets): the fast hash, not SipHash.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub use persist::{keep_saved, persist, restore, restore_or_start_empty, save};
 pub use upstream::resolve_upstreams;
 pub use warm::{registered_hosts, warm};

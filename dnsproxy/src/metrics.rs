@@ -108,7 +108,7 @@ type Key = (&'static str, &'static str, Action);
 thread_local! {
     /// Keys from bounded label sets, not a client's: the fast hash (SipHash
     /// over the two labels cost ~320 instructions per query, callgrind).
-    static REQUEST_COUNTERS: RefCell<HashMap<Key, Counter, foldhash::fast::RandomState>> =
+    static REQUEST_COUNTERS: RefCell<crate::FastMap<Key, Counter>> =
         RefCell::new(HashMap::default());
 }
 

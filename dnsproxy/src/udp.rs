@@ -44,7 +44,7 @@
 //! message (read the query, the policy gate, local replies, learning) is in
 //! `handler`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,6 +56,7 @@ use hickory_proto::rr::RecordType;
 use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
+use crate::FastMap;
 use crate::handler::{MAX_IN_FLIGHT, Triage, header_rcode, learn_from, parse_query, triage};
 use crate::metrics::{self as m, Action};
 use crate::share::Shares;
@@ -212,10 +213,6 @@ impl Reply {
         Reply { listener: a.listener, client: a.client, arrival: a.arrival, bytes }
     }
 }
-
-/// A map whose keys no client chooses (random IDs, or hashes keyed at
-/// random): the fast hash, not SipHash.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Queries in flight, by (upstream socket, ID on the wire), and when each
 /// attempt times out, oldest first (the timeout is the same for all).

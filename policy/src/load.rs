@@ -409,9 +409,9 @@ impl Acc {
         self.sidecar_mode(settings);
         let useless = settings.dns.block_unregistered && settings.mode == Mode::AllowAny;
         if let Some(own) = settings.origin.as_ref().filter(|_| useless) {
-            let msg = "dns.blockUnregistered has no effect with mode ALLOW_ANY (spec.dns.blockUnregistered)";
-            let mut d = file_problem(&own.file, own.line, 1, msg);
-            d.severity = Severity::Warning;
+            let msg = "dns.blockUnregistered has no effect with mode ALLOW_ANY";
+            let field = Some("spec.dns.blockUnregistered".to_owned());
+            let d = Diagnostic { severity: Severity::Warning, field, ..file_problem(&own.file, own.line, 1, msg) };
             self.problems.push(d);
         }
     }
