@@ -65,6 +65,9 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     let state = Arc::new(state);
 
     let names = Arc::new(NameTable::new(config.name_table_capacity));
+    // When the table is full, names a ServiceEntry covers go last.
+    let policy = state.snapshot.clone();
+    names.set_registered(move |name| policy.load().covers_name(name));
     let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
     // Before the forwarder starts: its first connections are judged with the names restored.
     if let Some(path) = &names_path {

@@ -465,6 +465,11 @@ fn memory_stays_flat_under_dns_load_when_nobody_scrapes_the_metrics() {
 /// test may take it in between, and dnsmasq then exits at once; it is
 /// started again on another.
 fn dnsmasq(domain: &str, ip: &str) -> (common::Proc, String) {
+    dnsmasq_answering(&[format!("--address=/{domain}/{ip}")])
+}
+
+/// dnsmasq on a free loopback port (as [`dnsmasq`]), answering as `records` say.
+fn dnsmasq_answering(records: &[String]) -> (common::Proc, String) {
     for _ in 0..5 {
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
@@ -473,7 +478,7 @@ fn dnsmasq(domain: &str, ip: &str) -> (common::Proc, String) {
             Command::new("dnsmasq")
                 .args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces"])
                 .args(["--listen-address=127.0.0.1", &format!("--port={port}"), "--pid-file="])
-                .arg(format!("--address=/{domain}/{ip}"))
+                .args(records)
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap(),
@@ -515,6 +520,61 @@ fn names_learned_before_a_restart_are_known_after_it() {
     let second = Sluice::start(policy.path(), &["--state-dir", state_dir]);
     assert!(known(&second).contains("kept.test"), "not restored: {}", known(&second));
     assert_eq!(second.metric("sluice_dns_ips_tracked"), Some(1.0));
+}
+
+/// A full name table (the smallest capacity, 1,024 IPs) that a client keeps
+/// filling with made-up names, each on its own IP: the name of a registered
+/// host, resolved first and not used since, is the oldest entry, yet stays.
+#[test]
+fn made_up_names_do_not_push_a_registered_name_out_of_a_full_table() {
+    const JUNK: u32 = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let mut lines = String::from("198.18.0.9 api.svc.test\n");
+    for k in 0..JUNK {
+        lines += &format!("198.19.{}.{} j{k}.evil.test\n", k / 250, k % 250 + 1);
+    }
+    std::fs::write(&hosts, lines).unwrap();
+    let (_dnsmasq, upstream) = dnsmasq_answering(&[format!("--addn-hosts={}", hosts.display())]);
+    let policy = dir.path().join("policy");
+    std::fs::create_dir(&policy).unwrap();
+    std::fs::write(policy.join("node.yaml"), REGISTRY_ONLY).unwrap();
+    let api = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api}\nspec:\n  hosts: [api.svc.test]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n";
+    std::fs::write(policy.join("api.yaml"), api).unwrap();
+    let config = dir.path().join("sluice.yaml");
+    std::fs::write(&config, "nameTableCapacity: 1024\n").unwrap();
+    let sluice = Sluice::start(&policy, &["--dns-upstream", &upstream, "--config", config.to_str().unwrap()]);
+    let dns = sluice.dns.unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let ask = |id: u16, name: &str| {
+        let mut query = id.to_be_bytes().to_vec();
+        query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        socket.send_to(&query, dns).unwrap();
+    };
+    let mut buf = [0u8; 512];
+    let mut answered =
+        |n: usize| (0..n).filter(|_| matches!(socket.recv(&mut buf), Ok(len) if len > 12 && buf[7] > 0)).count();
+    let known = |ip: &str| sluice.get(&format!("/debug/names?ip={ip}")).1;
+    ask(0, "api.svc.test");
+    assert_eq!(answered(1), 1, "no answer for api.svc.test");
+    assert!(known("198.18.0.9").contains("api.svc.test"), "{}", known("198.18.0.9"));
+    // Windows of 100 queries; each name once.
+    for window in 0..JUNK / 100 {
+        for k in window * 100..(window + 1) * 100 {
+            ask(k as u16 + 1, &format!("j{k}.evil.test"));
+        }
+        assert_eq!(answered(100), 100, "answers missing in window {window}");
+    }
+    let tracked = sluice.metric("sluice_dns_ips_tracked").unwrap();
+    assert!(tracked <= 1024.0, "{tracked} IPs in a table of 1,024");
+    assert!(!known("198.19.0.1").contains("j0.evil.test"), "the table was never full: nothing went");
+    assert!(known("198.18.0.9").contains("api.svc.test"), "the registered name went: {}", known("198.18.0.9"));
 }
 
 /// A policy file that went bad while sluice ran (the reload refused it)

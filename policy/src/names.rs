@@ -17,13 +17,16 @@
 //! had its own use time, which adds 8 bytes per IP; 32 names on every IP
 //! peak at 210 MiB with the budget; ~1.1 KB per IP without, measured on
 //! 100k IPs). Past either cap, expired IPs go first, then the least
-//! recently used.
+//! recently used, but names the policy registers go last
+//! ([`NameTable::set_registered`]): a pod that resolves made-up names by the
+//! thousand, or gives one IP dozens of names, cannot push out the names
+//! that connections to registered hosts are judged by.
 
 use std::io::{BufRead, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::host::Hostname;
@@ -69,6 +72,47 @@ pub struct NameTable {
     leases: AtomicUsize,
     lease_budget: usize,
     evicting: Mutex<()>,
+    registered: Registered,
+}
+
+/// Which names a ServiceEntry covers, as the policy says at the moment it
+/// is asked (set once, by the daemon; unset, no name is).
+#[derive(Default)]
+struct Registered(OnceLock<Box<IsRegistered>>);
+
+type IsRegistered = dyn Fn(&Hostname) -> bool + Send + Sync;
+
+impl std::fmt::Debug for Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Registered(set)" } else { "Registered(unset)" })
+    }
+}
+
+impl Registered {
+    fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    fn covers(&self, name: &Hostname) -> bool {
+        self.0.get().is_some_and(|registered| registered(name))
+    }
+
+    /// Whether any of an IP's names is registered.
+    fn any(&self, entry: &IpNames) -> bool {
+        self.0.get().is_some_and(|registered| entry.leases.iter().any(|l| registered(&l.name)))
+    }
+
+    /// Which lease of an IP whose names are at [`MAX_NAMES_PER_IP`] a new
+    /// `name` replaces: the soonest to die of the unregistered ones; a
+    /// registered one (the soonest) only for a registered name. `None`:
+    /// every name there is registered and the new one is not, so it is not kept.
+    fn replaced(&self, leases: &[Lease], name: &Hostname) -> Option<usize> {
+        let soonest = |registered: bool| {
+            let of_kind = leases.iter().enumerate().filter(|(_, l)| self.covers(&l.name) == registered);
+            of_kind.min_by_key(|(_, l)| l.alive_until()).map(|(i, _)| i)
+        };
+        soonest(false).or_else(|| if self.covers(name) { soonest(true) } else { None })
+    }
 }
 
 #[derive(Debug)]
@@ -201,7 +245,18 @@ impl NameTable {
             leases: AtomicUsize::new(0),
             lease_budget: capacity.saturating_mul(NAMES_PER_IP_BUDGET),
             evicting: Mutex::new(()),
+            registered: Registered::default(),
         }
+    }
+
+    /// Tells the table which names the policy registers (`registered`
+    /// answers with the policy in force when it is asked): when a cap forces
+    /// names out, IPs with a registered name go after every other IP, and a
+    /// registered name on an IP full of names is replaced only by another
+    /// registered name. Asked only when a cap is reached (never on lookups,
+    /// nor on most records). Set once; later calls are ignored.
+    pub fn set_registered(&self, registered: impl Fn(&Hostname) -> bool + Send + Sync + 'static) {
+        let _ = self.registered.0.set(Box::new(registered));
     }
 
     /// Number of IPs tracked (alive or not yet purged).
@@ -261,8 +316,8 @@ impl NameTable {
                     *l.used_until.get_mut() = l.used_until().max(used_until);
                 } else if leases.len() < MAX_NAMES_PER_IP {
                     leases.push(new_lease());
-                } else if let Some(soonest) = leases.iter_mut().min_by_key(|l| l.alive_until()) {
-                    *soonest = new_lease();
+                } else if let Some(replaced) = self.registered.replaced(&leases, name) {
+                    leases[replaced] = new_lease();
                 }
                 IpNames { leases, last_touch: AtomicU64::new(now_ms.max(old.last_touch.load(Ordering::Relaxed))) }
             },
@@ -364,7 +419,8 @@ impl NameTable {
     }
 
     /// Past a cap: drop the expired, then the least recently used down to
-    /// 90% of the caps, so eviction runs once per many inserts, not per insert.
+    /// 90% of the caps (IPs without a registered name first), so eviction
+    /// runs once per many inserts, not per insert.
     fn evict(&self, now: Timestamp) {
         let Ok(_guard) = self.evicting.try_lock() else {
             return;
@@ -379,26 +435,47 @@ impl NameTable {
         let map = self.map.pin();
         let mut ages: Vec<(u64, IpAddr, usize)> =
             map.iter().map(|(ip, v)| (v.last_touch.load(Ordering::Relaxed), *ip, v.leases.len())).collect();
-        let mut excess = len.saturating_sub(target);
-        if leases > lease_target {
-            // Over the name budget (rare: many names on many IPs): oldest
-            // first until both caps are met, whole IPs at a time.
-            ages.sort_unstable();
-            let (mut over, mut oldest) = (leases - lease_target, 0);
-            for (_, _, names) in &ages {
-                if over == 0 {
+        // Whole IPs, oldest first, until both caps are met; an IP with a
+        // registered name is passed over, and taken (oldest first) only if
+        // the others did not make up the excess. Taken in batches of the
+        // oldest (a partial selection, then a sort of the batch only), and
+        // the policy asked about those only. A pass over a full table of a
+        // million IPs (release build, a set of 100 registered names): 95 ms
+        // with no policy set, 107 ms with one; asking about every IP took 460 ms.
+        let (mut excess, mut over) = (len.saturating_sub(target), leases.saturating_sub(lease_target));
+        let mut spared = Vec::new();
+        let mut removed = 0;
+        let mut take = |ip: &IpAddr, names: usize, excess: &mut usize, over: &mut usize| {
+            removed += map.remove(ip).map_or(0, |v| v.leases.len());
+            *excess = excess.saturating_sub(1);
+            *over = over.saturating_sub(names);
+        };
+        let mut rest = &mut ages[..];
+        while (excess > 0 || over > 0) && !rest.is_empty() {
+            // Over the name budget only, how many IPs it takes is not known: a batch at a time.
+            let n = excess.max(4096).min(rest.len());
+            if n < rest.len() {
+                rest.select_nth_unstable(n);
+            }
+            let (batch, tail) = rest.split_at_mut(n);
+            batch.sort_unstable();
+            for &(touch, ip, names) in batch.iter() {
+                if excess == 0 && over == 0 {
                     break;
                 }
-                over = over.saturating_sub(*names);
-                oldest += 1;
+                if self.registered.is_set() && map.get(&ip).is_some_and(|v| self.registered.any(v)) {
+                    spared.push((touch, ip, names));
+                } else {
+                    take(&ip, names, &mut excess, &mut over);
+                }
             }
-            excess = excess.max(oldest);
-        } else if excess < ages.len() {
-            ages.select_nth_unstable(excess);
+            rest = tail;
         }
-        let mut removed = 0;
-        for (_, ip, _) in ages.iter().take(excess) {
-            removed += map.remove(ip).map_or(0, |v| v.leases.len());
+        for (_, ip, names) in spared {
+            if excess == 0 && over == 0 {
+                break;
+            }
+            take(&ip, names, &mut excess, &mut over);
         }
         self.forget(removed);
     }

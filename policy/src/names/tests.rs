@@ -107,6 +107,72 @@ fn the_cap_evicts_expired_first_then_least_recently_used() {
     assert_eq!(t.pair_count(), t.name_count(), "the kept count follows the eviction");
 }
 
+/// A table that knows names under `svc.example` are registered.
+fn registering_svc(capacity: usize) -> NameTable {
+    let t = NameTable::new(capacity);
+    t.set_registered(|name| name.as_str().ends_with(".svc.example"));
+    t
+}
+
+/// A pod resolving made-up names (each to its own IP) fills the table: the
+/// IPs of registered names, however long unused, go after all the others.
+#[test]
+fn a_flood_of_unregistered_names_does_not_push_registered_ones_out() {
+    let t = registering_svc(10);
+    t.record(ip(0), &host("api.svc.example"), Duration::from_secs(3600), T0, KEEP);
+    t.record(ip(1), &host("old.example"), Duration::from_secs(3600), T0, KEEP);
+    for i in 2..40 {
+        t.record(ip(i), &host(&format!("junk{i}.evil.example")), Duration::from_secs(3600), at(u64::from(i)), KEEP);
+    }
+    assert!(t.len() <= 10);
+    assert_eq!(t.names(ip(0), at(40)), vec![host("api.svc.example")], "the registered name stays");
+    assert!(t.names(ip(1), at(40)).is_empty(), "an unregistered name as old goes");
+    assert!(!t.names(ip(39), at(40)).is_empty(), "the newest stays");
+    // Over the name budget (many names per IP) too.
+    let t = registering_svc(10);
+    t.record(ip(0), &host("api.svc.example"), Duration::from_secs(3600), T0, KEEP);
+    for i in 1..12u8 {
+        for n in 0..MAX_NAMES_PER_IP {
+            let name = host(&format!("n{n}.junk{i}.evil.example"));
+            t.record(ip(i), &name, Duration::from_secs(3600), at(u64::from(i)), KEEP);
+        }
+    }
+    assert!(t.name_count() <= 10 * NAMES_PER_IP_BUDGET);
+    assert_eq!(t.names(ip(0), at(20)), vec![host("api.svc.example")], "the registered name stays");
+}
+
+/// Dozens of made-up names pointed at a registered service's IP, with
+/// longer TTLs than its own, do not replace its name there.
+#[test]
+fn names_piled_on_one_ip_do_not_replace_a_registered_one() {
+    let t = registering_svc(100);
+    t.record(ip(1), &host("api.svc.example"), Duration::from_secs(10), T0, KEEP);
+    for n in 0..2 * MAX_NAMES_PER_IP {
+        t.record(ip(1), &host(&format!("n{n}.evil.example")), Duration::from_secs(3600), T0, KEEP);
+    }
+    let names = t.names(ip(1), T0);
+    assert_eq!(names.len(), MAX_NAMES_PER_IP);
+    assert!(names.contains(&host("api.svc.example")), "the registered name stays");
+    assert!(
+        names.contains(&host(&format!("n{}.evil.example", 2 * MAX_NAMES_PER_IP - 1))),
+        "the newest other name is in"
+    );
+    // An IP full of registered names keeps them all against an unregistered
+    // name; another registered name replaces the soonest to die of them.
+    for n in 0..MAX_NAMES_PER_IP as u64 {
+        t.record(ip(2), &host(&format!("r{n}.svc.example")), Duration::from_secs(100 + n), T0, KEEP);
+    }
+    t.record(ip(2), &host("late.evil.example"), Duration::from_secs(3600), T0, KEEP);
+    assert!(!t.names(ip(2), T0).contains(&host("late.evil.example")));
+    t.record(ip(2), &host("late.svc.example"), Duration::from_secs(3600), T0, KEEP);
+    let names = t.names(ip(2), T0);
+    assert!(names.contains(&host("late.svc.example")) && !names.contains(&host("r0.svc.example")));
+    assert_eq!(
+        (names.len(), t.pair_count(), t.name_count()),
+        (MAX_NAMES_PER_IP, 2 * MAX_NAMES_PER_IP, 2 * MAX_NAMES_PER_IP)
+    );
+}
+
 #[test]
 fn many_names_on_many_ips_stay_within_the_name_budget() {
     let t = NameTable::new(100);
