@@ -160,10 +160,34 @@ pub(crate) fn parse_query(bytes: &[u8], truncated: bool) -> Result<Parsed, Refus
         return Err(Refuse::NotImp(meta, query));
     }
     let question_end = decoder.index();
+    if !plain_name(bytes, question_end - 4) {
+        return Err(Refuse::FormErr(meta));
+    }
     let edns = client_edns(&mut decoder, &header.counts).map_err(|_| Refuse::FormErr(meta))?;
     // RFC 6891: below 512 means 512; without EDNS, 512.
     let max_udp = edns.as_ref().map_or(512, |e| e.max_payload().max(512));
     Ok(Parsed { meta, query, question_end, max_udp: usize::from(max_udp), edns })
+}
+
+/// Whether the question's name (from offset 12 to `name_end`) is labels
+/// only. hickory follows a compression pointer there, which can only point
+/// back into the header (the question's name is the message's first), so the
+/// name it reads is spelled by the ID and counts: no client writes that. The
+/// upstream would send the question back written out, and the answer would
+/// match none of the bytes the proxy sent (over TCP, a failure against the
+/// upstream's health for each such query).
+fn plain_name(query: &[u8], name_end: usize) -> bool {
+    let mut i = 12;
+    while let Some(&len) = query.get(i).filter(|_| i < name_end) {
+        if len == 0 {
+            return i + 1 == name_end;
+        }
+        if len > 63 {
+            return false;
+        }
+        i += 1 + usize::from(len);
+    }
+    false
 }
 
 /// The client's OPT record, if any (the additional section of a query).

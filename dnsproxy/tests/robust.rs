@@ -280,6 +280,35 @@ fn over_tcp_one_client_cannot_take_every_in_flight_slot() {
     assert_eq!(rcode(&tcp_receive(&mut other).unwrap()), ResponseCode::NoError, "another client is answered");
 }
 
+/// A question name ending in a compression pointer (into the header: a
+/// root label read from the question count's high byte) is FORMERR. It went
+/// upstream; the answer's question, written out, matched no bytes sent, so
+/// over TCP each such query counted against the upstream's health, and three
+/// marked it down for every client on the node.
+#[test]
+fn a_compressed_question_name_is_formerr_and_leaves_the_upstream_up() {
+    // Like CoreDNS or BIND (hickory's server echoes the question's bytes):
+    // the question written out, the name in full.
+    let up = Scripted::start(|q| {
+        let mut answer = query(u16::from_be_bytes([q[0], q[1]]), "api.sluice.test.", RecordType::A, None);
+        answer[2] |= 0x80;
+        vec![answer]
+    });
+    let proxy = Proxy::to(up.addr, shared(None));
+    let mut pointer = query(7, "api.sluice.test.", RecordType::A, None);
+    let end = pointer.len() - 4;
+    pointer.splice(end - 1..end, [0xc0, 0x04]);
+    for id in 0..6u16 {
+        pointer[..2].copy_from_slice(&id.to_be_bytes());
+        let answer = tcp_exchange(proxy.addr, &pointer);
+        assert_eq!((rcode(&answer), &answer[..2]), (ResponseCode::FormErr, &id.to_be_bytes()[..]), "over TCP");
+        let answer = udp_exchange(proxy.addr, &pointer, Duration::from_secs(3)).unwrap();
+        assert_eq!(rcode(&answer), ResponseCode::FormErr, "over UDP");
+    }
+    let answer = tcp_exchange(proxy.addr, &query(9, "api.sluice.test.", RecordType::A, None));
+    assert_eq!(rcode(&answer), ResponseCode::NoError, "the upstream is still up");
+}
+
 /// Over TCP too: an upstream that accepts connections but never answers
 /// is skipped after three timeouts in a row.
 #[test]
