@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 pub(crate) const RELOADS: &str = "sluice_policy_reloads_total";
 pub(crate) const GENERATION: &str = "sluice_policy_generation";
 pub(crate) const LAST_SUCCESS: &str = "sluice_policy_last_success_timestamp_seconds";
+/// 1 while the policy files on disk are refused (an older policy is in
+/// force), else 0: what an alert on a bad policy watches (a reload's
+/// `error` count goes up once per bad edit, not while it stays).
+pub(crate) const REJECTED: &str = "sluice_policy_rejected";
 const DEBOUNCE: Duration = Duration::from_millis(250);
 /// The longest a burst of changes can hold a reload back.
 const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
@@ -58,6 +62,11 @@ impl PolicyState {
         paths: Vec<PathBuf>,
         keep: Option<PathBuf>,
     ) -> Result<(PolicyState, PolicySet), sluice_policy::LoadErrors> {
+        // Every series from the start, at 0: a counter that first appears at
+        // 1 shows no increase to `increase()`.
+        for result in ["success", "unchanged", "error"] {
+            metrics::counter!(RELOADS, "result" => result).increment(0);
+        }
         let (files, problems) = read_paths(&paths);
         let hash = hash_files(&files);
         let (set, last_error) = match load(&files, problems) {
@@ -92,6 +101,7 @@ impl PolicyState {
             keep,
         };
         metrics::gauge!(GENERATION).set(1.0);
+        metrics::gauge!(REJECTED).set(if state.last_error.lock().is_ok_and(|e| e.is_some()) { 1.0 } else { 0.0 });
         Ok((state, set))
     }
 
@@ -123,6 +133,7 @@ impl PolicyState {
                 metrics::counter!(RELOADS, "result" => "success").increment(1);
                 metrics::gauge!(GENERATION).set(generation as f64);
                 metrics::gauge!(LAST_SUCCESS).set(unix_now());
+                metrics::gauge!(REJECTED).set(0.0);
                 tracing::info!(why, generation, entries = set.entries.len(), mode = ?set.settings.mode, "policy reloaded");
                 Outcome::Applied
             }
@@ -138,6 +149,7 @@ impl PolicyState {
                 }
                 // Remember the bad hash too: the same bad files are not re-reported every minute.
                 self.hash.store(hash, Ordering::Relaxed);
+                metrics::gauge!(REJECTED).set(1.0);
                 Outcome::Rejected
             }
         }

@@ -170,6 +170,10 @@ fn hot_reload_applies_good_policy_and_keeps_it_through_a_broken_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("httpbin.yaml"), HTTPBIN).unwrap();
     let sluice = Sluice::start(dir.path(), &[]);
+    // Every reload result has its series from the start (at 0: a series
+    // born at 1 shows no increase to an alert).
+    assert_eq!(sluice.metric("sluice_policy_reloads_total{result=\"error\"}"), Some(0.0));
+    assert_eq!(sluice.metric("sluice_policy_rejected"), Some(0.0));
     // The mode flips when an EgressPolicy appears in the watched directory.
     std::fs::write(dir.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
     let p = sluice.wait_policy("REGISTRY_ONLY", |p| p["mode"] == "REGISTRY_ONLY");
@@ -184,6 +188,7 @@ fn hot_reload_applies_good_policy_and_keeps_it_through_a_broken_file() {
     assert!(p["lastReloadError"].as_str().unwrap().contains("broken.yaml:4:11: invalid host"), "{p}");
     assert_eq!((p["generation"].as_u64(), p["mode"].as_str()), (Some(2), Some("REGISTRY_ONLY")));
     assert!(sluice.metric("sluice_policy_reloads_total{result=\"error\"}").unwrap_or(0.0) >= 1.0);
+    assert_eq!(sluice.metric("sluice_policy_rejected"), Some(1.0), "while the bad file stays");
     // Fixing it recovers, through an editor-style write-and-rename.
     std::fs::write(
         dir.path().join(".broken.yaml.tmp"),
@@ -193,6 +198,7 @@ fn hot_reload_applies_good_policy_and_keeps_it_through_a_broken_file() {
     std::fs::rename(dir.path().join(".broken.yaml.tmp"), dir.path().join("broken.yaml")).unwrap();
     let p = sluice.wait_policy("recovery", |p| p["generation"] == 3);
     assert!(p["lastReloadError"].is_null());
+    assert_eq!(sluice.metric("sluice_policy_rejected"), Some(0.0));
     assert_eq!(p["entries"].as_array().map(Vec::len), Some(2));
 }
 
@@ -599,10 +605,12 @@ fn a_restart_with_a_broken_policy_file_starts_on_the_last_good_policy() {
     assert_eq!((p["mode"].as_str(), p["entries"].as_array().map(Vec::len)), (Some("REGISTRY_ONLY"), Some(1)), "{p}");
     assert!(p["lastReloadError"].as_str().is_some_and(|e| e.contains("broken.yaml:4:11: invalid host")), "{p}");
     assert_eq!(second.metric("sluice_policy_reloads_total{result=\"error\"}"), Some(1.0));
+    assert_eq!(second.metric("sluice_policy_rejected"), Some(1.0));
     // Mended, the files on disk take over.
     std::fs::remove_file(policy.path().join("broken.yaml")).unwrap();
     let p = second.wait_policy("the mended files", |p| p["generation"] == 2);
     assert!(p["lastReloadError"].is_null(), "{p}");
+    assert_eq!(second.metric("sluice_policy_rejected"), Some(0.0));
 }
 
 /// The debug endpoints (the node's DNS history, its policy) answer loopback

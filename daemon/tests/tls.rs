@@ -63,6 +63,10 @@ fn tls_is_judged_by_sni_fronting_is_refused_and_dry_run_only_logs() {
         metric(&t.node, "istio_tcp_connections_opened_total", &[("destination_service_name", "BlackHoleCluster")]),
         2.0
     );
+    let verdicts = |v: &str| metric(&t.node, "sluice_forwarder_verdicts_total", &[("verdict", v)]);
+    assert_eq!((verdicts("serviceentry"), verdicts("blackhole")), (1.0, 2.0));
+    let text = t.node.ok("curl -s 127.0.0.1:15090/metrics");
+    assert!(text.contains("sluice_forwarder_verdicts_total{verdict=\"would_deny\"} 0"), "there at 0 from the start");
 
     // Dry-run: the same attempts pass, and the log says what enforcement would have refused.
     std::fs::write(
@@ -82,4 +86,6 @@ fn tls_is_judged_by_sni_fronting_is_refused_and_dry_run_only_logs() {
         }
     }
     assert!(seen, "the dry-run refusal was not logged");
+    assert_eq!(verdicts("would_deny"), 1.0, "counted apart from passthrough");
+    assert_eq!(verdicts("blackhole"), 2.0);
 }

@@ -44,6 +44,15 @@ pub const REQUESTS: &str = "istio_requests_total";
 pub const NOT_INTERCEPTED: &str = "sluice_forwarder_not_intercepted_total";
 /// Times a connection found no pipe (out of file descriptors or memory) and waited.
 pub const PIPE_SHORTAGES: &str = "sluice_forwarder_pipe_shortages_total";
+/// Connections judged, by `verdict` ([`VERDICTS_BY`]): one series each,
+/// there from the start at 0, so an alert on `increase()` sees the first
+/// refusal (a per-destination Istio series is born at 1, which `increase()`
+/// reads as no increase), and dry-run's would-be refusals can be counted
+/// (Istio's labels show them as `PassthroughCluster`).
+pub const VERDICTS: &str = "sluice_forwarder_verdicts_total";
+/// `serviceentry`: allowed as a ServiceEntry; `passthrough`: ALLOW_ANY;
+/// `blackhole`: refused; `would_deny`: let through by dry-run, refused under enforcement.
+pub const VERDICTS_BY: [&str; 4] = ["serviceentry", "passthrough", "blackhole", "would_deny"];
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
@@ -96,6 +105,14 @@ thread_local! {
     static CLOSED: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
     static REFUSED_HTTP: RefCell<HashMap<Labels, Counter>> = RefCell::new(HashMap::new());
     static NOT_INTERCEPTED_COUNT: Counter = metrics::counter!(NOT_INTERCEPTED);
+    static VERDICT_COUNTS: [Counter; 4] = VERDICTS_BY.map(|v| metrics::counter!(VERDICTS, "verdict" => v));
+}
+
+/// Registers the series that must be there before anything happens (at 0).
+pub(crate) fn register() {
+    for verdict in VERDICTS_BY {
+        metrics::counter!(VERDICTS, "verdict" => verdict).increment(0);
+    }
 }
 
 /// A label value past the policy's own: a name, an address, or a port.
@@ -225,6 +242,13 @@ fn label_list(l: &Labels, protocol: &'static str) -> Vec<Label> {
 /// A connection was judged and is about to be forwarded or refused; returns
 /// the byte counters its splice loop bumps.
 pub(crate) fn opened(verdict: &Verdict, snapshot: &Snapshot, dst: std::net::SocketAddr) -> Meter {
+    let kind = match verdict.cluster {
+        Cluster::ServiceEntry(_) => 0,
+        Cluster::Passthrough if verdict.would_deny => 3,
+        Cluster::Passthrough => 1,
+        Cluster::BlackHole => 2,
+    };
+    VERDICT_COUNTS.with(|c| c[kind].increment(1));
     let l = labels(verdict, snapshot, dst.port(), dst.ip(), "-");
     LIVE.with(|cache| {
         let mut cache = cache.borrow_mut();

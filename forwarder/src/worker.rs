@@ -61,6 +61,7 @@ impl Handle {
 /// Binds every listener on every worker and starts the workers. Fails (with
 /// nothing left running) if a bind fails or the requested driver is unavailable.
 pub fn start(config: Config, shared: Shared) -> io::Result<Handle> {
+    crate::metrics::register();
     let workers = config.workers.max(1);
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut local_addrs = Vec::new();
