@@ -260,7 +260,11 @@ async fn forward(
     let mut upstream = match connected {
         Ok(u) => u,
         Err(e) => {
-            tracing::debug!(%dst, error = %e, "upstream connect failed: resetting client");
+            if sys::is_local_shortage(&e) {
+                local_shortage(dst, &e);
+            } else {
+                tracing::debug!(%dst, error = %e, "upstream connect failed: resetting client");
+            }
             sys::reset_on_close(&client);
             report.outcome = Outcome::ConnectFailed;
             return;
@@ -388,6 +392,20 @@ async fn linger(client: &TcpStream) {
             Ok(Some(n)) if n > 0 => dropped += n,
             _ => return, // EOF, the deadline, or an error
         }
+    }
+}
+
+/// The upstream connection failed for want of this node's descriptors,
+/// memory or ports: counted, and logged at most every 10 s per worker
+/// (the connection's own flag, `UF`, would blame the destination).
+fn local_shortage(dst: SocketAddr, e: &io::Error) {
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    crate::metrics::local_connect_failure();
+    if LAST.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        LAST.set(Some(Instant::now()));
+        tracing::warn!(%dst, error = %e, "cannot open upstream connections (out of descriptors, memory or local ports): resetting clients (raise LimitNOFILE? net.ipv4.ip_local_port_range?)");
     }
 }
 

@@ -44,6 +44,10 @@ pub const REQUESTS: &str = "istio_requests_total";
 pub const NOT_INTERCEPTED: &str = "sluice_forwarder_not_intercepted_total";
 /// Times a connection found no pipe (out of file descriptors or memory) and waited.
 pub const PIPE_SHORTAGES: &str = "sluice_forwarder_pipe_shortages_total";
+/// Allowed connections reset because this node could not open their upstream
+/// connection (out of descriptors, memory or local ports): sluice's limit,
+/// not the destination's (those connections' Istio flag is `UF` still).
+pub const LOCAL_CONNECT_FAILURES: &str = "sluice_forwarder_local_connect_failures_total";
 /// Connections judged, by `verdict` ([`VERDICTS_BY`]): one series each,
 /// there from the start at 0, so an alert on `increase()` sees the first
 /// refusal (a per-destination Istio series is born at 1, which `increase()`
@@ -113,6 +117,12 @@ pub(crate) fn register() {
     for verdict in VERDICTS_BY {
         metrics::counter!(VERDICTS, "verdict" => verdict).increment(0);
     }
+    metrics::counter!(LOCAL_CONNECT_FAILURES).increment(0);
+}
+
+/// An upstream connection could not be opened for want of a local resource.
+pub(crate) fn local_connect_failure() {
+    metrics::counter!(LOCAL_CONNECT_FAILURES).increment(1);
 }
 
 /// A label value past the policy's own: a name, an address, or a port.

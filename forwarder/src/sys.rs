@@ -59,6 +59,13 @@ pub(crate) fn set_nonblocking<S: AsRawFd>(stream: &S) -> io::Result<()> {
     // SAFETY: FIONBIO reads one c_int through the pointer, which outlives the
     // call; the fd is owned by `stream`, alive for the call.
     let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), nix::libc::FIONBIO, &on) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // Close-on-exec too (io_uring's accept sets neither flag): a child sluice
+    // starts while connections are open (`nft` at exit) must not hold them open.
+    // SAFETY: FIOCLEX takes no argument; the fd is owned by `stream`, alive for the call.
+    let r = unsafe { nix::libc::ioctl(stream.as_raw_fd(), nix::libc::FIOCLEX) };
     if r == -1 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
@@ -74,22 +81,62 @@ pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
 }
 
+/// Opening an upstream connection failed for want of something of this
+/// node's own: descriptors, memory ([`is_resource_exhaustion`]), or a local
+/// port (`EADDRNOTAVAIL`: every ephemeral port to that destination in use).
+pub(crate) fn is_local_shortage(e: &io::Error) -> bool {
+    is_resource_exhaustion(e) || e.raw_os_error() == Some(nix::libc::EADDRNOTAVAIL)
+}
+
+/// Accept errors that concern one connection, after which the next accept
+/// may succeed at once: it was aborted or reset while queued, a signal, a
+/// firewall rule (`EPERM`), or one of the network errors Linux passes on
+/// from the new socket (accept(2)). Any other error would come back at once
+/// again (on epoll the listener stays ready): callers back off.
+pub(crate) fn is_per_connection_accept_error(e: &io::Error) -> bool {
+    use nix::libc::{
+        ECONNABORTED, ECONNRESET, EHOSTDOWN, EHOSTUNREACH, EINTR, ENETDOWN, ENETUNREACH, ENONET, ENOPROTOOPT,
+        EOPNOTSUPP, EPERM, EPROTO, ETIMEDOUT,
+    };
+    matches!(
+        e.raw_os_error(),
+        Some(
+            ECONNABORTED
+                | ECONNRESET
+                | EINTR
+                | EPERM
+                | EPROTO
+                | ENOPROTOOPT
+                | ENETDOWN
+                | ENETUNREACH
+                | EHOSTDOWN
+                | EHOSTUNREACH
+                | ENONET
+                | EOPNOTSUPP
+                | ETIMEDOUT
+        )
+    )
+}
+
 /// Reads what the socket holds now, without waiting (`WouldBlock` when
 /// nothing): for reads whose readiness the runtime already waited for.
 pub(crate) fn recv_now<S: AsRawFd>(stream: &S, buf: &mut [u8]) -> io::Result<usize> {
     nix::sys::socket::recv(stream.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT).map_err(io_err)
 }
 
-/// `SIOCATMARK`: asm-generic's number, which most architectures use;
-/// alpha, mips, sparc and parisc have their own, and there
-/// [`at_urgent_mark`] says no.
+/// `SIOCATMARK`: asm-generic's number, which most architectures use
+/// (powerpc's own header gives the same; s390 has none of its own); alpha,
+/// mips, sparc and parisc have their own, and there [`at_urgent_mark`] says no.
 const SIOCATMARK: Option<nix::libc::Ioctl> = if cfg!(any(
     target_arch = "x86_64",
     target_arch = "x86",
     target_arch = "aarch64",
     target_arch = "arm",
     target_arch = "riscv64",
-    target_arch = "loongarch64"
+    target_arch = "loongarch64",
+    target_arch = "powerpc64",
+    target_arch = "powerpc",
+    target_arch = "s390x"
 )) {
     Some(0x8905)
 } else {

@@ -334,12 +334,19 @@ async fn accept_loop(
                 });
             }
             Err(_) if ctx.stopping.get() => break,
-            Err(e) if sys::is_resource_exhaustion(&e) => {
-                tracing::warn!(worker = id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept: out of file descriptors or memory, backing off");
+            Err(e) if sys::is_per_connection_accept_error(&e) => {
+                tracing::debug!(worker = id, error = %e, "accept failed (that connection only)")
+            }
+            Err(e) => {
+                let backoff_ms = backoff.as_millis() as u64;
+                if sys::is_resource_exhaustion(&e) {
+                    tracing::warn!(worker = id, error = %e, backoff_ms, "accept: out of file descriptors or memory, backing off");
+                } else {
+                    tracing::warn!(worker = id, error = %e, backoff_ms, "accept failed, backing off");
+                }
                 monoio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
-            Err(e) => tracing::debug!(worker = id, error = %e, "accept failed"),
         }
     }
 }
@@ -360,7 +367,8 @@ fn warn_if_few_descriptors(workers: usize, per_worker: usize) {
             limit = soft,
             need,
             "RLIMIT_NOFILE is below what the connection cap may need (6 per connection): past it, accepting \
-             backs off and connections wait for pipes; raise LimitNOFILE or lower maxConnectionsPerWorker"
+             backs off, connections wait for pipes and new ones are reset when their upstream socket cannot be \
+             opened; raise LimitNOFILE or lower maxConnectionsPerWorker"
         );
     }
 }
