@@ -173,6 +173,43 @@ pub(crate) fn apply(rules: &Rules) -> anyhow::Result<()> {
     load(&rules.render(), "the ruleset")
 }
 
+/// Sluice's table as nft lists it now, without counter values (`-s`), so two
+/// listings differ only if the rules do; `None`: there is none.
+pub(crate) fn listed() -> anyhow::Result<Option<String>> {
+    let out = nft("", &["-s", "list", "table", "inet", TABLE])?;
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("No such file or directory") {
+        return Ok(None);
+    }
+    bail!("nft list table inet {TABLE}: {}", err.trim())
+}
+
+/// Puts sluice's table back if it is gone or changed since `installed` (its
+/// listing when sluice installed it): another ruleset load (Debian's
+/// `nftables.service` begins with `flush ruleset`), a hand edit. Without
+/// this, interception would stop silently: a REGISTRY_ONLY node open.
+/// Returns the listing in force afterwards.
+pub(crate) fn restore_if_changed(rules: &Rules, installed: &Option<String>) -> anyhow::Result<Option<String>> {
+    let now = listed()?;
+    if now.is_some() && &now == installed {
+        return Ok(now);
+    }
+    let what = if now.is_none() { "removed" } else { "changed" };
+    tracing::error!(
+        "the interception rules (nft table inet {TABLE}) were {what} by someone else (a `flush ruleset`, an \
+         nftables.service restart?): installing them again"
+    );
+    metrics::counter!(RESTORED).increment(1);
+    apply(rules)?;
+    listed()
+}
+
+/// Times the interception rules were found removed or changed, and put back.
+pub(crate) const RESTORED: &str = "sluice_intercept_rules_restored_total";
+
 /// Loads a ruleset text (`nft -f`: one transaction).
 fn load(text: &str, what: &str) -> anyhow::Result<()> {
     let out = nft(text, &["-f", "-"])?;

@@ -28,6 +28,9 @@ const POLICY_FILE: &str = "policy.last-good.json";
 const SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Whether this process installed the nftables rules (and so must remove them).
 static RULES_INSTALLED: AtomicBool = AtomicBool::new(false);
+/// How often, with `--intercept`, sluice checks that its nftables table is
+/// still there as it installed it (and puts it back if not).
+const RULES_CHECK: Duration = Duration::from_secs(5);
 
 pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     init_logging(&config);
@@ -198,7 +201,17 @@ async fn control(
         crate::rules::apply(rules).context("--intercept: cannot install the nftables rules")?;
         RULES_INSTALLED.store(true, Ordering::Relaxed);
         tracing::info!(forwarder_port = rules.forwarder_port, dns_port = ?rules.dns_port, "interception rules installed (nft table inet sluice)");
+        metrics::counter!(crate::rules::RESTORED).increment(0);
     }
+    let mut installed = match &config.intercept {
+        Some(_) => tokio::task::spawn_blocking(crate::rules::listed).await?.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list the interception rules: the check that they stay in place compares against none");
+            None
+        }),
+        None => None,
+    };
+    let mut rules_check = tokio::time::interval(RULES_CHECK);
+    rules_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let upkeep = tokio::spawn(admin::upkeep(prometheus.clone()));
     let admin = Admin { prometheus, policy: state.clone(), names, ready: ready.clone() };
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -245,6 +258,15 @@ async fn control(
                 break;
             }
             _ = hup.recv() => { let _ = hup_tx.send(()); }
+            _ = rules_check.tick(), if config.intercept.is_some() => {
+                let Some(rules) = config.intercept.clone() else { continue };
+                let before = installed.clone();
+                match tokio::task::spawn_blocking(move || crate::rules::restore_if_changed(&rules, &before)).await {
+                    Ok(Ok(now)) => installed = now,
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot check or restore the interception rules"),
+                    Err(e) => tracing::error!(error = %e, "the interception rules check failed"),
+                }
+            }
             _ = watchdog.tick() => {
                 let beats = forwarder.beats();
                 let stuck: Vec<usize> = beats.iter().zip(&last_beats).enumerate().filter(|(_, (a, b))| a <= b).map(|(i, _)| i).collect();

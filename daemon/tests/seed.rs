@@ -122,6 +122,9 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     // SIGTERM drains: a download in flight completes intact, then sluice exits 0 and its rules are gone.
     // The rules go first: while the download drains, the pod's DNS and new connections go straight out
     // instead of failing, and the DNS proxy still answers whatever reaches it.
+    // The check that the rules stay in place (every 5 s) saw them unchanged through all of that traffic.
+    let text = node.ok("curl -s 127.0.0.1:15090/metrics");
+    assert!(text.lines().any(|l| l == "sluice_intercept_rules_restored_total 0"), "no false alarm");
     let mut sluice: Proc = sluice;
     let last_out = site.path().join("during-drain").display().to_string();
     let (drained, status) = std::thread::scope(|scope| {
@@ -147,4 +150,40 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     );
     assert_eq!(status.code(), Some(0));
     assert_eq!(node.ok("nft list ruleset").trim(), "", "--intercept removes its rules at exit");
+}
+
+/// Another nftables load that wipes sluice's table (Debian's
+/// nftables.service begins with `flush ruleset`) opens a REGISTRY_ONLY node
+/// only until sluice's next check: the table is put back, as it was.
+#[test]
+fn the_interception_rules_come_back_after_a_flush_ruleset() {
+    let Topology { pod, node, world, .. } = &Topology::new('f', &[("httpbin.org", "198.18.2.20")]);
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("uuid"), "{\"uuid\": \"9f1c\"}\n").unwrap();
+    let dir = site.path().display().to_string();
+    let _server = world.spawn("python3", &["-m", "http.server", "80", "--bind", "198.18.2.20", "--directory", &dir]);
+    for _ in 0..50 {
+        if world.exec("curl -s -m 1 http://198.18.2.20/uuid").0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let policy = tempfile::tempdir().unwrap();
+    std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
+    let (_sluice, log) = start(node, policy.path());
+    let code = || pod.exec("curl -s -m 5 -o /dev/null -w %{http_code} http://httpbin.org/uuid").1;
+    assert_eq!(code(), "502", "refused while the rules are in place");
+    let table = || node.exec("nft -s list table inet sluice").1;
+    let installed = table();
+    node.ok("nft flush ruleset");
+    assert_eq!(code(), "200", "with the table gone the pod goes straight out");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while table() != installed {
+        assert!(std::time::Instant::now() < deadline, "the table did not come back: {}", table());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(code(), "502", "refused again");
+    let text = node.ok("curl -s 127.0.0.1:15090/metrics");
+    assert!(text.lines().any(|l| l == "sluice_intercept_rules_restored_total 1"), "counted once");
+    assert!(log.try_iter().any(|l| l.contains("were removed by someone else")), "the restore was logged");
 }
