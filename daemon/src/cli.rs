@@ -58,7 +58,7 @@ fn check() -> OptionParser<Command> {
         .to_options()
         .descr("Validate policy files and print a summary, or explain the verdict for one connection")
         .footer(
-            "Examples:\n  sluice check /etc/sluice/policy.d\n  sluice check policy.d --explain 198.18.9.1:443 --sni api.stripe.example\n  sluice check policy.d --explain 198.18.30.1:9300 --resolved-as search.vendor.example\n\nExit status: 0 valid, 1 invalid policy, 64 bad usage.",
+            "Exit status: 0 valid, 1 invalid policy, 64 bad usage.\n\nExamples:\n  sluice check /etc/sluice/policy.d\n  sluice check policy.d --explain 198.18.9.1:443 --sni api.stripe.example\n  sluice check policy.d --explain 198.18.30.1:9300 --resolved-as search.vendor.example",
         )
 }
 
@@ -96,8 +96,10 @@ fn run() -> OptionParser<Command> {
             _ => Err("expected auto, uring or epoll"),
         })
         .optional();
-    let state_dir =
-        long("state-dir").help("Where the name table is saved across restarts").argument::<PathBuf>("DIR").optional();
+    let state_dir = long("state-dir")
+        .help("Where the name table and the last good policy are kept across restarts")
+        .argument::<PathBuf>("DIR")
+        .optional();
     let log_json = long("log-json").help("Log JSON lines instead of text").switch();
     let intercept = long("intercept")
         .help("Install the nftables rules (as `sluice rules apply`) at start and remove them at exit; listeners move to 0.0.0.0/[::]")
@@ -107,7 +109,7 @@ fn run() -> OptionParser<Command> {
         .to_options()
         .descr("Run sluice: the forwarder, the DNS proxy, the admin API and policy hot reload")
         .footer(
-            "Examples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll\n\nSignals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy, 1 a failure while starting or running.",
+            "Signals: SIGHUP re-reads the policy; SIGTERM drains connections and exits 0.\nExit status: 0 after a clean stop, 64 bad usage, configuration or policy, 1 a failure while starting or running.\n\nExamples:\n  sluice run                                   # embedded defaults, ALLOW_ANY\n  sluice run --policy /etc/sluice/policy.d --state-dir /var/lib/sluice\n  sluice run --config /etc/sluice/sluice.yaml --io-driver epoll",
         )
 }
 
@@ -157,7 +159,7 @@ fn rules() -> OptionParser<Command> {
         .map(|(rules, action)| Command::Rules(action, rules))
         .to_options()
         .descr("The nftables ruleset (table inet sluice) that sends the node's outbound TCP to the forwarder")
-        .footer("Examples:\n  sluice rules print --exclude 10.96.0.0/12 --drop-udp\n  sluice rules apply --uid $(id -u sluice)\n  sluice rules remove\n\napply replaces the table atomically; remove succeeds when it is already gone.\nExit status: 0 done, 1 nft failed (its message is printed), 64 bad usage.")
+        .footer("apply replaces the table atomically; remove succeeds when it is already gone.\nExit status: 0 done, 1 nft failed (its message is printed), 64 bad usage.\n\nExamples:\n  sluice rules print --exclude 10.96.0.0/12 --drop-udp\n  sluice rules apply --uid $(id -u sluice)\n  sluice rules remove")
 }
 
 pub(crate) fn parser() -> OptionParser<Command> {

@@ -13,13 +13,15 @@
 //! failed accept backs off (10 ms doubling to 1 s), one client address
 //! holds at most half of the cap (a new connection past its share is closed
 //! at once), and a connection is closed when a query takes longer than the
-//! idle timeout to arrive or its reply as long to be taken.
+//! idle timeout to arrive or its reply as long to be taken, or when more
+//! than [`UNSENT_MAX`] of its answers wait for it to take them.
 //!
 //! Nor hickory-server's request handler: its response types re-encode the
 //! answer, so a NOERROR answer hickory cannot parse could only become
 //! SERVFAIL; here, as over UDP, the upstream's bytes go back as they came.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,6 +43,13 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Queries of one client connection answered at once; past them, the next
 /// one is read when one is answered.
 const PIPELINE: usize = 32;
+
+/// Bytes of answers one connection may have waiting for the client to take
+/// them (besides the one being written): past it, the client is not reading
+/// and the connection is closed. Without it, a client that pipelines
+/// queries with large answers and reads none held [`PIPELINE`] answers of
+/// up to 64 KiB on each of its connections (2 MiB each; 1,024 connections, 2 GiB).
+const UNSENT_MAX: usize = 256 * 1024;
 
 /// The TCP side of the proxy: its listeners, the connection cap, the idle timeout.
 #[derive(Debug)]
@@ -128,25 +137,39 @@ impl TcpServer {
     /// upstream without the client).
     async fn connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         held: (OwnedSemaphorePermit, ClientShare),
         mut stopping: watch::Receiver<()>,
     ) {
         let client = held.1.client();
         self.open.increment(1.0);
         let _ = stream.set_nodelay(true);
-        let (mut read, mut write) = stream.split();
+        let (mut read, write) = stream.into_split();
+        // Answers are written by a task of their own, so that the ones that
+        // come while the client is slow to read are counted (and bounded).
+        let unsent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (to_write, writing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let writer = tokio::spawn(write_replies(write, writing, unsent.clone(), self.idle));
         let mut frames = Frames::default();
         let mut answering: tokio::task::JoinSet<Option<Vec<u8>>> = tokio::task::JoinSet::new();
         let mut reading = true;
         let mut last = tokio::time::Instant::now();
+        let mut not_taking = false;
         while reading || !answering.is_empty() {
             tokio::select! {
                 biased;
                 answered = answering.join_next(), if !answering.is_empty() => {
                     // `None` from the proxy: not DNS (the framing is lost) or an answer sent to us.
                     let Some(Ok(Some(reply))) = answered else { break };
-                    if !send(&mut write, &reply, self.idle).await {
+                    let Some(frame) = framed(&reply) else { break };
+                    let held = unsent.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+                    if held > UNSENT_MAX {
+                        tracing::debug!(%client, held, "DNS over TCP: the client does not take its answers; closing");
+                        not_taking = true;
+                        break;
+                    }
+                    // Fails once the writer gave up (a reply not taken within the idle timeout).
+                    if to_write.send(frame).is_err() {
                         break;
                     }
                     last = tokio::time::Instant::now();
@@ -169,14 +192,31 @@ impl TcpServer {
         // a query on it is given up unanswered (their count stays within the
         // in-flight cap, their time within the upstream timeouts).
         answering.detach_all();
+        // The answers queued go out before the connection closes (each within
+        // the idle timeout), unless the client was not taking them.
+        drop(to_write);
+        if not_taking {
+            writer.abort();
+        }
+        let _ = writer.await;
         self.open.decrement(1.0);
     }
 }
 
-/// Writes one message behind its length; false when it did not go within `idle`.
-async fn send(write: &mut (impl AsyncWrite + Unpin), message: &[u8], idle: Duration) -> bool {
-    let Some(frame) = framed(message) else { return false };
-    matches!(tokio::time::timeout(idle, write.write_all(&frame)).await, Ok(Ok(())))
+/// Writes the frames that come on `frames` until the channel closes or one
+/// is not taken within `idle`; `unsent` counts the bytes not yet written.
+async fn write_replies(
+    mut write: impl AsyncWrite + Unpin,
+    mut frames: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    unsent: Arc<std::sync::atomic::AtomicUsize>,
+    idle: Duration,
+) {
+    while let Some(frame) = frames.recv().await {
+        if !matches!(tokio::time::timeout(idle, write.write_all(&frame)).await, Ok(Ok(()))) {
+            return;
+        }
+        unsent.fetch_sub(frame.len(), Ordering::Relaxed);
+    }
 }
 
 /// `message` behind its two-byte length, as it goes on a TCP stream;

@@ -115,7 +115,15 @@ impl TcpUpstream {
                 if label.starts_with("slow") {
                     std::thread::sleep(Duration::from_millis(800));
                 }
-                let reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
+                let mut reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
+                if label.starts_with("big") {
+                    // A second record: 30 KB of TXT strings (255 bytes each).
+                    reply[7] = 2;
+                    let strings: Vec<u8> = (0..120).flat_map(|_| [&[255u8][..], &[b'x'; 255]].concat()).collect();
+                    reply.extend_from_slice(&[0xc0, 12, 0, 16, 0, 1, 0, 0, 1, 44]);
+                    reply.extend_from_slice(&(strings.len() as u16).to_be_bytes());
+                    reply.extend_from_slice(&strings);
+                }
                 send(&mut writer.lock().unwrap(), &reply);
             });
         }
@@ -129,6 +137,35 @@ impl TcpUpstream {
     fn closed(&self) -> usize {
         self.closed.load(Ordering::SeqCst)
     }
+}
+
+/// A client that pipelines queries with large answers (30 KB each) and
+/// reads none is closed once its answers waiting to be taken pass 256 KiB;
+/// before, the proxy held all 32 (2 MiB a connection at 64 KiB each) until
+/// the idle timeout, and gave them all when the client read at last.
+#[test]
+fn a_client_that_does_not_take_its_answers_is_closed() {
+    let up = TcpUpstream::start(None);
+    // Small socket buffers both sides (the proxy's connections inherit its
+    // listener's), or the kernel takes all 32 answers (its send buffer grows
+    // to 4 MB) and they never wait in the proxy.
+    let small = |l: &TcpListener| socket2::SockRef::from(l).set_send_buffer_size(16_384).unwrap();
+    let proxy = Proxy::start_tuned("127.0.0.1", config(vec![up.addr]), shared(None), small);
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&proxy.addr.into()).unwrap();
+    let mut s = TcpStream::from(s);
+    for n in 1..=32 {
+        send(&mut s, &query(n, &format!("big{n}.sluice.test."), RecordType::A, None));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (t, mut answers) = (Instant::now(), 0);
+    while let Ok(_answer) = common::tcp_receive(&mut s) {
+        answers += 1;
+    }
+    assert!(answers < 32, "all {answers} answers were kept for a client that read none");
+    assert!(t.elapsed() < Duration::from_secs(4), "closed, not left to the idle timeout: {:?}", t.elapsed());
 }
 
 /// The next answer on `s`: its ID and its A record's address.

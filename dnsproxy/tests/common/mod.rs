@@ -103,7 +103,14 @@ impl Proxy {
 
     /// The proxy serving on `ip` (a wildcard address too).
     pub fn start_on(ip: &str, config: Config, shared: Shared) -> Proxy {
+        Proxy::start_tuned(ip, config, shared, |_| {})
+    }
+
+    /// The proxy serving on `ip`, its TCP listener set up by `tune` first
+    /// (options its connections inherit).
+    pub fn start_tuned(ip: &str, config: Config, shared: Shared, tune: impl FnOnce(&TcpListener)) -> Proxy {
         let (udp, tcp) = bind_pair(ip);
+        tune(&tcp);
         let addr = udp.local_addr().unwrap();
         let s = shared.clone();
         let server = Background::spawn(move |shutdown| async move {
