@@ -153,15 +153,22 @@ pub async fn warm(config: Config, shared: Shared, shutdown: impl Future<Output =
         let current = shared.policy.load_full();
         if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
             let hosts = registered_hosts(&current);
-            due.retain(|h, _| hosts.contains(h));
+            due.retain(|h, _| hosts.binary_search(h).is_ok()); // sorted
             for host in hosts {
                 due.entry(host).or_insert_with(Instant::now);
             }
             seen = Some(current);
         }
         let now = Instant::now();
-        let ready: Vec<Hostname> = due.iter().filter(|(_, at)| **at <= now).map(|(h, _)| h.clone()).collect();
-        for host in ready.into_iter().take(CONCURRENCY.saturating_sub(running.len())) {
+        // The longest overdue first: when lookups cannot keep up (a slow
+        // upstream, many short TTLs), every host still takes its turn (the
+        // map's order, the same every time, kept the ones at its end waiting).
+        let mut ready: Vec<(Instant, &Hostname)> =
+            due.iter().filter(|(_, at)| **at <= now).map(|(h, at)| (*at, h)).collect();
+        ready.sort_unstable();
+        let ready: Vec<Hostname> =
+            ready.into_iter().take(CONCURRENCY.saturating_sub(running.len())).map(|(_, h)| h.clone()).collect();
+        for host in ready {
             // In flight: not due again until its result sets the next time.
             due.insert(host.clone(), now + MAX_REFRESH);
             running.spawn(refresh(resolver.clone(), shared.clone(), host));
