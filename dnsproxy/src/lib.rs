@@ -164,6 +164,9 @@ pub fn start(
     Ok(Started { udp, receivers, tcp_server, tcp })
 }
 
+/// How long a stop waits for the queries in flight to be answered.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A DNS proxy [`start`]ed: UDP is being answered; [`serve`](Self::serve)
 /// adds TCP and the UDP timeouts. Dropping it stops the UDP threads.
 #[derive(Debug)]
@@ -179,10 +182,23 @@ impl Started {
     /// Nothing after [`start`] ends it: socket errors are logged and retried
     /// (receives after a pause, accepts with a backoff).
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Started { udp, receivers: _receivers, tcp_server, tcp } = self;
-        // Dropped on shutdown or error: the receiving threads stop, and the sweep task with the set.
+        let Started { udp, receivers, tcp_server, tcp } = self;
+        // Dropped on return: the receiving threads stop, and the sweep task with the set.
         let mut udp_tasks = tokio::task::JoinSet::new();
         udp_tasks.spawn(udp.sweep());
-        tcp_server.serve(tcp, shutdown).await;
+        // On shutdown both transports stop taking queries and finish those
+        // in flight, side by side, each within its grace.
+        let (fired, stopping) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = fired.send(());
+        };
+        let udp_finish = async {
+            if stopping.await.is_ok() {
+                receivers.finish_queries(STOP_GRACE).await;
+            }
+        };
+        tokio::join!(tcp_server.serve(tcp, shutdown), udp_finish);
+        drop(receivers);
     }
 }

@@ -315,6 +315,9 @@ pub(crate) struct UdpProxy {
     shaper: Shaper,
     /// Tells the receiving threads to return.
     stop: AtomicBool,
+    /// Tells the client sockets' threads to return (the first step of a stop:
+    /// no new queries, the answers to those in flight still taken).
+    stop_queries: AtomicBool,
 }
 
 /// The threads that receive (one per client socket, one per upstream
@@ -323,6 +326,27 @@ pub(crate) struct UdpProxy {
 pub(crate) struct Receivers {
     proxy: Arc<UdpProxy>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Receivers {
+    /// Stops taking queries and waits, at most `grace`, until every query
+    /// in flight has its answer (or its SERVFAIL from the sweep, which must
+    /// go on meanwhile); the answers' threads run until `Receivers` is dropped.
+    pub(crate) async fn finish_queries(&self, grace: Duration) {
+        self.proxy.stop_queries.store(true, Ordering::Relaxed);
+        for listener in &self.proxy.listeners {
+            sys::wake_receiver(&listener.socket);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.proxy.table().pending.is_empty() {
+            if tokio::time::Instant::now() >= deadline {
+                let left = self.proxy.table().pending.len();
+                tracing::warn!(left, "DNS over UDP: queries still unanswered after {grace:?}, stopping anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 impl Drop for Receivers {
@@ -425,6 +449,7 @@ impl UdpProxy {
             joined: metrics::counter!(m::JOINED_QUERIES),
             shaper: Shaper::default(),
             stop: AtomicBool::new(false),
+            stop_queries: AtomicBool::new(false),
         })
     }
 
@@ -463,11 +488,12 @@ impl UdpProxy {
         Ok(receivers)
     }
 
-    /// Waits for the next datagrams on `socket`; `None` once the UDP path stops.
-    fn next(&self, batch: &mut Batch, socket: &UdpSocket) -> Option<std::io::Result<usize>> {
+    /// Waits for the next datagrams on `socket`; `None` once the UDP path
+    /// stops, or once `also` says so.
+    fn next(&self, batch: &mut Batch, socket: &UdpSocket, also: &AtomicBool) -> Option<std::io::Result<usize>> {
         loop {
             let got = batch.recv(socket);
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) || also.load(Ordering::Relaxed) {
                 return None;
             }
             match got {
@@ -483,7 +509,7 @@ impl UdpProxy {
     fn queries(&self, index: usize) {
         let Some(listener) = self.listeners.get(index) else { return };
         let mut batch = Batch::new(QUERY_MAX);
-        while let Some(got) = self.next(&mut batch, &listener.socket) {
+        while let Some(got) = self.next(&mut batch, &listener.socket, &self.stop_queries) {
             match got {
                 Ok(n) => survive("queries", || self.on_queries(index, &batch, n)),
                 Err(error) => {
@@ -498,7 +524,7 @@ impl UdpProxy {
     fn answers(&self, index: usize) {
         let Some(socket) = self.sockets.get(index) else { return };
         let mut batch = Batch::new(ANSWER_MAX);
-        while let Some(got) = self.next(&mut batch, socket) {
+        while let Some(got) = self.next(&mut batch, socket, &self.stop) {
             match got {
                 Ok(n) => survive("answers", || self.on_answers(index, &batch, n)),
                 // ICMP port unreachable: nobody answers there. Move its queries on now.

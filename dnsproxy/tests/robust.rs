@@ -421,6 +421,37 @@ fn stopping_ends_the_receiving_threads_and_frees_the_port() {
     UdpSocket::bind(addr).expect("the proxy's UDP port is free once it stopped");
 }
 
+/// A query in flight when the proxy is told to stop still gets its answer:
+/// the client sockets stop taking queries, the upstream ones stay until the
+/// answers are in (before, every receiving thread stopped at once, and the
+/// client waited out its own timeout).
+#[test]
+fn a_query_in_flight_at_stop_is_answered() {
+    let up = Scripted::start(|q| {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut answer = q.to_vec();
+        answer[2] |= 0x80;
+        vec![answer]
+    });
+    let proxy = Proxy::to(up.addr, shared(None));
+    let addr = proxy.addr;
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    client.send_to(&query(7, "api.sluice.test.", RecordType::A, None), addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    let stopping = std::thread::spawn(move || proxy.stop());
+    let mut buf = [0u8; 512];
+    let n = client.recv(&mut buf).expect("the answer to the query in flight");
+    assert_eq!((rcode(&buf[..n]), &buf[..2]), (ResponseCode::NoError, &[0u8, 7][..]));
+    stopping.join().unwrap().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "the stop waited for it, not for its grace: {:?}", t.elapsed());
+    // Stopped: nothing answers on the port any more.
+    client.send_to(&query(8, "api.sluice.test.", RecordType::A, None), addr).unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+    assert!(client.recv(&mut buf).is_err(), "answered after the stop");
+}
+
 /// An upstream that sends, for each query, the datagrams `script` makes of
 /// it: what no real server sends. Stopped on drop.
 struct Scripted {
