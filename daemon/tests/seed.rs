@@ -172,7 +172,16 @@ fn the_interception_rules_come_back_after_a_flush_ruleset() {
     std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
     let (_sluice, log) = start(node, policy.path());
     let code = || pod.exec("curl -s -m 5 -o /dev/null -w %{http_code} http://httpbin.org/uuid").1;
-    assert_eq!(code(), "502", "refused while the rules are in place");
+    let first = code();
+    if first != "502" {
+        eprintln!("curl -v: {}", pod.exec("curl -sv -m 5 -o /dev/null http://httpbin.org/uuid 2>&1").1);
+        eprintln!("dig: {}", pod.exec("dig +time=2 +tries=1 httpbin.org 2>&1").1);
+        eprintln!("resolv.conf: {}", pod.exec("cat /etc/resolv.conf").1);
+        for l in log.try_iter() {
+            eprintln!("sluice: {l}");
+        }
+    }
+    assert_eq!(first, "502", "refused while the rules are in place");
     let table = || node.exec("nft -s list table inet sluice").1;
     let installed = table();
     node.ok("nft flush ruleset");

@@ -121,6 +121,17 @@ impl Topology {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let dns = world.spawn("dnsmasq", &args);
+        // Answering before anything asks: a sluice started at once would see
+        // its upstream refuse (port unreachable) and mark it down.
+        if let Some((name, _)) = records.first() {
+            let answers =
+                || !world.exec(&format!("dig +short +time=1 +tries=1 @198.18.2.53 {name}")).1.trim().is_empty();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !answers() {
+                assert!(Instant::now() < deadline, "dnsmasq did not answer");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         node.resolver("198.18.2.53");
         pod.resolver("198.18.2.53");
         Topology { pod, node, world, _dns: dns }
