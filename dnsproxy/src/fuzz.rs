@@ -157,7 +157,7 @@ pub fn answer(question: &[u8], bytes: &[u8], max_udp: usize, shared: &Shared) ->
         assert!(reply.len() >= 12 && reply[2] & 0x02 != 0, "a truncated reply without its header or TC bit");
         return Some(reply);
     }
-    learn_from(shared, bytes, &Counter::noop());
+    learn_from(shared, bytes, &Counter::noop(), None);
     Some(bytes.to_vec())
 }
 

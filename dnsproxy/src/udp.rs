@@ -57,7 +57,7 @@ use metrics::{Counter, Histogram};
 use std::net::UdpSocket;
 
 use crate::FastMap;
-use crate::handler::{MAX_IN_FLIGHT, Triage, header_rcode, learn_from, parse_query, triage};
+use crate::handler::{MAX_IN_FLIGHT, Recent, Triage, header_rcode, learn_from, parse_query, triage};
 use crate::metrics::{self as m, Action};
 use crate::share::Shares;
 use crate::sys::{self, Arrival, Batch};
@@ -524,9 +524,10 @@ impl UdpProxy {
     fn answers(&self, index: usize) {
         let Some(socket) = self.sockets.get(index) else { return };
         let mut batch = Batch::new(ANSWER_MAX);
+        let mut recent = Recent::default();
         while let Some(got) = self.next(&mut batch, socket, &self.stop) {
             match got {
-                Ok(n) => survive("answers", || self.on_answers(index, &batch, n)),
+                Ok(n) => survive("answers", || self.on_answers(index, &batch, n, &mut recent)),
                 // ICMP port unreachable: nobody answers there. Move its queries on now.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => self.refused(index),
                 Err(error) => {
@@ -548,12 +549,12 @@ impl UdpProxy {
         self.flush_queries(out);
     }
 
-    fn on_answers(&self, index: usize, batch: &Batch, n: usize) {
+    fn on_answers(&self, index: usize, batch: &Batch, n: usize, recent: &mut Recent) {
         let mut replies = Vec::with_capacity(n);
         let mut again = Vec::new();
         for i in 0..n {
             if let Some((bytes, d)) = batch.get(i) {
-                self.on_answer(index, bytes, d.truncated, &mut replies, &mut again);
+                self.on_answer(index, bytes, d.truncated, recent, &mut replies, &mut again);
             }
         }
         self.flush_replies(replies);
@@ -779,6 +780,7 @@ impl UdpProxy {
         socket: usize,
         bytes: &[u8],
         truncated: bool,
+        recent: &mut Recent,
         replies: &mut Vec<Reply>,
         again: &mut Vec<Outgoing>,
     ) {
@@ -793,7 +795,7 @@ impl UdpProxy {
             truncated_answer = truncated_reply(bytes, &p.asker.query[12..p.question_end], p.max_udp);
             &truncated_answer[..]
         } else {
-            learn_from(&self.shared, bytes, &self.unparsed);
+            learn_from(&self.shared, bytes, &self.unparsed, Some(recent));
             bytes
         };
         for a in p.askers() {
