@@ -317,8 +317,9 @@ impl Upstream {
         // One connect at a time per upstream: the queries behind it take the new connection too.
         let (read, write) = sys::tcp_connect(self.addr, None, mark, timeout).await?.into_split();
         let (outgoing, frames) = mpsc::unbounded_channel();
-        let conn =
-            Arc::new(Conn { state: Mutex::new(ConnState { outgoing: Some(outgoing), waiting: HashMap::new() }) });
+        let conn = Arc::new(Conn {
+            state: Mutex::new(ConnState { outgoing: Some(outgoing), waiting: HashMap::new(), parked: None }),
+        });
         let mut tasks = self.pool.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         while tasks.try_join_next().is_some() {} // reap the tasks of connections that ended
         tasks.spawn(write_queries(Arc::clone(&conn), write, frames, self.pool.idle));
@@ -370,6 +371,11 @@ struct ConnState {
     outgoing: Option<mpsc::UnboundedSender<Vec<u8>>>,
     /// By the ID on the wire.
     waiting: HashMap<u16, Waiter>,
+    /// The write half of a connection that takes no new queries, kept open
+    /// (no FIN) until its reader ends: a server that closes a connection on
+    /// the client's EOF (BIND, Unbound) would drop the answers still owed
+    /// on it.
+    parked: Option<OwnedWriteHalf>,
 }
 
 impl ConnState {
@@ -416,12 +422,13 @@ impl Conn {
         Ok(answer)
     }
 
-    /// Closes it to new queries and fails those waiting (`why`).
+    /// Closes it to new queries, fails those waiting (`why`) and lets the
+    /// socket close.
     fn close(&self, why: &io::Error) {
-        let waiting = {
+        let (waiting, _parked) = {
             let mut state = self.state();
             state.outgoing = None;
-            std::mem::take(&mut state.waiting)
+            (std::mem::take(&mut state.waiting), state.parked.take())
         };
         for (_, (_, answer)) in waiting {
             let _ = answer.send(Err(io::Error::new(why.kind(), why.to_string()).into()));
@@ -470,6 +477,12 @@ async fn write_queries(
         };
         conn.close(&error);
         return;
+    }
+    // No new queries: the answers owed come in before the socket closes
+    // (when the reader ends), unless it already has.
+    let mut state = conn.state();
+    if !state.waiting.is_empty() {
+        state.parked = Some(write);
     }
 }
 

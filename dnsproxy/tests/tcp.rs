@@ -69,7 +69,10 @@ fn pipelined_queries_on_one_connection_are_all_answered() {
 /// back in the order they are ready. Counts the connections it accepts, and
 /// those the proxy closed.
 /// With `limit`, a connection's query past that many closes it unanswered,
-/// as a server's per-connection query limit does.
+/// as a server's per-connection query limit does. The query for `wrongN.…`
+/// gets an answer to another question (type TXT). With `close_on_eof`, the
+/// proxy's FIN closes the connection at once, answers still owed dropped
+/// (as BIND and Unbound do).
 struct TcpUpstream {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
@@ -78,6 +81,10 @@ struct TcpUpstream {
 
 impl TcpUpstream {
     fn start(limit: Option<usize>) -> TcpUpstream {
+        Self::start_with(limit, false)
+    }
+
+    fn start_with(limit: Option<usize>, close_on_eof: bool) -> TcpUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -88,8 +95,12 @@ impl TcpUpstream {
                 count.fetch_add(1, Ordering::SeqCst);
                 let closes = Arc::clone(&closes);
                 std::thread::spawn(move || {
+                    let eof = stream.try_clone().unwrap();
                     if Self::serve(stream, limit) {
                         closes.fetch_add(1, Ordering::SeqCst);
+                        if close_on_eof {
+                            let _ = eof.shutdown(std::net::Shutdown::Both);
+                        }
                     }
                 });
             }
@@ -116,6 +127,10 @@ impl TcpUpstream {
                     std::thread::sleep(Duration::from_millis(800));
                 }
                 let mut reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
+                if label.starts_with("wrong") {
+                    let question_end = 12 + q[12..].iter().position(|&b| b == 0).unwrap() + 1 + 4;
+                    reply[question_end - 3] = 16; // another question's answer
+                }
                 if label.starts_with("big") {
                     // A second record: 30 KB of TXT strings (255 bytes each).
                     reply[7] = 2;
@@ -166,6 +181,25 @@ fn a_client_that_does_not_take_its_answers_is_closed() {
     }
     assert!(answers < 32, "all {answers} answers were kept for a client that read none");
     assert!(t.elapsed() < Duration::from_secs(4), "closed, not left to the idle timeout: {:?}", t.elapsed());
+}
+
+/// A connection that takes no new queries (here: an answer to another
+/// question came on it) keeps its socket open until the answers still owed
+/// on it are in: a FIN at once made a server that closes on EOF drop them.
+#[test]
+fn a_retired_connection_gets_the_answers_still_owed_on_it() {
+    let up = TcpUpstream::start_with(None, true);
+    let timeout = Duration::from_secs(3); // slow1 takes 800 ms
+    let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
+    let mut s = connect(proxy.addr);
+    send(&mut s, &query(1, "slow1.sluice.test.", RecordType::A, None));
+    std::thread::sleep(Duration::from_millis(100)); // on the connection slow1 opened
+    send(&mut s, &query(2, "wrong2.sluice.test.", RecordType::A, None));
+    let mut answers: Vec<(u16, ResponseCode)> =
+        (0..2).map(|_| receive(&mut s).unwrap()).map(|m| (m.metadata.id, m.metadata.response_code)).collect();
+    answers.sort_unstable_by_key(|a| a.0);
+    assert_eq!(answers, [(1, ResponseCode::NoError), (2, ResponseCode::ServFail)]);
+    assert_eq!(up.accepted(), 1, "one upstream connection carried both");
 }
 
 /// The next answer on `s`: its ID and its A record's address.
