@@ -202,8 +202,8 @@ pub(crate) fn restore_if_changed(rules: &Rules, installed: &Option<String>) -> a
         "the interception rules (nft table inet {TABLE}) were {what} by someone else (a `flush ruleset`, an \
          nftables.service restart?): installing them again"
     );
-    metrics::counter!(RESTORED).increment(1);
     apply(rules)?;
+    metrics::counter!(RESTORED).increment(1);
     listed()
 }
 

@@ -97,8 +97,46 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
+/// Every [`RULES_CHECK`], puts sluice's table back if it is gone or changed
+/// since it was installed ([`crate::rules::restore_if_changed`]); its
+/// listing then is the first one that succeeds. Ends (between two checks,
+/// or after one: they hold [`RULES_LOCK`]) when the rules are released.
+async fn keep_rules(rules: crate::rules::Rules) {
+    let mut installed: Option<String> = None;
+    let mut tick = tokio::time::interval(RULES_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (rules, before) = (rules.clone(), installed.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let released = RULES_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *released {
+                return Ok(None);
+            }
+            match before {
+                // The first listing: the baseline (gone already: put back).
+                None => match crate::rules::listed()? {
+                    Some(listing) => Ok(Some(listing)),
+                    None => crate::rules::restore_if_changed(&rules, &None),
+                },
+                Some(_) => crate::rules::restore_if_changed(&rules, &before),
+            }
+        });
+        match checked.await {
+            Ok(Ok(now)) => installed = now.or(installed),
+            Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot check or restore the interception rules"),
+            Err(e) => tracing::error!(error = %e, "the interception rules check failed"),
+        }
+    }
+}
+
+/// Held while the rules are checked or put back, and set once they are
+/// released: a check under way when sluice stops cannot put them back after.
+static RULES_LOCK: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
 /// Stops intercepting, keeping what drains flowing ([`crate::rules::release`]).
 fn release_rules(config: &Config) {
+    *RULES_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
     if let Some(rules) = &config.intercept
         && RULES_INSTALLED.load(Ordering::Relaxed)
     {
@@ -203,15 +241,8 @@ async fn control(
         tracing::info!(forwarder_port = rules.forwarder_port, dns_port = ?rules.dns_port, "interception rules installed (nft table inet sluice)");
         metrics::counter!(crate::rules::RESTORED).increment(0);
     }
-    let mut installed = match &config.intercept {
-        Some(_) => tokio::task::spawn_blocking(crate::rules::listed).await?.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot list the interception rules: the check that they stay in place compares against none");
-            None
-        }),
-        None => None,
-    };
-    let mut rules_check = tokio::time::interval(RULES_CHECK);
-    rules_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Its own task: an nft that is slow (a huge ruleset) or hangs must not hold up signals or the watchdog.
+    let keeper = config.intercept.clone().map(|rules| tokio::spawn(keep_rules(rules)));
     let upkeep = tokio::spawn(admin::upkeep(prometheus.clone()));
     let admin = Admin { prometheus, policy: state.clone(), names, ready: ready.clone() };
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -258,15 +289,6 @@ async fn control(
                 break;
             }
             _ = hup.recv() => { let _ = hup_tx.send(()); }
-            _ = rules_check.tick(), if config.intercept.is_some() => {
-                let Some(rules) = config.intercept.clone() else { continue };
-                let before = installed.clone();
-                match tokio::task::spawn_blocking(move || crate::rules::restore_if_changed(&rules, &before)).await {
-                    Ok(Ok(now)) => installed = now,
-                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot check or restore the interception rules"),
-                    Err(e) => tracing::error!(error = %e, "the interception rules check failed"),
-                }
-            }
             _ = watchdog.tick() => {
                 let beats = forwarder.beats();
                 let stuck: Vec<usize> = beats.iter().zip(&last_beats).enumerate().filter(|(_, (a, b))| a <= b).map(|(i, _)| i).collect();
@@ -289,6 +311,9 @@ async fn control(
     // the whole drain; redirected connections keep flowing. (Rules installed
     // by someone else stay: new connections are then refused until sluice
     // is back.)
+    if let Some(keeper) = keeper {
+        keeper.abort();
+    }
     release_rules(config);
     // The DNS proxy keeps answering meanwhile (queries in flight, and all of
     // them where the rules are not sluice's), and stops after the drain.

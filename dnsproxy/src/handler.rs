@@ -310,8 +310,10 @@ fn header_only(id: u16, rcode: ResponseCode) -> Vec<u8> {
 #[derive(Debug)]
 pub(crate) struct Recent {
     hasher: foldhash::quality::RandomState,
-    /// (hash, when learned, ms); a slot per hash's low bits.
+    /// (hash, when learned: ms since `base`); a slot per hash's low bits.
     slots: Box<[(u64, u64)]>,
+    /// A monotonic clock: a wall clock stepped back would stretch the second.
+    base: std::time::Instant,
 }
 
 const RECENT_SLOTS: usize = 8192;
@@ -319,14 +321,21 @@ const RECENT_FOR_MS: u64 = 1_000;
 
 impl Default for Recent {
     fn default() -> Self {
-        Recent { hasher: foldhash::quality::RandomState::default(), slots: vec![(0, 0); RECENT_SLOTS].into() }
+        Recent {
+            hasher: foldhash::quality::RandomState::default(),
+            slots: vec![(0, 0); RECENT_SLOTS].into(),
+            base: std::time::Instant::now(),
+        }
     }
 }
 
 impl Recent {
-    fn slot(&mut self, answer: &[u8]) -> (u64, &mut (u64, u64)) {
+    /// The answer's hash, the time now (ms since `base`, from 1: a slot
+    /// never written says 0) and its slot.
+    fn slot(&mut self, answer: &[u8]) -> (u64, u64, &mut (u64, u64)) {
         let hash = std::hash::BuildHasher::hash_one(&self.hasher, answer.get(2..).unwrap_or_default());
-        (hash, &mut self.slots[hash as usize % RECENT_SLOTS])
+        let now = self.base.elapsed().as_millis() as u64 + RECENT_FOR_MS;
+        (hash, now, &mut self.slots[hash as usize % RECENT_SLOTS])
     }
 }
 
@@ -335,22 +344,22 @@ impl Recent {
 /// relayed unlearned and counted in `unparsed`. With `recent`, an answer
 /// learned from in the last second is passed over.
 pub(crate) fn learn_from(shared: &Shared, answer: &[u8], unparsed: &Counter, recent: Option<&mut Recent>) {
-    let now = Timestamp::now();
     let mut mark = None;
     if let Some(recent) = recent {
-        let (hash, slot) = recent.slot(answer);
-        if slot.0 == hash && now.unix_millis().saturating_sub(slot.1) < RECENT_FOR_MS {
+        let (hash, at, slot) = recent.slot(answer);
+        if slot.0 == hash && at - slot.1 < RECENT_FOR_MS {
             return;
         }
-        mark = Some((hash, slot));
+        mark = Some((hash, at, slot));
     }
+    let now = Timestamp::now();
     match lesson(answer) {
         Lesson::Nothing => {}
         Lesson::Records(qname, records) => {
             let keep = Retention::from(&shared.policy.load().settings().dns);
             learn(&shared.names, &qname, &records, now, keep);
-            if let Some((hash, slot)) = mark {
-                *slot = (hash, now.unix_millis());
+            if let Some((hash, at, slot)) = mark {
+                *slot = (hash, at);
             }
         }
         Lesson::Unparsed(error) => {

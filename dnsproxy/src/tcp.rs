@@ -45,7 +45,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const PIPELINE: usize = 32;
 
 /// Bytes of answers one connection may have waiting for the client to take
-/// them (besides the one being written): past it, the client is not reading
+/// them (the one being written included): past it, the client is not reading
 /// and the connection is closed. Without it, a client that pipelines
 /// queries with large answers and reads none held [`PIPELINE`] answers of
 /// up to 64 KiB on each of its connections (2 MiB each; 1,024 connections, 2 GiB).
@@ -91,6 +91,9 @@ impl TcpServer {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stopping: watch::Receiver<()>) {
         let mut backoff = Duration::from_millis(10);
+        // Accept errors in a row: one about a single connection is retried at
+        // once, but not for ever (a denial can look like one and come back at once).
+        let mut failing = 0u32;
         let (mut warned, mut warned_share): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let slot = match self.slots.clone().try_acquire_owned() {
@@ -109,6 +112,7 @@ impl TcpServer {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
+                    failing = 0;
                     let Some(share) = ClientShare::take(&self.by_client, peer.ip()) else {
                         // Closed unanswered: the client's resolver moves on (to UDP, or its next server).
                         if warned_share.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -119,8 +123,12 @@ impl TcpServer {
                     };
                     tokio::spawn(self.clone().connection(stream, (slot, share), stopping.clone()));
                 }
-                Err(e) if is_per_connection(&e) => tracing::debug!(error = %e, "DNS over TCP: accept failed"),
+                Err(e) if is_per_connection(&e) && failing < 8 => {
+                    failing += 1;
+                    tracing::debug!(error = %e, "DNS over TCP: accept failed");
+                }
                 Err(e) => {
+                    failing += 1;
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "DNS over TCP: accept failed, backing off");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -156,6 +164,9 @@ impl TcpServer {
         let mut last = tokio::time::Instant::now();
         let mut not_taking = false;
         while reading || !answering.is_empty() {
+            if writer.is_finished() {
+                break; // it gave up: the client does not take its answers
+            }
             tokio::select! {
                 biased;
                 answered = answering.join_next(), if !answering.is_empty() => {

@@ -382,6 +382,15 @@ impl ConnState {
     fn open(&self) -> bool {
         self.outgoing.is_some()
     }
+
+    /// The waiter for `id`, taken; once a connection that takes no new
+    /// queries owes no more answers, its parked write half too (dropped by
+    /// the caller, outside the lock: the FIN, and the upstream closes).
+    fn take_waiter(&mut self, id: u16) -> (Option<Waiter>, Option<OwnedWriteHalf>) {
+        let waiter = self.waiting.remove(&id);
+        let done = !self.open() && self.waiting.is_empty();
+        (waiter, if done { self.parked.take() } else { None })
+    }
 }
 
 impl Conn {
@@ -450,8 +459,8 @@ impl Drop for Asked<'_> {
     fn drop(&mut self) {
         if !self.answered {
             let mut state = self.conn.state();
-            state.waiting.remove(&self.id);
             state.outgoing = None;
+            let (_, _parked) = state.take_waiter(self.id);
         }
     }
 }
@@ -509,7 +518,7 @@ async fn read_answers(conn: Arc<Conn>, mut read: OwnedReadHalf, mismatch: Counte
                     mismatch.increment(1);
                     continue;
                 };
-                let waiter = conn.state().waiting.remove(&id);
+                let (waiter, _parked) = conn.state().take_waiter(id);
                 match waiter {
                     Some((question, to)) => {
                         let matched = answers(&id.to_be_bytes(), &question, &answer);

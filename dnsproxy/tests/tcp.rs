@@ -200,6 +200,12 @@ fn a_retired_connection_gets_the_answers_still_owed_on_it() {
     answers.sort_unstable_by_key(|a| a.0);
     assert_eq!(answers, [(1, ResponseCode::NoError), (2, ResponseCode::ServFail)]);
     assert_eq!(up.accepted(), 1, "one upstream connection carried both");
+    // Nothing owed any more: it closes now, not at the idle timeout (10 s).
+    let t = Instant::now();
+    while up.closed() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(3), "the retired connection is still open");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The next answer on `s`: its ID and its A record's address.

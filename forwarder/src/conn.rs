@@ -158,8 +158,8 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
     };
     // io_uring accepts blocking sockets; splice(2) on a blocking socket
     // blocks the whole worker whatever its flags say.
-    if let Err(e) = sys::set_nonblocking(&client) {
-        tracing::warn!(%peer, error = %e, "cannot make the client socket non-blocking: refusing");
+    if let Err(e) = sys::prepare_accepted(&client) {
+        tracing::warn!(%peer, error = %e, "cannot make the client socket non-blocking and close-on-exec: refusing");
         sys::reset_on_close(&client);
         return;
     }

@@ -49,12 +49,13 @@ pub(crate) fn with_sock<S: AsRawFd, R>(stream: &S, f: impl FnOnce(socket2::SockR
     f(socket2::SockRef::from(&fd))
 }
 
+/// An accepted socket made non-blocking and close-on-exec (io_uring's
+/// accept, as monoio issues it, sets neither flag).
 /// `splice(2)`'s `SPLICE_F_NONBLOCK` only covers the pipe: the socket must
 /// be non-blocking itself, or a splice waits for data with the worker stuck.
-/// One `ioctl(FIONBIO)` rather than socket2's `fcntl` get-then-set pair: it
-/// runs once per accepted connection (io_uring's accept, as monoio issues
-/// it, has no `SOCK_NONBLOCK`).
-pub(crate) fn set_nonblocking<S: AsRawFd>(stream: &S) -> io::Result<()> {
+/// `ioctl`s (`FIONBIO`, `FIOCLEX`) rather than socket2's `fcntl`
+/// get-then-set pairs: this runs once per accepted connection.
+pub(crate) fn prepare_accepted<S: AsRawFd>(stream: &S) -> io::Result<()> {
     let on: nix::libc::c_int = 1;
     // SAFETY: FIONBIO reads one c_int through the pointer, which outlives the
     // call; the fd is owned by `stream`, alive for the call.

@@ -314,6 +314,10 @@ async fn accept_loop(
 ) {
     let max = ctx.config.max_connections_per_worker.max(1);
     let mut backoff = Duration::from_millis(10);
+    // Accept errors in a row: one about a single connection is retried at
+    // once, but not for ever (an LSM or seccomp denial can look like one,
+    // and comes back at once: on epoll the listener stays ready).
+    let mut failing = 0u32;
     let port = l.local_addr().map_or(listen.addr.port(), |a| a.port());
     let kind = Listener { intercept: listen.intercept, v6: listen.addr.is_ipv6(), port };
     while !ctx.stopping.get() {
@@ -326,6 +330,7 @@ async fn accept_loop(
             // Accepted as the accept was cancelled: served (the drain waits for it).
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                failing = 0;
                 active.set(active.get() + 1);
                 let (ctx, active) = (ctx.clone(), active.clone());
                 monoio::spawn(async move {
@@ -334,10 +339,12 @@ async fn accept_loop(
                 });
             }
             Err(_) if ctx.stopping.get() => break,
-            Err(e) if sys::is_per_connection_accept_error(&e) => {
+            Err(e) if sys::is_per_connection_accept_error(&e) && failing < PER_CONNECTION_RETRIES => {
+                failing += 1;
                 tracing::debug!(worker = id, error = %e, "accept failed (that connection only)")
             }
             Err(e) => {
+                failing += 1;
                 let backoff_ms = backoff.as_millis() as u64;
                 if sys::is_resource_exhaustion(&e) {
                     tracing::warn!(worker = id, error = %e, backoff_ms, "accept: out of file descriptors or memory, backing off");
@@ -350,6 +357,9 @@ async fn accept_loop(
         }
     }
 }
+
+/// Accept errors about one connection retried at once in a row, before accepting backs off.
+const PER_CONNECTION_RETRIES: u32 = 8;
 
 /// Descriptors one spliced connection can hold: its two sockets and a pipe
 /// (two ends) each way.
