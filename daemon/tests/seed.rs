@@ -15,6 +15,19 @@ use common::{Ns, Proc, Topology, metric, sh, start, wait_generation};
 const REGISTRY_ONLY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: node}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  workloads:\n  - name: pod\n    sources: [198.18.1.0/24]\n";
 const HTTPBIN_EXT: &str = include_str!("../../policy/tests/fixtures/istio/httpbin-ext.yaml");
 
+/// A real HTTP server in `world` on 198.18.2.20:80 serving `dir` (which
+/// has a `uuid` file), answering before this returns.
+fn serve_site(world: &Ns, dir: &str) -> Proc {
+    let server = world.spawn("python3", &["-m", "http.server", "80", "--bind", "198.18.2.20", "--directory", dir]);
+    for _ in 0..50 {
+        if world.exec("curl -s -m 1 http://198.18.2.20/uuid").0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server
+}
+
 #[test]
 fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     // httpbin.org and an unregistered name share the server's IP (a CDN).
@@ -35,13 +48,7 @@ fn the_three_options_of_the_seed_from_a_process_and_from_a_pod() {
     std::fs::write(site.path().join("big"), &big).unwrap();
     let want = sh(&format!("sha256sum {}", site.path().join("big").display())).1.split(' ').next().unwrap().to_owned();
     let dir = site.path().display().to_string();
-    let _server = world.spawn("python3", &["-m", "http.server", "80", "--bind", "198.18.2.20", "--directory", &dir]);
-    for _ in 0..50 {
-        if world.exec("curl -s -m 1 http://198.18.2.20/uuid").0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _server = serve_site(world, &dir);
 
     let policy = tempfile::tempdir().unwrap();
     let (sluice, _log) = start(node, policy.path());
@@ -161,13 +168,7 @@ fn the_interception_rules_come_back_after_a_flush_ruleset() {
     let site = tempfile::tempdir().unwrap();
     std::fs::write(site.path().join("uuid"), "{\"uuid\": \"9f1c\"}\n").unwrap();
     let dir = site.path().display().to_string();
-    let _server = world.spawn("python3", &["-m", "http.server", "80", "--bind", "198.18.2.20", "--directory", &dir]);
-    for _ in 0..50 {
-        if world.exec("curl -s -m 1 http://198.18.2.20/uuid").0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _server = serve_site(world, &dir);
     let policy = tempfile::tempdir().unwrap();
     std::fs::write(policy.path().join("node.yaml"), REGISTRY_ONLY).unwrap();
     let (_sluice, log) = start(node, policy.path());
