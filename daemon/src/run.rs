@@ -71,6 +71,9 @@ pub(crate) fn run(mut config: Config) -> anyhow::Result<ExitCode> {
     // When the table is full, names a ServiceEntry covers go last.
     let policy = state.snapshot.clone();
     names.set_registered(move |name| policy.load().covers_name(name));
+    if let Err(e) = names.evict_in_background() {
+        tracing::warn!(error = %e, "cannot start the name table's evictor thread: DNS answers evict themselves");
+    }
     let names_path = config.state_dir.as_ref().map(|d| d.join(NAMES_FILE));
     // Before the forwarder starts: its first connections are judged with the names restored.
     if let Some(path) = &names_path {

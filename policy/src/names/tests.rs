@@ -107,6 +107,38 @@ fn the_cap_evicts_expired_first_then_least_recently_used() {
     assert_eq!(t.pair_count(), t.name_count(), "the kept count follows the eviction");
 }
 
+/// With an evictor thread, a writer past the capacity does not evict
+/// itself (up to a quarter over); the thread brings the table back under it.
+#[test]
+fn the_evictor_thread_keeps_the_table_within_its_caps() {
+    let t = Arc::new(NameTable::new(1_000));
+    // Asked only while evicting: says which thread evicts.
+    let evicting_threads = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let seen = evicting_threads.clone();
+    t.set_registered(move |_| {
+        seen.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(std::thread::current().name().unwrap_or("?").to_owned());
+        false
+    });
+    t.evict_in_background().unwrap_or_else(|e| panic!("{e}"));
+    let now = Timestamp::now();
+    for i in 0..1_200u32 {
+        let ip = IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i));
+        t.record(ip, &host(&format!("n{i}.example")), Duration::from_secs(3600), now, KEEP);
+        assert!(t.len() <= 1_250 + 1, "{} IPs: past the hard cap", t.len());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while t.len() > 1_000 {
+        assert!(std::time::Instant::now() < deadline, "the evictor left {} IPs", t.len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(t.pair_count(), t.name_count());
+    let threads: Vec<String> =
+        evicting_threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect();
+    assert_eq!(threads, ["sluice-names-evict"], "evicted by the writer itself");
+}
+
 /// A table that knows names under `svc.example` are registered.
 fn registering_svc(capacity: usize) -> NameTable {
     let t = NameTable::new(capacity);
