@@ -123,9 +123,12 @@ impl Topology {
         let dns = world.spawn("dnsmasq", &args);
         // Answering before anything asks: a sluice started at once would see
         // its upstream refuse (port unreachable) and mark it down.
-        if let Some((name, _)) = records.first() {
-            let answers =
-                || !world.exec(&format!("dig +short +time=1 +tries=1 @198.18.2.53 {name}")).1.trim().is_empty();
+        if let Some((name, ip)) = records.first() {
+            // (Its error lines, "connection refused" among them, are on stdout too.)
+            let answers = || {
+                let out = world.exec(&format!("dig +short +time=1 +tries=1 @198.18.2.53 {name}")).1;
+                out.lines().any(|l| l.trim() == *ip)
+            };
             let deadline = Instant::now() + Duration::from_secs(10);
             while !answers() {
                 assert!(Instant::now() < deadline, "dnsmasq did not answer");
