@@ -129,6 +129,8 @@ struct Pending {
     joined: Vec<Asker>,
     /// Its [`Shaper::shape`]: its entry in [`Table::questions`].
     shape: u64,
+    /// Its [`Shaper::question`]: its count in [`Table::copies`].
+    question: u64,
     /// `query[12..question_end]` is the question, for every asker.
     question_end: usize,
     qtype: RecordType,
@@ -213,7 +215,21 @@ struct Table {
     /// A query's [`shape`](Shaper::shape) → the key it is in flight under,
     /// for a client that asks the same to join it.
     questions: FastMap<u64, (u16, u16)>,
+    /// Queries in flight upstream per (client address, [`Shaper::question`]):
+    /// at most [`COPIES_MAX`] each.
+    copies: FastMap<(std::net::IpAddr, u64), u16>,
 }
+
+/// Queries one client address may have upstream at once that ask one
+/// question (its name in any spelling, its type and class), past those that
+/// join another (the same bytes). Each goes under an ID of its own, and an
+/// answer is matched by socket, ID and the question without regard to case:
+/// a client holding its whole share (2,048) in copies of one question
+/// spelled differently gave a forger who can spoof the upstream's address
+/// a hit in ~128 datagrams (4 sockets × 65,536 IDs), and a forged address
+/// learned under a registered name lets connections to it through. A
+/// resolver that randomises case (0x20) has a query and a retry or two in flight.
+const COPIES_MAX: u16 = 4;
 
 /// Hashes queries' shapes, seeded at random, so that no client can aim two
 /// questions at one shape (a collision would only keep them apart: a join
@@ -228,6 +244,20 @@ impl Shaper {
         h.write(query.get(2..).unwrap_or_default());
         h.finish()
     }
+
+    /// A hash of a query's question (`query[12..question_end]`: at most 259
+    /// bytes, a name's 255 and the type and class), its ASCII case folded.
+    fn question(&self, query: &[u8], question_end: usize) -> u64 {
+        let mut folded = [0u8; 260];
+        let question = query.get(12..question_end).unwrap_or_default();
+        let n = question.len().min(folded.len());
+        for (to, from) in folded.iter_mut().zip(&question[..n]) {
+            *to = from.to_ascii_lowercase();
+        }
+        let mut h = self.0.build_hasher();
+        h.write(&folded[..n]);
+        h.finish()
+    }
 }
 
 impl Table {
@@ -240,6 +270,7 @@ impl Table {
             earlier: FastMap::default(),
             askers: 0,
             questions: FastMap::default(),
+            copies: FastMap::default(),
         }
     }
 
@@ -278,6 +309,13 @@ impl Table {
     /// `pending`): its askers give their shares back, and its earlier keys
     /// answer nothing any more.
     fn done(&mut self, p: &Pending) {
+        if let std::collections::hash_map::Entry::Occupied(mut n) = self.copies.entry((p.asker.client.ip(), p.question))
+        {
+            *n.get_mut() = n.get().saturating_sub(1);
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
         for a in p.askers() {
             self.by_client.release(a.client.ip());
             self.askers = self.askers.saturating_sub(1);
@@ -582,6 +620,7 @@ impl UdpProxy {
             self.reply(listener, d.from, d.to, &parsed.reply(ResponseCode::ServFail));
         };
         let shape = self.shaper.shape(bytes);
+        let question = self.shaper.question(bytes, parsed.question_end);
         let mut table = self.table();
         let same = table.asking(shape, bytes);
         if let Some(key) = same
@@ -599,18 +638,28 @@ impl UdpProxy {
             tracing::debug!(client = %d.from.ip(), "the client's share of the in-flight cap reached: SERVFAIL");
             return servfail();
         }
-        table.askers += 1;
         let asker = Asker { listener, client: d.from, arrival: d.to, query: bytes.into() };
         if let Some(p) = same.and_then(|key| table.pending.get_mut(&key)) {
             p.joined.push(asker);
+            table.askers += 1;
             self.joined.increment(1);
             return;
         }
+        let copies = table.copies.entry((d.from.ip(), question)).or_insert(0);
+        if *copies >= COPIES_MAX {
+            table.by_client.release(d.from.ip());
+            drop(table);
+            tracing::debug!(client = %d.from.ip(), "more copies of one question in flight than allowed: SERVFAIL");
+            return servfail();
+        }
+        *copies += 1;
+        table.askers += 1;
         let n = self.upstreams.len();
         let pending = Pending {
             asker,
             joined: Vec::new(),
             shape,
+            question,
             question_end: parsed.question_end,
             qtype,
             max_udp: parsed.max_udp,

@@ -407,6 +407,53 @@ fn one_client_cannot_take_every_in_flight_slot() {
     }
 }
 
+/// One client holds at most 4 queries upstream that ask one question
+/// spelled differently (each under an ID a forger could hit); more get
+/// SERVFAIL at once. Copies spelled the same join the one in flight instead,
+/// and are not limited so.
+#[test]
+fn one_client_holds_few_copies_of_one_question_in_flight() {
+    let up = answering_but(b"stuck");
+    let timeout = Duration::from_millis(300);
+    let proxy = Proxy::start(Config { timeout, ..config(vec![up.addr]) }, shared(None));
+    let client = UdpSocket::bind("127.0.0.4:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let spelled = |id: u16| {
+        let mut q = query(id, "copy.stuck.test.", RecordType::A, None);
+        for (bit, i) in (13..17).enumerate() {
+            if id >> bit & 1 == 1 {
+                q[i] = q[i].to_ascii_uppercase(); // "copy" in the case the ID's bits say
+            }
+        }
+        q
+    };
+    for id in 0..10 {
+        client.send_to(&spelled(id), proxy.addr).unwrap();
+    }
+    let t = Instant::now();
+    let mut buf = [0u8; 512];
+    for _ in 0..6 {
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+        assert!(u16::from_be_bytes([buf[0], buf[1]]) >= 4, "a copy past the fourth");
+    }
+    assert!(t.elapsed() < timeout, "past 4 copies: SERVFAIL at once, took {:?}", t.elapsed());
+    for _ in 0..4 {
+        let n = client.recv(&mut buf).unwrap(); // the four upstream, after their timeouts
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+    // Ten of one spelling: one upstream query, nine joined, none refused at once.
+    for id in 20..30 {
+        client.send_to(&query(id, "same.stuck.test.", RecordType::A, None), proxy.addr).unwrap();
+    }
+    let t = Instant::now();
+    for _ in 0..10 {
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(rcode(&buf[..n]), ResponseCode::ServFail);
+    }
+    assert!(t.elapsed() >= timeout, "joined copies wait for the one upstream, took {:?}", t.elapsed());
+}
+
 /// The UDP path's threads sleep in blocking receives; stopping the proxy
 /// wakes and ends them, so when `stop` returns its port is free again.
 #[test]
