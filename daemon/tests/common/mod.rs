@@ -119,8 +119,20 @@ impl Topology {
             args.push(format!("--local=/{name}/"));
             args.push(format!("--host-record={name},{ip}"));
         }
+        // No pid file: the default one is shared by every test's dnsmasq. Its log (stderr) is kept for a failure.
+        args.push("--pid-file=".into());
+        args.push("--log-facility=-".into());
+        let log_path = std::env::temp_dir().join(format!("{}-dnsmasq.log", world.0));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dns = world.spawn("dnsmasq", &args);
+        let dns = Proc(
+            Command::new("ip")
+                .args(["netns", "exec", &world.0, "dnsmasq"])
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap(),
+        );
         // Answering before anything asks: a sluice started at once would see
         // its upstream refuse (port unreachable) and mark it down.
         if let Some((name, ip)) = records.first() {
@@ -131,9 +143,11 @@ impl Topology {
             };
             let deadline = Instant::now() + Duration::from_secs(10);
             while !answers() {
-                assert!(Instant::now() < deadline, "dnsmasq did not answer");
+                let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+                assert!(Instant::now() < deadline, "dnsmasq did not answer: {}", log());
                 std::thread::sleep(Duration::from_millis(50));
             }
+            let _ = std::fs::remove_file(&log_path);
         }
         node.resolver("198.18.2.53");
         pod.resolver("198.18.2.53");
