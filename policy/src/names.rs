@@ -26,7 +26,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::host::Hostname;
@@ -73,8 +73,8 @@ pub struct NameTable {
     lease_budget: usize,
     evicting: Mutex<()>,
     registered: Registered,
-    /// The thread that evicts, if [`evict_in_background`](NameTable::evict_in_background) started one.
-    evictor: OnceLock<std::thread::Thread>,
+    /// Wakes whoever evicts, if [`evict_elsewhere`](NameTable::evict_elsewhere) was called.
+    evictor: Evictor,
     /// A cap was passed: the evictor has work.
     over: std::sync::atomic::AtomicBool,
 }
@@ -85,6 +85,17 @@ pub struct NameTable {
 struct Registered(OnceLock<Box<IsRegistered>>);
 
 type IsRegistered = dyn Fn(&Hostname) -> bool + Send + Sync;
+type Wake = dyn Fn() + Send + Sync;
+
+/// Wakes whoever evicts for the table ([`NameTable::evict_elsewhere`]).
+#[derive(Default)]
+struct Evictor(OnceLock<Box<Wake>>);
+
+impl std::fmt::Debug for Evictor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Evictor(elsewhere)" } else { "Evictor(inline)" })
+    }
+}
 
 impl std::fmt::Debug for Registered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -246,30 +257,30 @@ impl NameTable {
             lease_budget: capacity.saturating_mul(NAMES_PER_IP_BUDGET),
             evicting: Mutex::new(()),
             registered: Registered::default(),
-            evictor: OnceLock::new(),
+            evictor: Evictor::default(),
             over: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Evicts on a thread of its own from now on: a writer that passes a cap
-    /// wakes it and goes on, instead of walking the table itself (a pass
-    /// over a million IPs takes 0.1–0.2 s: the DNS answers on that writer's
-    /// socket waited that long). Past the caps by a quarter, a writer still
-    /// evicts itself, so the table stays bounded whatever the thread does.
-    /// The thread ends within a second of the table's last `Arc`.
-    pub fn evict_in_background(self: &Arc<Self>) -> std::io::Result<()> {
-        let table = Arc::downgrade(self);
-        let thread = std::thread::Builder::new().name("sluice-names-evict".into()).spawn(move || {
-            loop {
-                std::thread::park_timeout(Duration::from_secs(1));
-                let Some(table) = table.upgrade() else { return };
-                if table.over.swap(false, Ordering::Relaxed) {
-                    table.evict(Timestamp::now());
-                }
-            }
-        })?;
-        let _ = self.evictor.set(thread.thread().clone());
-        Ok(())
+    /// Leaves eviction to someone else from now on (the daemon: a thread of
+    /// its own): a writer that passes a cap calls `wake` and goes on, instead
+    /// of walking the table itself (a pass over a million IPs takes 0.1–0.2 s:
+    /// the DNS answers on that writer's socket waited that long); whoever was
+    /// woken calls [`evict_pending`](Self::evict_pending). Past the caps by a
+    /// quarter, a writer still evicts itself, so the table stays bounded
+    /// whatever the evictor does. Set once; later calls are ignored.
+    pub fn evict_elsewhere(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let _ = self.evictor.0.set(Box::new(wake));
+    }
+
+    /// Evicts if a writer passed a cap since the last call (see
+    /// [`evict_elsewhere`](Self::evict_elsewhere)); whether it did.
+    pub fn evict_pending(&self, now: Timestamp) -> bool {
+        let pending = self.over.swap(false, Ordering::Relaxed);
+        if pending {
+            self.evict(now);
+        }
+        pending
     }
 
     /// Tells the table which names the policy registers (`registered`
@@ -357,10 +368,10 @@ impl NameTable {
             if (held.is_none() && len > self.capacity) || leases > self.lease_budget {
                 let within =
                     len <= self.capacity + self.capacity / 4 && leases <= self.lease_budget + self.lease_budget / 4;
-                match self.evictor.get() {
-                    Some(evictor) if within => {
+                match self.evictor.0.get() {
+                    Some(wake) if within => {
                         if !self.over.swap(true, Ordering::Relaxed) {
-                            evictor.unpark();
+                            wake();
                         }
                     }
                     _ => self.evict(Timestamp::from_unix_millis(now_ms)),
