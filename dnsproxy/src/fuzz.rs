@@ -106,7 +106,7 @@ pub fn run(data: &[u8], shared: &Shared) {
     // What was learned is readable (the forwarder's lookups, the admin API's dump).
     let now = sluice_policy::Timestamp::now();
     let _ = shared.names.names(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), now);
-    let _ = shared.names.dump(now, 8, |_, _| true);
+    let _ = shared.names.dump(now, 8, |_| true);
 }
 
 /// What the proxy does with a client's query.

@@ -164,9 +164,6 @@ pub fn start(
     Ok(Started { udp, receivers, tcp_server, tcp })
 }
 
-/// How long a stop waits for the queries in flight to be answered.
-const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// A DNS proxy [`start`]ed: UDP is being answered; [`serve`](Self::serve)
 /// adds TCP and the UDP timeouts. Dropping it stops the UDP threads.
 #[derive(Debug)]
@@ -195,7 +192,7 @@ impl Started {
         };
         let udp_finish = async {
             if stopping.await.is_ok() {
-                receivers.finish_queries(STOP_GRACE).await;
+                receivers.finish_queries(tcp::STOP_GRACE).await;
             }
         };
         tokio::join!(tcp_server.serve(tcp, shutdown), udp_finish);

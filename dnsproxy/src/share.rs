@@ -9,22 +9,29 @@ use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// What each client address holds of a cap.
+/// What each client address (or other key) holds of a cap.
 #[derive(Debug)]
-pub(crate) struct Shares {
-    /// The most one address may hold: half the cap (all of a cap of 1).
+pub(crate) struct Shares<K = IpAddr> {
+    /// The most one key may hold: half the cap (all of a cap of 1).
     share: usize,
-    /// Only addresses that hold one or more.
-    held: HashMap<IpAddr, usize>,
+    /// Only keys that hold one or more.
+    held: HashMap<K, usize>,
 }
 
 impl Shares {
     pub(crate) fn of(cap: usize) -> Shares {
-        Shares { share: (cap / 2).max(1), held: HashMap::new() }
+        Shares::each(cap / 2)
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Shares<K> {
+    /// At most `share` (1 at least) for each key.
+    pub(crate) fn each(share: usize) -> Shares<K> {
+        Shares { share: share.max(1), held: HashMap::new() }
     }
 
     /// Counts one more for `client`, unless it already holds its share.
-    pub(crate) fn hold(&mut self, client: IpAddr) -> bool {
+    pub(crate) fn hold(&mut self, client: K) -> bool {
         let held = self.held.entry(client).or_insert(0);
         if *held >= self.share {
             return false;
@@ -35,7 +42,7 @@ impl Shares {
 
     /// `client` gave one back (one hash of the address, not two: this runs
     /// per query).
-    pub(crate) fn release(&mut self, client: IpAddr) {
+    pub(crate) fn release(&mut self, client: K) {
         if let Entry::Occupied(mut held) = self.held.entry(client) {
             *held.get_mut() = held.get().saturating_sub(1);
             if *held.get() == 0 {

@@ -38,7 +38,7 @@ use crate::share::{ClientShare, Shares};
 const MAX_CONNECTIONS: usize = 1 << 20;
 
 /// How long a stop waits for connections to finish the queries they are on.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Queries of one client connection answered at once; past them, the next
 /// one is read when one is answered.
@@ -91,9 +91,6 @@ impl TcpServer {
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stopping: watch::Receiver<()>) {
         let mut backoff = Duration::from_millis(10);
-        // Accept errors in a row: one about a single connection is retried at
-        // once, but not for ever (a denial can look like one and come back at once).
-        let mut failing = 0u32;
         let (mut warned, mut warned_share): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             let slot = match self.slots.clone().try_acquire_owned() {
@@ -112,7 +109,6 @@ impl TcpServer {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
-                    failing = 0;
                     let Some(share) = ClientShare::take(&self.by_client, peer.ip()) else {
                         // Closed unanswered: the client's resolver moves on (to UDP, or its next server).
                         if warned_share.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
@@ -123,12 +119,8 @@ impl TcpServer {
                     };
                     tokio::spawn(self.clone().connection(stream, (slot, share), stopping.clone()));
                 }
-                Err(e) if is_per_connection(&e) && failing < 8 => {
-                    failing += 1;
-                    tracing::debug!(error = %e, "DNS over TCP: accept failed");
-                }
+                Err(e) if is_per_connection(&e) => tracing::debug!(error = %e, "DNS over TCP: accept failed"),
                 Err(e) => {
-                    failing += 1;
                     tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "DNS over TCP: accept failed, backing off");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -164,11 +156,10 @@ impl TcpServer {
         let mut last = tokio::time::Instant::now();
         let mut not_taking = false;
         while reading || !answering.is_empty() {
-            if writer.is_finished() {
-                break; // it gave up: the client does not take its answers
-            }
             tokio::select! {
                 biased;
+                // The writer gave up: the client does not take its answers.
+                () = to_write.closed() => break,
                 answered = answering.join_next(), if !answering.is_empty() => {
                     // `None` from the proxy: not DNS (the framing is lost) or an answer sent to us.
                     let Some(Ok(Some(reply))) = answered else { break };
@@ -276,7 +267,9 @@ impl Frames {
 }
 
 /// Accept errors that concern one connection (it was reset before it was
-/// accepted, a signal): the next accept may succeed at once.
+/// accepted, a signal): the next accept may succeed at once. Every other
+/// error backs off, `EPERM` included (the forwarder's list, in its `sys`,
+/// retries a few of those at once before backing off too).
 fn is_per_connection(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted)
 }

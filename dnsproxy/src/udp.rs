@@ -217,7 +217,7 @@ struct Table {
     questions: FastMap<u64, (u16, u16)>,
     /// Queries in flight upstream per (client address, [`Shaper::question`]):
     /// at most [`COPIES_MAX`] each.
-    copies: FastMap<(std::net::IpAddr, u64), u16>,
+    copies: Shares<(std::net::IpAddr, u64)>,
 }
 
 /// Queries one client address may have upstream at once that ask one
@@ -229,7 +229,7 @@ struct Table {
 /// a hit in ~128 datagrams (4 sockets × 65,536 IDs), and a forged address
 /// learned under a registered name lets connections to it through. A
 /// resolver that randomises case (0x20) has a query and a retry or two in flight.
-const COPIES_MAX: u16 = 4;
+const COPIES_MAX: usize = 4;
 
 /// Hashes queries' shapes, seeded at random, so that no client can aim two
 /// questions at one shape (a collision would only keep them apart: a join
@@ -270,7 +270,7 @@ impl Table {
             earlier: FastMap::default(),
             askers: 0,
             questions: FastMap::default(),
-            copies: FastMap::default(),
+            copies: Shares::each(COPIES_MAX),
         }
     }
 
@@ -309,13 +309,7 @@ impl Table {
     /// `pending`): its askers give their shares back, and its earlier keys
     /// answer nothing any more.
     fn done(&mut self, p: &Pending) {
-        if let std::collections::hash_map::Entry::Occupied(mut n) = self.copies.entry((p.asker.client.ip(), p.question))
-        {
-            *n.get_mut() = n.get().saturating_sub(1);
-            if *n.get() == 0 {
-                n.remove();
-            }
-        }
+        self.copies.release((p.asker.client.ip(), p.question));
         for a in p.askers() {
             self.by_client.release(a.client.ip());
             self.askers = self.askers.saturating_sub(1);
@@ -351,10 +345,11 @@ pub(crate) struct UdpProxy {
     unparsed: Counter,
     joined: Counter,
     shaper: Shaper,
-    /// Tells the receiving threads to return.
+    /// Tells the upstream sockets' threads to return.
     stop: AtomicBool,
     /// Tells the client sockets' threads to return (the first step of a stop:
-    /// no new queries, the answers to those in flight still taken).
+    /// no new queries, the answers to those in flight still taken; set with
+    /// `stop` too).
     stop_queries: AtomicBool,
 }
 
@@ -389,6 +384,7 @@ impl Receivers {
 
 impl Drop for Receivers {
     fn drop(&mut self) {
+        self.proxy.stop_queries.store(true, Ordering::Relaxed);
         self.proxy.stop.store(true, Ordering::Relaxed);
         for socket in self.proxy.all_sockets() {
             sys::wake_receiver(socket);
@@ -526,12 +522,11 @@ impl UdpProxy {
         Ok(receivers)
     }
 
-    /// Waits for the next datagrams on `socket`; `None` once the UDP path
-    /// stops, or once `also` says so.
-    fn next(&self, batch: &mut Batch, socket: &UdpSocket, also: &AtomicBool) -> Option<std::io::Result<usize>> {
+    /// Waits for the next datagrams on `socket`; `None` once `stop` says so.
+    fn next(&self, batch: &mut Batch, socket: &UdpSocket, stop: &AtomicBool) -> Option<std::io::Result<usize>> {
         loop {
             let got = batch.recv(socket);
-            if self.stop.load(Ordering::Relaxed) || also.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) {
                 return None;
             }
             match got {
@@ -645,14 +640,12 @@ impl UdpProxy {
             self.joined.increment(1);
             return;
         }
-        let copies = table.copies.entry((d.from.ip(), question)).or_insert(0);
-        if *copies >= COPIES_MAX {
+        if !table.copies.hold((d.from.ip(), question)) {
             table.by_client.release(d.from.ip());
             drop(table);
             tracing::debug!(client = %d.from.ip(), "more copies of one question in flight than allowed: SERVFAIL");
             return servfail();
         }
-        *copies += 1;
         table.askers += 1;
         let n = self.upstreams.len();
         let pending = Pending {

@@ -458,9 +458,11 @@ struct Asked<'a> {
 impl Drop for Asked<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            let mut state = self.conn.state();
-            state.outgoing = None;
-            let (_, _parked) = state.take_waiter(self.id);
+            let _parked = {
+                let mut state = self.conn.state();
+                state.outgoing = None;
+                state.take_waiter(self.id).1
+            }; // dropped here, outside the lock
         }
     }
 }

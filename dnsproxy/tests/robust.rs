@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Proxy, Upstream, a_record, config, dig, header, kdig, query, rcode, shared, silent, status, tcp_exchange,
-    tcp_receive, tcp_send, udp_exchange,
+    Proxy, Upstream, a_record, config, dig, header, kdig, query, question_end, rcode, shared, silent, status,
+    tcp_exchange, tcp_receive, tcp_send, udp_exchange,
 };
 use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
@@ -680,15 +680,6 @@ fn a_late_answer_from_an_earlier_upstream_is_taken() {
     let n = client.recv(&mut buf).unwrap();
     assert_eq!(rcode(&buf[..n]), ResponseCode::NoError);
     assert!(hold.recv(&mut buf).is_err(), "the next query went to the silent upstream first");
-}
-
-/// Where the question of a message ends (its name, type and class).
-fn question_end(m: &[u8]) -> usize {
-    let mut i = 12;
-    while m[i] != 0 {
-        i += 1 + usize::from(m[i]);
-    }
-    i + 5
 }
 
 /// Queries that ask what a query in flight asks (its bytes but the ID: the

@@ -128,8 +128,7 @@ impl TcpUpstream {
                 }
                 let mut reply = [header(&q, 0, 1, 1), q[12..].to_vec(), a_record([192, 0, 2, n])].concat();
                 if label.starts_with("wrong") {
-                    let question_end = 12 + q[12..].iter().position(|&b| b == 0).unwrap() + 1 + 4;
-                    reply[question_end - 3] = 16; // another question's answer
+                    reply[common::question_end(&q) - 3] = 16; // another question's answer
                 }
                 if label.starts_with("big") {
                     // A second record: 30 KB of TXT strings (255 bytes each).

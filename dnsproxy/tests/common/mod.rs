@@ -317,3 +317,12 @@ pub fn header(query: &[u8], rcode: u8, questions: u16, answers: u16) -> Vec<u8> 
 pub fn a_record(ip: [u8; 4]) -> Vec<u8> {
     [&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4][..], &ip].concat()
 }
+
+/// Where the question of a message ends (its name, type and class).
+pub fn question_end(m: &[u8]) -> usize {
+    let mut i = 12;
+    while m[i] != 0 {
+        i += 1 + usize::from(m[i]);
+    }
+    i + 5
+}
