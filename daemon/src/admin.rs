@@ -138,9 +138,7 @@ async fn debug_names(State(a): State<Admin>, Query(q): Query<NamesQuery>) -> Jso
         }
         None => {
             let table = a.names.clone();
-            tokio::task::spawn_blocking(move || table.dump(now, limit, |_, names| wanted(names)))
-                .await
-                .unwrap_or_default()
+            tokio::task::spawn_blocking(move || table.dump(now, limit, |names| wanted(names))).await.unwrap_or_default()
         }
     };
     let rows: Vec<_> = rows

@@ -76,6 +76,7 @@ impl PolicyState {
                 }
                 // Not when the files were refused and the saved policy stands in: that is no success.
                 metrics::gauge!(LAST_SUCCESS).set(unix_now());
+                metrics::gauge!(REJECTED).set(0.0);
                 (set, None)
             }
             Err(errors) => {
@@ -83,6 +84,7 @@ impl PolicyState {
                     return Err(errors);
                 };
                 let text = rejected(&errors);
+                metrics::gauge!(REJECTED).set(1.0);
                 tracing::error!(
                     errors = errors.0.len(),
                     saved = %saved.display(),
@@ -101,7 +103,6 @@ impl PolicyState {
             keep,
         };
         metrics::gauge!(GENERATION).set(1.0);
-        metrics::gauge!(REJECTED).set(if state.last_error.lock().is_ok_and(|e| e.is_some()) { 1.0 } else { 0.0 });
         Ok((state, set))
     }
 

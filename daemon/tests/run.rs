@@ -242,7 +242,7 @@ fn the_watch_follows_a_policy_directory_swapped_or_made_again() {
     let p = sluice.wait_policy("an edit in the directory made again at once", |p| p["mode"] == "ALLOW_ANY");
     let generation = p["generation"].as_u64();
     let reloads = |s: &Sluice| {
-        ["ok", "error", "unchanged"]
+        ["success", "error", "unchanged"]
             .map(|r| s.metric(&format!("sluice_policy_reloads_total{{result=\"{r}\"}}")).unwrap_or(0.0))
             .iter()
             .sum::<f64>()

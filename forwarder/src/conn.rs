@@ -22,6 +22,10 @@ pub(crate) struct Ctx {
     /// intercepted, and sluice is never an open relay.
     own: Vec<SocketAddr>,
     pub(crate) stopping: Cell<bool>,
+    /// This worker's driver is io_uring, whose accept (as monoio issues it)
+    /// leaves the socket blocking and inheritable; epoll's `accept4` sets
+    /// `SOCK_NONBLOCK | SOCK_CLOEXEC` itself.
+    uring: bool,
     /// Fired when the drain time is over.
     pub(crate) abort: crate::splice::Abort,
     /// The destinations of this worker's connections that are splicing, and
@@ -49,10 +53,10 @@ impl Drop for InUse<'_> {
 }
 
 impl Ctx {
-    pub(crate) fn new(config: Config, shared: Shared, socks: &[std::net::TcpListener]) -> Ctx {
+    pub(crate) fn new(config: Config, shared: Shared, socks: &[std::net::TcpListener], uring: bool) -> Ctx {
         let own = socks.iter().filter_map(|s| s.local_addr().ok()).collect();
         let (stopping, abort, in_use) = (Cell::new(false), crate::splice::Abort::default(), Default::default());
-        Ctx { config, shared, own, stopping, abort, in_use }
+        Ctx { config, shared, own, stopping, uring, abort, in_use }
     }
 
     /// `ip` is in use by a connection until the guard drops.
@@ -62,7 +66,7 @@ impl Ctx {
     }
 
     /// Keeps the names of every destination in use alive for another
-    /// `grace` (the worker calls it four times per grace), as a new connection to it would: a connection open for hours
+    /// `grace` (the worker calls it every grace / 4, at most every minute), as a new connection to it would: a connection open for hours
     /// (judged once, when it opened) keeps its names, so the app's next
     /// connection to the same address, made without asking DNS again, is
     /// judged as the first was.
@@ -158,7 +162,9 @@ pub(crate) async fn handle(client: TcpStream, peer: SocketAddr, l: Listener, ctx
     };
     // io_uring accepts blocking sockets; splice(2) on a blocking socket
     // blocks the whole worker whatever its flags say.
-    if let Err(e) = sys::prepare_accepted(&client) {
+    if ctx.uring
+        && let Err(e) = sys::prepare_accepted(&client)
+    {
         tracing::warn!(%peer, error = %e, "cannot make the client socket non-blocking and close-on-exec: refusing");
         sys::reset_on_close(&client);
         return;
@@ -403,8 +409,7 @@ fn local_shortage(dst: SocketAddr, e: &io::Error) {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
     }
     crate::metrics::local_connect_failure();
-    if LAST.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-        LAST.set(Some(Instant::now()));
+    if LAST.with(crate::splice::warning_due) {
         tracing::warn!(%dst, error = %e, "cannot open upstream connections (out of descriptors, memory or local ports): resetting clients (raise LimitNOFILE? net.ipv4.ip_local_port_range?)");
     }
 }

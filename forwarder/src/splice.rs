@@ -91,9 +91,14 @@ impl Abort {
 
     /// Resolves once the drain time is over.
     fn fired(&self) -> Fired<'_> {
+        Fired { abort: self, slot: self.next_slot(), registered: Cell::new(false) }
+    }
+
+    /// A slot of its own in [`tasks`](Self::tasks), for one task's waker.
+    fn next_slot(&self) -> u64 {
         let slot = self.next.get();
         self.next.set(slot + 1);
-        Fired { abort: self, slot }
+        slot
     }
 }
 
@@ -101,6 +106,9 @@ impl Abort {
 pub(crate) struct Fired<'a> {
     abort: &'a Abort,
     slot: u64,
+    /// Its waker is in the registry (once: a task's waker stays the same on
+    /// its worker).
+    registered: Cell<bool>,
 }
 
 impl std::future::Future for Fired<'_> {
@@ -110,14 +118,18 @@ impl std::future::Future for Fired<'_> {
         if self.abort.fired.get() {
             return Poll::Ready(());
         }
-        self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
+        if !self.registered.replace(true) {
+            self.abort.tasks.borrow_mut().insert(self.slot, cx.waker().clone());
+        }
         Poll::Pending
     }
 }
 
 impl Drop for Fired<'_> {
     fn drop(&mut self) {
-        self.abort.tasks.borrow_mut().remove(&self.slot);
+        if self.registered.get() {
+            self.abort.tasks.borrow_mut().remove(&self.slot);
+        }
     }
 }
 
@@ -185,8 +197,7 @@ pub(crate) async fn splice_both(
     meter: &Meter,
     abort: &Abort,
 ) -> Outcome {
-    let slot = abort.next.get();
-    abort.next.set(slot + 1);
+    let slot = abort.next_slot();
     let link = Link {
         meter,
         client,
@@ -539,10 +550,19 @@ fn warn_shortage(e: &io::Error) {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
     }
-    if LAST.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-        LAST.set(Some(Instant::now()));
+    if LAST.with(warning_due) {
         tracing::warn!(error = %e, "no pipe for splicing: connections wait for one (raise LimitNOFILE?)");
     }
+}
+
+/// Whether a warning that `last` times (a worker's own) is due: the first,
+/// then at most one every 10 s; if so, now is its time.
+pub(crate) fn warning_due(last: &Cell<Option<Instant>>) -> bool {
+    let due = last.get().is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+    if due {
+        last.set(Some(Instant::now()));
+    }
+    due
 }
 
 /// Bytes a direction moves without waiting before it gives the worker back.

@@ -54,7 +54,7 @@ pub(crate) fn with_sock<S: AsRawFd, R>(stream: &S, f: impl FnOnce(socket2::SockR
 /// `splice(2)`'s `SPLICE_F_NONBLOCK` only covers the pipe: the socket must
 /// be non-blocking itself, or a splice waits for data with the worker stuck.
 /// `ioctl`s (`FIONBIO`, `FIOCLEX`) rather than socket2's `fcntl`
-/// get-then-set pairs: this runs once per accepted connection.
+/// get-then-set pairs: this runs once per connection accepted on io_uring.
 pub(crate) fn prepare_accepted<S: AsRawFd>(stream: &S) -> io::Result<()> {
     let on: nix::libc::c_int = 1;
     // SAFETY: FIONBIO reads one c_int through the pointer, which outlives the

@@ -161,7 +161,7 @@ fn spawn_worker(
         // In the worker's runtime: its listeners registered with its driver,
         // then ready reported and connections served; or the error reported.
         let serve = move |driver: &'static str| async move {
-            let ctx = Rc::new(conn::Ctx::new(config.clone(), shared, &socks));
+            let ctx = Rc::new(conn::Ctx::new(config.clone(), shared, &socks, driver == "io_uring"));
             match register(config.listen, socks) {
                 Ok(listeners) => {
                     report(ready, Ok(driver));

@@ -364,10 +364,10 @@ impl NameTable {
         if after > before {
             let added = after - before;
             let leases = self.leases.fetch_add(added, Ordering::Relaxed) + added;
-            let len = self.map.len();
-            if (held.is_none() && len > self.capacity) || leases > self.lease_budget {
-                let within =
-                    len <= self.capacity + self.capacity / 4 && leases <= self.lease_budget + self.lease_budget / 4;
+            // (The map's size is read only for a new IP: it sums a counter per core.)
+            if (held.is_none() && self.map.len() > self.capacity) || leases > self.lease_budget {
+                let within = self.map.len() <= self.capacity + self.capacity / 4
+                    && leases <= self.lease_budget + self.lease_budget / 4;
                 match self.evictor.0.get() {
                     Some(wake) if within => {
                         if !self.over.swap(true, Ordering::Relaxed) {
@@ -433,7 +433,7 @@ impl NameTable {
         &self,
         now: Timestamp,
         limit: usize,
-        keep: impl Fn(IpAddr, &[Hostname]) -> bool,
+        keep: impl Fn(&[Hostname]) -> bool,
     ) -> Vec<(IpAddr, Vec<Hostname>)> {
         let map = self.map.pin();
         let mut out = Vec::new();
@@ -442,7 +442,7 @@ impl NameTable {
                 break;
             }
             let names: Vec<Hostname> = entry.alive(now).cloned().collect();
-            if !names.is_empty() && keep(*ip, &names) {
+            if !names.is_empty() && keep(&names) {
                 out.push((*ip, names));
             }
         }

@@ -45,11 +45,16 @@ impl Ns {
 
     /// Starts a program inside the namespace, killed on drop.
     pub fn spawn(&self, program: &str, args: &[&str]) -> Proc {
+        self.spawn_logged(program, args, Stdio::null())
+    }
+
+    /// As [`spawn`](Self::spawn), its stderr to `log`.
+    pub fn spawn_logged(&self, program: &str, args: &[&str], log: impl Into<Stdio>) -> Proc {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.0, program])
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         Proc(child)
@@ -124,15 +129,7 @@ impl Topology {
         args.push("--log-facility=-".into());
         let log_path = std::env::temp_dir().join(format!("{}-dnsmasq.log", world.0));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dns = Proc(
-            Command::new("ip")
-                .args(["netns", "exec", &world.0, "dnsmasq"])
-                .args(&args)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log_path).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        let dns = world.spawn_logged("dnsmasq", &args, std::fs::File::create(&log_path).unwrap());
         // Answering before anything asks: a sluice started at once would see
         // its upstream refuse (port unreachable) and mark it down.
         if let Some((name, ip)) = records.first() {
