@@ -4,7 +4,6 @@
 //! other apps the other half. Host-network processes share the node's
 //! address, and so one share.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -14,8 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 pub(crate) struct Shares<K = IpAddr> {
     /// The most one key may hold: half the cap (all of a cap of 1).
     share: usize,
-    /// Only keys that hold one or more.
-    held: HashMap<K, usize>,
+    /// Only keys that hold one or more. (Counted per query: foldhash, seeded
+    /// at random, not SipHash.)
+    held: crate::FastMap<K, usize>,
 }
 
 impl Shares {
@@ -27,7 +27,7 @@ impl Shares {
 impl<K: std::hash::Hash + Eq> Shares<K> {
     /// At most `share` (1 at least) for each key.
     pub(crate) fn each(share: usize) -> Shares<K> {
-        Shares { share: share.max(1), held: HashMap::new() }
+        Shares { share: share.max(1), held: crate::FastMap::default() }
     }
 
     /// Counts one more for `client`, unless it already holds its share.
